@@ -1,0 +1,25 @@
+"""saesweep: config-driven sweeps of sparse autoencoders on transformer activations."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("saesweep")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+from saesweep.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SaesweepError  # noqa: E402
+from saesweep.rundir import load_run_config, load_sae  # noqa: E402
+from saesweep.sae import ReluSae, SaeOutput  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ModelLoadError",
+    "ReluSae",
+    "SaeOutput",
+    "SaesweepError",
+    "__version__",
+    "load_run_config",
+    "load_sae",
+]

@@ -1,0 +1,45 @@
+"""Checks of a composed config, run before any expensive work; each error names the key, the bad
+value and what is allowed."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from saesweep.errors import ConfigError
+from saesweep.sae import ARCHITECTURES
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that need no model."""
+    if not cfg.dict_ratio > 0:
+        raise ConfigError(f"dict_ratio={cfg.dict_ratio} must be > 0 (d_sae = dict_ratio × d_in)")
+    if cfg.l1_coef < 0:
+        raise ConfigError(f"l1_coef={cfg.l1_coef} must be ≥ 0")
+    if cfg.ctx_len < 2:
+        raise ConfigError(f"ctx_len={cfg.ctx_len} must be ≥ 2 (a context needs a next token to predict)")
+    if cfg.sae.architecture not in ARCHITECTURES:
+        raise ConfigError(f"sae.architecture={cfg.sae.architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
+    for key in ("train.batch_size", "eval.batch_contexts", "harvest_batch_contexts"):
+        value = OmegaConf.select(cfg, key)
+        if not (isinstance(value, int) and value > 0):
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    if cfg.n_tokens < cfg.train.batch_size:
+        raise ConfigError(
+            f"n_tokens={cfg.n_tokens} is less than one batch (train.batch_size={cfg.train.batch_size})"
+        )
+    if cfg.eval.n_tokens < cfg.ctx_len:
+        raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
+
+
+def check_with_model(cfg: DictConfig, n_ctx: int, d_in: int) -> int:
+    """Checks that need the model's size; returns d_sae."""
+    if cfg.ctx_len > n_ctx:
+        raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's context length n_ctx={n_ctx}")
+    d_sae = cfg.dict_ratio * d_in
+    if abs(d_sae - round(d_sae)) > 1e-9:
+        raise ConfigError(
+            f"dict_ratio={cfg.dict_ratio} gives a non-integer d_sae={d_sae} for d_in={d_in}; "
+            "choose a ratio whose product with d_in is a whole number"
+        )
+    return int(round(d_sae))
+

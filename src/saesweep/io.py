@@ -1,0 +1,36 @@
+"""Atomic file writes: a reader never sees a half-written file, an interrupted write leaves the old
+one in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    atomic_write_bytes(path, safetensors_bytes(contiguous))

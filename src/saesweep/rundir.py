@@ -1,0 +1,79 @@
+"""The run directory contract (DESIGN.md): what a training job leaves on disk, and loading it back.
+
+Only safetensors and JSON are read back; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from saesweep.errors import CheckpointError
+from saesweep.io import atomic_write_json, atomic_write_safetensors
+from saesweep.metrics import EvalResult
+from saesweep.sae import ARCHITECTURES, ReluSae
+
+SAE_FILE = "sae.safetensors"
+CFG_FILE = "cfg.json"
+METRICS_FILE = "metrics.json"
+FEATURE_STATS_FILE = "feature_stats.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_run_dir(run_dir: Path, sae: ReluSae, cfg: dict, result: EvalResult) -> None:
+    """Weights, config, metrics and feature statistics, each written atomically; cfg.json last, so a
+    directory with cfg.json is complete."""
+    run_dir = Path(run_dir)
+    atomic_write_safetensors(run_dir / SAE_FILE, {k: v.float() for k, v in sae.tensors().items()})
+    atomic_write_safetensors(run_dir / FEATURE_STATS_FILE, result.feature_stats)
+    atomic_write_json(run_dir / METRICS_FILE, result.metrics)
+    atomic_write_json(run_dir / CFG_FILE, cfg)
+
+
+def load_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CFG_FILE
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {run_dir} is not a finished saesweep run directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} holds {type(cfg).__name__}, not a JSON object")
+    return cfg
+
+
+def load_sae(run_dir: str | Path, device: str | torch.device = "cpu") -> ReluSae:
+    """Rebuild the SAE of a run directory from sae.safetensors and cfg.json alone."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    try:
+        architecture, d_in, d_sae = cfg["architecture"], int(cfg["d_in"]), int(cfg["d_sae"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / CFG_FILE} lacks a valid architecture/d_in/d_sae: {e}") from None
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{run_dir / CFG_FILE}: architecture {architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}"
+        )
+    sae = ARCHITECTURES[architecture](d_in, d_sae)
+    path = run_dir / SAE_FILE
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    expected = sae.expected_shapes()
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != expected:
+        raise CheckpointError(
+            f"{path} does not match {CFG_FILE} ({architecture}, d_in={d_in}, d_sae={d_sae}): "
+            f"expected tensors {expected}, found {found}"
+        )
+    sae.load_state_dict(tensors)
+    sae.run_cfg = cfg
+    return sae.to(device)

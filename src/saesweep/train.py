@@ -1,0 +1,161 @@
+"""One training job: data → LM activations → SAE training → run directory.
+
+`train(cfg, run_dir)` is what the Hydra app in the top-level train.py calls for each job.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+import saesweep
+from saesweep.activations import ShuffledActivations, harvest
+from saesweep.config import check_config, check_with_model
+from saesweep.data import load_texts, make_contexts
+from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
+from saesweep.metrics import EvalResult, HeldOutSet
+from saesweep.rundir import CHECKPOINT_DIR, write_run_dir
+from saesweep.sae import ARCHITECTURES
+from saesweep.training import SaeTrainingModule, activation_scale
+
+log = logging.getLogger(__name__)
+
+_INIT_SAMPLE = 8192  # activations used for the scale and the b_dec geometric median
+
+
+def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> EvalResult:
+    run_dir = Path(run_dir)
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    device = resolve_device(cfg.model.device)
+    model = load_model(cfg.model.name, cfg.model.path, device, cfg.model.dtype)
+    hook_point = hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
+    validate_hook_point(model, hook_point)
+    probe = harvest(model, torch.full((1, 2), model.tokenizer.eos_token_id or 0), hook_point, 1)
+    d_in = probe.shape[-1]
+    d_sae = check_with_model(cfg, model.cfg.n_ctx, d_in)
+
+    texts = load_texts(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.text_field)
+    splits = make_contexts(
+        texts,
+        model.tokenizer,
+        ctx_len=cfg.ctx_len,
+        n_train_contexts=-(-cfg.n_tokens // cfg.ctx_len),
+        n_eval_contexts=-(-cfg.eval.n_tokens // cfg.ctx_len),
+        prepend_bos=cfg.data.prepend_bos,
+        seed=cfg.data.seed,
+    )
+    log.info("harvesting %d training tokens at %s", cfg.n_tokens, hook_point)
+    activations = harvest(model, splits.train, hook_point, cfg.harvest_batch_contexts)
+    activations = activations.reshape(-1, d_in)[: cfg.n_tokens]
+    held_out = HeldOutSet.build(model, splits.eval, hook_point, cfg.eval.batch_contexts)
+
+    sample = activations[torch.randperm(len(activations))[:_INIT_SAMPLE]]
+    scale = activation_scale(sample)
+    sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae)
+    sae.init_b_dec(sample / scale)
+    module = SaeTrainingModule(
+        sae,
+        act_scale=scale,
+        l1_coef=cfg.l1_coef,
+        lr=cfg.train.lr,
+        adam_betas=tuple(cfg.train.adam_betas),
+        lr_warmup_steps=cfg.train.lr_warmup_steps,
+        lr_decay_fraction=cfg.train.lr_decay_fraction,
+        model=model,
+        hook_point=hook_point,
+    )
+
+    pin = device.type == "cuda"
+    train_loader = DataLoader(
+        ShuffledActivations(activations, cfg.train.batch_size, cfg.seed), batch_size=None, pin_memory=pin
+    )
+    eval_loader = DataLoader(held_out, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
+    logger = make_logger(cfg, run_dir, sweep_dir)
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        default_root_dir=str(run_dir),
+        logger=logger,
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=cfg.train.checkpoint_every_n_steps,
+            )
+        ],
+        val_check_interval=cfg.eval.every_n_steps,
+        check_val_every_n_epoch=None,
+    )
+    last = checkpoint_dir / "last.ckpt"
+    resume_from = str(last) if last.is_file() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from)
+    trainer.save_checkpoint(last)
+    trainer.validate(module, dataloaders=eval_loader, verbose=False)
+    result = module.last_eval
+
+    run_cfg = describe_run(cfg, hook_point, d_in, d_sae, int(module.tokens_seen))
+    write_run_dir(run_dir, module.raw_sae(), run_cfg, result)
+    if logger:
+        logger.log_metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=trainer.global_step)
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
+            logger.experiment.summary.update(result.metrics)
+            logger.experiment.finish()
+    log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
+    return result
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None):
+    """The configured Lightning logger; a W&B run is grouped by its sweep directory."""
+    if cfg.logger is None or cfg.logger.get("_target_") is None:
+        return False
+    extra: dict = {"save_dir": str(run_dir)}
+    if cfg.logger._target_.endswith("WandbLogger"):
+        extra |= {"name": run_dir.name if sweep_dir else None, "group": str(sweep_dir or run_dir), "job_type": "train"}
+    logger = instantiate(cfg.logger, **extra)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return logger
+
+
+def describe_run(cfg: DictConfig, hook_point: str, d_in: int, d_sae: int, tokens_trained: int) -> dict:
+    """cfg.json: everything needed to rebuild the SAE and interpret it."""
+    return {
+        "architecture": cfg.sae.architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dict_ratio": cfg.dict_ratio,
+        "l1_coef": cfg.l1_coef,
+        "hook_point": hook_point,
+        "model_name": None if cfg.model.path else cfg.model.name,  # model.path wins when both are set
+        "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path else None,
+        "dataset": {
+            "name": cfg.data.name,
+            "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
+            "split": cfg.data.split,
+            "text_field": cfg.data.text_field,
+            "prepend_bos": cfg.data.prepend_bos,
+            "seed": cfg.data.seed,
+        },
+        "ctx_len": cfg.ctx_len,
+        "n_tokens": cfg.n_tokens,
+        "tokens_trained": tokens_trained,
+        "seed": cfg.seed,
+        "train": OmegaConf.to_container(cfg.train, resolve=True),
+        "saesweep_version": saesweep.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,109 @@
+"""The training step: a LightningModule that fits one SAE to a stream of activations.
+
+The SAE trains on activations divided by `act_scale` (chosen so that E‖x/scale‖² = d_in), which makes
+one `l1_coef` mean the same on every model and layer; `raw_sae()` folds the scale back for
+evaluation and saving.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from saesweep.metrics import EvalResult, MetricAccumulator
+from saesweep.sae import ReluSae
+
+
+def activation_scale(sample: torch.Tensor) -> float:
+    """The factor that gives the sample [n, d_in] a mean squared norm of d_in."""
+    return float((sample.float().pow(2).sum(dim=-1).mean() / sample.shape[-1]).sqrt())
+
+
+class SaeTrainingModule(L.LightningModule):
+    def __init__(
+        self,
+        sae: ReluSae,
+        act_scale: float,
+        l1_coef: float,
+        lr: float,
+        adam_betas: tuple[float, float],
+        lr_warmup_steps: int,
+        lr_decay_fraction: float,
+        model,
+        hook_point: str,
+    ):
+        super().__init__()
+        self.sae = sae
+        self.register_buffer("act_scale", torch.tensor(float(act_scale)))
+        self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
+        self.l1_coef = l1_coef
+        self.lr = lr
+        self.adam_betas = tuple(adam_betas)
+        self.lr_warmup_steps = lr_warmup_steps
+        self.lr_decay_fraction = lr_decay_fraction
+        self.hook_point = hook_point
+        # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
+        object.__setattr__(self, "lm", model)
+        self.last_eval: EvalResult | None = None
+        self._accumulator: MetricAccumulator | None = None
+        self._eval_sae: ReluSae | None = None
+
+    def raw_sae(self) -> ReluSae:
+        """The SAE in raw activation units (what is saved and evaluated)."""
+        return self.sae.rescaled(float(self.act_scale))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.tokens_seen += batch.shape[0]
+        x = batch / self.act_scale
+        x_hat, feature_acts = self.sae(x)
+        mse = (x_hat - x).pow(2).sum(dim=-1).mean()
+        l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
+        loss = mse + self.l1_coef * l1
+        self.log_dict(
+            {
+                "train/loss": loss,
+                # reported in raw activation units, comparable with eval/mse and metrics.json
+                "train/mse": mse * self.act_scale**2,
+                "train/l1": l1 * self.act_scale,
+                "train/l0": (feature_acts > 0).sum(dim=-1).float().mean(),
+            },
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+        )
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.sae.remove_parallel_decoder_grad()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.sae.normalize_decoder()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.adam_betas)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        decay_start = int(total * (1 - self.lr_decay_fraction))
+        warmup = max(self.lr_warmup_steps, 1)
+
+        def lr_factor(step: int) -> float:
+            # linear warm-up, constant, then linear decay to zero over the last lr_decay_fraction
+            if step < warmup:
+                return (step + 1) / warmup
+            if step >= decay_start:
+                return max(total - step, 0) / max(total - decay_start, 1)
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sae = self.raw_sae()
+        self._accumulator = MetricAccumulator(self.sae.d_in, self.sae.d_sae, self.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._accumulator.update(self._eval_sae, self.lm, self.hook_point, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_eval = self._accumulator.compute()
+        self.log_dict({f"eval/{k}": v for k, v in self.last_eval.metrics.items()})
+        self._accumulator = self._eval_sae = None
