@@ -150,6 +150,7 @@ def describe_run(cfg: DictConfig, hook_point: str, d_in: int, d_sae: int, tokens
             "seed": cfg.data.seed,
         },
         "ctx_len": cfg.ctx_len,
+        "eval_n_tokens": cfg.eval.n_tokens,  # the held-out contexts are the first of the shuffled documents
         "n_tokens": cfg.n_tokens,
         "tokens_trained": tokens_trained,
         "seed": cfg.seed,
