@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from saesweep.data import make_contexts
+from saesweep.metrics import HeldOutSet, evaluate
+from saesweep.sae import ReluSae
+from conftest import synthetic_documents
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def held_out(tiny_model):
+    splits = make_contexts(synthetic_documents(40), tiny_model.tokenizer, 16, 1, 12, True, seed=0)
+    return HeldOutSet.build(tiny_model, splits.eval, HOOK, batch_contexts=5)
+
+
+def identity_sae(d: int) -> ReluSae:
+    """f = (relu(x), relu(-x)), x̂ = relu(x) − relu(−x) = x: a perfect reconstruction."""
+    sae = ReluSae(d, 2 * d)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_perfect_sae_recovers_all_loss(tiny_model, held_out):
+    m = evaluate(identity_sae(32), tiny_model, HOOK, held_out, batch_contexts=4).metrics
+    assert m["fvu"] < 1e-10 and m["mse"] < 1e-8
+    assert m["ce_spliced"] == pytest.approx(m["ce_clean"], abs=1e-5)
+    assert m["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert m["n_eval_tokens"] == 12 * 16
+    # every token has a non-zero coordinate: each of the 32 dims fires on exactly one of its two features
+    assert m["l0"] == pytest.approx(32, abs=0.5)
+
+
+def test_zero_sae_equals_zero_ablation_and_fvu_matches_definition(tiny_model, held_out):
+    sae = ReluSae(32, 64)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_enc.fill_(-1e6)  # no feature ever fires
+    result = evaluate(sae, tiny_model, HOOK, held_out, batch_contexts=7)
+    m = result.metrics
+    x = held_out.tensors[1].reshape(-1, 32).double()
+    expected_fvu = (x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert m["fvu"] == pytest.approx(expected_fvu, rel=1e-6)
+    assert m["mse"] == pytest.approx(x.pow(2).sum(-1).mean().item(), rel=1e-6)
+    assert m["ce_spliced"] == pytest.approx(m["ce_zero_ablation"], abs=1e-5)
+    assert m["ce_recovered"] == pytest.approx(0.0, abs=1e-5)
+    assert m["dead_fraction"] == 1.0 and m["l0"] == 0.0
+    assert result.feature_stats["frequency"].sum() == 0
+
+
+def test_random_sae_metrics_match_brute_force(tiny_model, held_out):
+    torch.manual_seed(0)
+    sae = ReluSae(32, 64)
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.5)
+    result = evaluate(sae, tiny_model, HOOK, held_out, batch_contexts=5)
+    x = held_out.tensors[1].reshape(-1, 32)
+    x_hat, f = sae(x)
+    m = result.metrics
+    assert m["l0"] == pytest.approx((f > 0).float().sum(-1).mean().item(), rel=1e-5)
+    assert m["l1"] == pytest.approx(f.sum(-1).mean().item(), rel=1e-5)
+    freq = (f > 0).float().mean(0)
+    torch.testing.assert_close(result.feature_stats["frequency"], freq)
+    torch.testing.assert_close(result.feature_stats["max_activation"], f.max(0).values)
+    assert m["dense_fraction"] == pytest.approx((freq > 0.1).float().mean().item())
+    assert m["ppl_delta"] == pytest.approx(math.exp(m["ce_spliced"]) - math.exp(m["ce_clean"]))
+    assert m["ce_delta"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from saesweep import load_sae
+from saesweep.errors import CheckpointError
+from saesweep.metrics import EvalResult
+from saesweep.rundir import write_run_dir
+from saesweep.sae import ReluSae
+
+
+def make_run(tmp_path, d_in=8, d_sae=24):
+    torch.manual_seed(0)
+    sae = ReluSae(d_in, d_sae)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    cfg = {"architecture": "relu_l1", "d_in": d_in, "d_sae": d_sae}
+    stats = {k: torch.rand(d_sae) for k in ("frequency", "mean_activation", "max_activation")}
+    write_run_dir(tmp_path, sae, cfg, EvalResult({"fvu": 0.5}, stats))
+    return sae
+
+
+def test_load_sae_round_trips_weights_from_safetensors_and_json(tmp_path):
+    sae = make_run(tmp_path)
+    loaded = load_sae(tmp_path)
+    for name, tensor in sae.tensors().items():
+        torch.testing.assert_close(getattr(loaded, name), tensor)
+    assert loaded.run_cfg["d_sae"] == 24
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
+    assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temp files"
+
+
+def test_cfg_that_disagrees_with_tensor_shapes_is_a_clear_error(tmp_path):
+    make_run(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["d_sae"] = 32
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"does not match cfg.json .*d_sae=32"):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_corrupt_or_missing_weights_name_the_file(tmp_path, damage):
+    make_run(tmp_path)
+    weights = tmp_path / "sae.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x80\x04 not safetensors at all" * 10)
+    else:
+        weights.unlink()
+    with pytest.raises(CheckpointError, match="sae.safetensors"):
+        load_sae(tmp_path)
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a finished saesweep run directory"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text('{"architecture": "topk", "d_in": 2, "d_sae": 4}')
+    with pytest.raises(CheckpointError, match="'topk' is unknown"):
+        load_sae(tmp_path)

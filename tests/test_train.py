@@ -1,0 +1,112 @@
+"""End to end: the Hydra config, a real LM forward pass, Lightning training, the run directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from saesweep import load_sae
+from saesweep.errors import ConfigError
+from saesweep.train import train
+from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference
+
+METRIC_KEYS = {
+    "mse", "fvu", "l0", "l1", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",
+    "ce_zero_ablation", "ce_delta", "ppl_clean", "ppl_spliced", "ppl_delta", "ce_recovered", "n_eval_tokens",
+}
+
+
+def tiny_cfg(tiny_model_dir, corpus_path, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}", "layer=1",
+                "ctx_len=16", "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256",
+                "eval.every_n_steps=10", "train.checkpoint_every_n_steps=10", "dict_ratio=2",
+                "trainer.enable_progress_bar=false", *overrides,
+            ],
+        )
+
+
+def test_tiny_run_writes_the_run_directory_contract(tmp_path, tiny_model_dir, corpus_path):
+    cfg = tiny_cfg(tiny_model_dir, corpus_path)
+    result = train(cfg, tmp_path)
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS and metrics == pytest.approx(result.metrics)
+    assert metrics["n_eval_tokens"] == 800
+    cfg_json = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg_json["d_in"] == 32 and cfg_json["d_sae"] == 64 and cfg_json["hook_point"] == "blocks.1.hook_resid_post"
+    assert cfg_json["tokens_trained"] == 8000 and cfg_json["model_name"] is None
+    weights = load_file(tmp_path / "sae.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "W_enc": (32, 64), "b_enc": (64,), "W_dec": (64, 32), "b_dec": (32,)}
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    torch.testing.assert_close(weights["W_dec"].norm(dim=1), torch.ones(64))
+    stats = load_file(tmp_path / "feature_stats.safetensors")
+    assert set(stats) == {"frequency", "mean_activation", "max_activation"} and stats["frequency"].shape == (64,)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    # the reloaded SAE is the one that was evaluated
+    assert load_sae(tmp_path).run_cfg["d_sae"] == 64
+
+
+def test_training_beats_the_initial_dictionary(tmp_path, tiny_model_dir, corpus_path):
+    trained = train(tiny_cfg(tiny_model_dir, corpus_path, "logger=none"), tmp_path / "trained").metrics
+    barely = train(
+        tiny_cfg(tiny_model_dir, corpus_path, "logger=none", "n_tokens=256", "train.lr=1e-9"), tmp_path / "init"
+    ).metrics
+    assert trained["fvu"] < 0.6 * barely["fvu"]
+    assert trained["mse"] < barely["mse"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dict_ratio=0", "dict_ratio=0 must be > 0"),
+        ("dict_ratio=1.01", "non-integer d_sae"),
+        ("l1_coef=-1", "l1_coef=-1 must be ≥ 0"),
+        ("ctx_len=1", "ctx_len=1 must be ≥ 2"),
+        ("ctx_len=100", "ctx_len=100 exceeds the model's context length n_ctx=64"),
+        ("n_tokens=10", "less than one batch"),
+        ("hook=resid_mid_typo", "is not a hook of this model"),
+        ("layer=7", "layer 7 .* out of range"),
+    ],
+)
+def test_bad_config_fails_before_training_with_a_clear_message(tmp_path, tiny_model_dir, corpus_path, override, message):
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, "logger=none", override)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@requires_reference()
+def test_reference_multirun_sweep(tmp_path):
+    """The issue's acceptance command, scaled down: two dictionary sizes on the reference model."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"model.path={REFERENCE_MODEL}", "data=jsonl", f"data.path={REFERENCE_CORPUS}",
+         "dict_ratio=1,2", "n_tokens=100000", "eval.n_tokens=5000", "trainer.enable_progress_bar=false",
+         "-m", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, ratio in (("0", 1), ("1", 2)):
+        run = sweep / job
+        for name in ("sae.safetensors", "cfg.json", "metrics.json", "feature_stats.safetensors", "checkpoints/last.ckpt"):
+            assert (run / name).is_file(), name
+        assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+        cfg = json.loads((run / "cfg.json").read_text())
+        assert cfg["dict_ratio"] == ratio and cfg["d_sae"] == 256 * ratio
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["ce_zero_ablation"] > m["ce_spliced"] > m["ce_clean"]
+        assert m["fvu"] < 0.6
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["fvu"] < 0.5
