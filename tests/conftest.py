@@ -20,10 +20,7 @@ REFERENCE = REPO.parent / "shared" / "reference"
 REFERENCE_MODEL = REFERENCE / "model"
 REFERENCE_CORPUS = REFERENCE / "corpus" / "train.jsonl.gz"
 
-_WORDS = (
-    "the a cat dog sat on mat ran fast slow red blue green house tree river stone code def return "
-    "import class print value list dict und der die das ist nicht ein eine Katze Hund"
-).split()
+_WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "red", "blue", "green", "house", "tree", "river", "stone", "code", "def", "return", "import", "class", "print", "value", "list", "dict", "und", "der", "die", "das", "ist", "nicht", "ein", "eine", "Katze", "Hund"]
 
 
 def synthetic_documents(n_docs: int, seed: int = 0) -> list[str]:

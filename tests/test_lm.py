@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
+from conftest import REPO
 from saesweep.errors import ConfigError, ModelLoadError
 from saesweep.lm import hook_point_for, load_model, stop_layer_after, validate_hook_point
-from conftest import REPO
 
 
 def test_hook_point_from_layer_and_hook_or_explicit():

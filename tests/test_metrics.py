@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
+from conftest import synthetic_documents
 from saesweep.data import make_contexts
 from saesweep.metrics import HeldOutSet, evaluate
 from saesweep.sae import ReluSae
-from conftest import synthetic_documents
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -10,10 +10,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference
 from saesweep import load_sae
 from saesweep.errors import ConfigError
 from saesweep.train import train
-from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference
 
 METRIC_KEYS = {
     "mse", "fvu", "l0", "l1", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",

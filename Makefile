@@ -1,0 +1,39 @@
+# saesweep: `make install` once, then `make train`, `make sweep`, `make test`.
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+REFERENCE ?= ../shared/reference
+OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
+
+.PHONY: install train train-offline sweep test lint clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# torch is installed first from the pin (a CPU wheel here; GPU users install their own torch before).
+install: $(VENV)/bin/python
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -c constraints.txt torch
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
+
+train:
+	$(PYTHON) train.py $(ARGS)
+
+# The whole flow offline, on the small reference model and corpus beside the repo.
+train-offline:
+	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 $(ARGS)
+
+sweep:
+	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 dict_ratio=1,2,4,8 -m $(ARGS)
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check src tests train.py
+
+clean:
+	rm -rf outputs multirun/*/ .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
