@@ -7,6 +7,7 @@ import pytest
 
 from saesweep.data import load_texts, make_contexts
 from saesweep.errors import DataError
+from conftest import synthetic_documents
 
 
 def test_local_formats_read_the_same_documents(tmp_path):
@@ -72,5 +73,8 @@ def test_same_seed_same_split_and_no_bos_option(tiny_model):
 
 
 def test_too_little_text_says_how_many_tokens_there_are(tiny_model):
-    with pytest.raises(DataError, match=r"only \d+ tokens .* but 2500 are needed"):
+    with pytest.raises(DataError, match=r"only 0 evaluation tokens .* but 250 are needed"):
         make_contexts(["a few words only"] * 3, tiny_model.tokenizer, 25, 90, 10, True, seed=0)
+    docs = synthetic_documents(20)
+    with pytest.raises(DataError, match=r"only \d+ training tokens .* but 250000 are needed"):
+        make_contexts(docs, tiny_model.tokenizer, 25, 10_000, 10, True, seed=0)

@@ -21,7 +21,7 @@ METRIC_KEYS = {
 }
 
 
-def tiny_cfg(tiny_model_dir, corpus_path, *overrides):
+def tiny_cfg(tiny_model_dir, corpus_path, store_dir, *overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(
             "config",
@@ -29,13 +29,14 @@ def tiny_cfg(tiny_model_dir, corpus_path, *overrides):
                 f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}", "layer=1",
                 "ctx_len=16", "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256",
                 "eval.every_n_steps=10", "train.checkpoint_every_n_steps=10", "dict_ratio=2",
-                "trainer.enable_progress_bar=false", *overrides,
+                "trainer.enable_progress_bar=false", f"store.dir={store_dir}", "store.shard_tokens=1000",
+                *overrides,
             ],
         )
 
 
 def test_tiny_run_writes_the_run_directory_contract(tmp_path, tiny_model_dir, corpus_path):
-    cfg = tiny_cfg(tiny_model_dir, corpus_path)
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store")
     result = train(cfg, tmp_path)
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -59,9 +60,10 @@ def test_tiny_run_writes_the_run_directory_contract(tmp_path, tiny_model_dir, co
 
 
 def test_training_beats_the_initial_dictionary(tmp_path, tiny_model_dir, corpus_path):
-    trained = train(tiny_cfg(tiny_model_dir, corpus_path, "logger=none"), tmp_path / "trained").metrics
+    store = tmp_path / "store"
+    trained = train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none"), tmp_path / "trained").metrics
     barely = train(
-        tiny_cfg(tiny_model_dir, corpus_path, "logger=none", "n_tokens=256", "train.lr=1e-9"), tmp_path / "init"
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "n_tokens=256", "train.lr=1e-9"), tmp_path / "init"
     ).metrics
     assert trained["fvu"] < 0.6 * barely["fvu"]
     assert trained["mse"] < barely["mse"]
@@ -81,7 +83,7 @@ def test_training_beats_the_initial_dictionary(tmp_path, tiny_model_dir, corpus_
     ],
 )
 def test_bad_config_fails_before_training_with_a_clear_message(tmp_path, tiny_model_dir, corpus_path, override, message):
-    cfg = tiny_cfg(tiny_model_dir, corpus_path, "logger=none", override)
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=none", override)
     with pytest.raises(ConfigError, match=message):
         train(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
@@ -95,6 +97,7 @@ def test_reference_multirun_sweep(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", f"model.path={REFERENCE_MODEL}", "data=jsonl", f"data.path={REFERENCE_CORPUS}",
          "dict_ratio=1,2", "n_tokens=100000", "eval.n_tokens=5000", "trainer.enable_progress_bar=false",
+         f"store.dir={tmp_path / 'store'}",
          "-m", f"hydra.sweep.dir={sweep}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -110,3 +113,5 @@ def test_reference_multirun_sweep(tmp_path):
         assert m["ce_zero_ablation"] > m["ce_spliced"] > m["ce_clean"]
         assert m["fvu"] < 0.6
     assert json.loads((sweep / "1" / "metrics.json").read_text())["fvu"] < 0.5
+    logs = [(sweep / job / "train.log").read_text() for job in ("0", "1")]
+    assert "activation store harvested" in logs[0] and "activation store reused" in logs[1]

@@ -118,6 +118,65 @@ def _text_of(record: object, text_field: str, where: str) -> str:
     return value
 
 
+class ContextSource:
+    """The contexts of a document collection in the fixed order of `seed`: evaluation first, then training."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, ctx_len: int, prepend_bos: bool, seed: int):
+        self.texts = texts
+        self.tokenizer = tokenizer
+        self.ctx_len = ctx_len
+        self.bos = _bos_token_id(tokenizer) if prepend_bos else None
+        self.piece_len = ctx_len - 1 if prepend_bos else ctx_len
+        self.order = list(range(len(texts)))
+        random.Random(seed).shuffle(self.order)
+
+    def eval_contexts(self, n_contexts: int) -> tuple[torch.Tensor, int]:
+        """The first `n_contexts` contexts [n, ctx_len], and how many documents they used."""
+        pieces: list[list[int]] = []
+        n_docs = 0
+        for doc_pieces in self._pieces_by_document(0):
+            n_docs += 1
+            pieces.extend(doc_pieces[: n_contexts - len(pieces)])
+            if len(pieces) == n_contexts:
+                return self._to_tensor(pieces), n_docs
+        raise not_enough_text(self.ctx_len, len(pieces), n_contexts, "evaluation")
+
+    def train_batches(self, n_eval_docs: int, batch_contexts: int) -> Iterator[torch.Tensor]:
+        """Training contexts in batches of `batch_contexts`, from the documents after the `n_eval_docs`
+        evaluation documents (see `eval_contexts`)."""
+        batch: list[list[int]] = []
+        for doc_pieces in self._pieces_by_document(n_eval_docs):
+            for piece in doc_pieces:
+                batch.append(piece)
+                if len(batch) == batch_contexts:
+                    yield self._to_tensor(batch)
+                    batch = []
+        if batch:
+            yield self._to_tensor(batch)
+
+    def _pieces_by_document(self, first_doc: int) -> Iterator[list[list[int]]]:
+        piece_len = self.piece_len
+        for start in range(first_doc, len(self.order), _TOKENIZE_BATCH):
+            batch = [self.texts[i] for i in self.order[start : start + _TOKENIZE_BATCH]]
+            # verbose=False: documents are longer than the model's context on purpose, we cut them ourselves
+            ids = self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            for doc in ids:
+                yield [doc[i : i + piece_len] for i in range(0, len(doc) - piece_len + 1, piece_len)]
+
+    def _to_tensor(self, pieces: list[list[int]]) -> torch.Tensor:
+        tokens = torch.tensor(pieces, dtype=torch.long).reshape(len(pieces), self.piece_len)
+        if self.bos is None:
+            return tokens
+        return torch.cat([torch.full((len(pieces), 1), self.bos, dtype=torch.long), tokens], dim=1)
+
+
+def not_enough_text(ctx_len: int, have_contexts: int, want_contexts: int, purpose: str) -> DataError:
+    return DataError(
+        f"the dataset gives only {have_contexts * ctx_len} {purpose} tokens in {ctx_len}-token contexts, "
+        f"but {want_contexts * ctx_len} are needed: lower n_tokens or eval.n_tokens, or use a larger dataset"
+    )
+
+
 def make_contexts(
     texts: Sequence[str],
     tokenizer,
@@ -128,29 +187,16 @@ def make_contexts(
     seed: int,
 ) -> TokenSplits:
     """Cut shuffled documents into contexts: first the evaluation contexts, then the training ones."""
-    bos = _bos_token_id(tokenizer) if prepend_bos else None
-    piece_len = ctx_len - 1 if prepend_bos else ctx_len
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-
-    eval_pieces: list[list[int]] = []
-    train_pieces: list[list[int]] = []
-    for doc_pieces in _pieces_by_document((texts[i] for i in order), tokenizer, piece_len):
-        if len(eval_pieces) < n_eval_contexts:
-            eval_pieces.extend(doc_pieces[: n_eval_contexts - len(eval_pieces)])
-        else:
-            train_pieces.extend(doc_pieces[: n_train_contexts - len(train_pieces)])
-            if len(train_pieces) == n_train_contexts:
-                break
-    if len(eval_pieces) < n_eval_contexts or len(train_pieces) < n_train_contexts:
-        have = (len(eval_pieces) + len(train_pieces)) * ctx_len
-        want = (n_eval_contexts + n_train_contexts) * ctx_len
-        raise DataError(
-            f"the dataset gives only {have} tokens in {ctx_len}-token contexts, but {want} are needed "
-            f"({n_train_contexts} training + {n_eval_contexts} evaluation contexts): "
-            "lower n_tokens or eval.n_tokens, or use a larger dataset"
-        )
-    return TokenSplits(train=_to_tensor(train_pieces, bos), eval=_to_tensor(eval_pieces, bos))
+    source = ContextSource(texts, tokenizer, ctx_len, prepend_bos, seed)
+    eval_contexts, n_eval_docs = source.eval_contexts(n_eval_contexts)
+    train: list[torch.Tensor] = []
+    have = 0
+    for batch in source.train_batches(n_eval_docs, batch_contexts=max(n_train_contexts, 1)):
+        train.append(batch[: n_train_contexts - have])
+        have += len(train[-1])
+        if have == n_train_contexts:
+            return TokenSplits(train=torch.cat(train), eval=eval_contexts)
+    raise not_enough_text(ctx_len, have, n_train_contexts, "training")
 
 
 def _bos_token_id(tokenizer) -> int:
@@ -158,28 +204,3 @@ def _bos_token_id(tokenizer) -> int:
     if bos is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS token; set data.prepend_bos=false")
     return int(bos)
-
-
-def _pieces_by_document(texts: Iterator[str], tokenizer, piece_len: int) -> Iterator[list[list[int]]]:
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == _TOKENIZE_BATCH:
-            yield from _cut(batch, tokenizer, piece_len)
-            batch = []
-    if batch:
-        yield from _cut(batch, tokenizer, piece_len)
-
-
-def _cut(batch: list[str], tokenizer, piece_len: int) -> Iterator[list[list[int]]]:
-    # verbose=False: documents are longer than the model's context on purpose, we cut them ourselves
-    ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-    for doc in ids:
-        yield [doc[i : i + piece_len] for i in range(0, len(doc) - piece_len + 1, piece_len)]
-
-
-def _to_tensor(pieces: list[list[int]], bos: int | None) -> torch.Tensor:
-    tokens = torch.tensor(pieces, dtype=torch.long)
-    if bos is None:
-        return tokens
-    return torch.cat([torch.full((len(pieces), 1), bos, dtype=torch.long), tokens], dim=1)

@@ -18,13 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 import saesweep
-from saesweep.activations import ShuffledActivations, harvest
+from saesweep.activations import harvest
 from saesweep.config import check_config, check_with_model
-from saesweep.data import load_texts, make_contexts
+from saesweep.data import ContextSource, load_texts
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, write_run_dir
 from saesweep.sae import ARCHITECTURES
+from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, default_store_dir, model_fingerprint
 from saesweep.training import SaeTrainingModule, activation_scale
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,19 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     d_sae = check_with_model(cfg, model.cfg.n_ctx, d_in)
 
     texts = load_texts(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.text_field)
-    splits = make_contexts(
-        texts,
-        model.tokenizer,
-        ctx_len=cfg.ctx_len,
-        n_train_contexts=-(-cfg.n_tokens // cfg.ctx_len),
-        n_eval_contexts=-(-cfg.eval.n_tokens // cfg.ctx_len),
-        prepend_bos=cfg.data.prepend_bos,
-        seed=cfg.data.seed,
+    contexts = ContextSource(texts, model.tokenizer, cfg.ctx_len, cfg.data.prepend_bos, cfg.data.seed)
+    eval_contexts, n_eval_docs = contexts.eval_contexts(-(-cfg.eval.n_tokens // cfg.ctx_len))
+    store = ActivationStore(
+        Path(cfg.store.dir) if cfg.store.dir else default_store_dir(),
+        store_spec(cfg, model, hook_point),
+        shard_tokens=cfg.store.shard_tokens,
     )
-    log.info("harvesting %d training tokens at %s", cfg.n_tokens, hook_point)
-    activations = harvest(model, splits.train, hook_point, cfg.harvest_batch_contexts)
-    activations = activations.reshape(-1, d_in)[: cfg.n_tokens]
-    held_out = HeldOutSet.build(model, splits.eval, hook_point, cfg.eval.batch_contexts)
+    manifest = store.ensure(
+        model, contexts.train_batches(n_eval_docs, cfg.harvest_batch_contexts), cfg.harvest_batch_contexts
+    )
+    held_out = HeldOutSet.build(model, eval_contexts, hook_point, cfg.eval.batch_contexts)
 
-    sample = activations[torch.randperm(len(activations))[:_INIT_SAMPLE]]
+    sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
     scale = activation_scale(sample)
     sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae)
     sae.init_b_dec(sample / scale)
@@ -78,7 +77,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
 
     pin = device.type == "cuda"
     train_loader = DataLoader(
-        ShuffledActivations(activations, cfg.train.batch_size, cfg.seed), batch_size=None, pin_memory=pin
+        StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed), batch_size=None, pin_memory=pin
     )
     eval_loader = DataLoader(held_out, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
     logger = make_logger(cfg, run_dir, sweep_dir)
@@ -116,6 +115,29 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
             logger.experiment.finish()
     log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
     return result
+
+
+def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
+    """The key of the training activations: what the model, data and harvest settings make them."""
+    return StoreSpec(
+        model=str(Path(cfg.model.path).resolve()) if cfg.model.path else cfg.model.name,
+        model_fingerprint=model_fingerprint(model),
+        hook_point=hook_point,
+        dataset={
+            "name": cfg.data.name,
+            "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
+            "split": cfg.data.split,
+            "text_field": cfg.data.text_field,
+            "prepend_bos": cfg.data.prepend_bos,
+            "seed": cfg.data.seed,
+            "eval_n_tokens": cfg.eval.n_tokens,  # training documents start after the evaluation ones
+        },
+        split="train",
+        ctx_len=cfg.ctx_len,
+        n_tokens=cfg.n_tokens,
+        dtype=cfg.store.dtype,
+        token_filter=TokenFilter(cfg.store.drop_special_tokens, cfg.store.max_norm_ratio),
+    )
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None):

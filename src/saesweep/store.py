@@ -1,0 +1,359 @@
+"""The activation store: activations harvested once per (model, hook, data, ...) key, shared by every
+job of a sweep and by later sweeps, streamed from disk with bounded memory.
+
+Layout of one store, `<store.dir>/<key digest>/`:
+  manifest.json            the key, dtype, d_in, shard list (rows, bytes, blake2b checksum), `complete`
+  shard_00000.safetensors  one tensor "activations" [rows, d_in] per shard
+  .lock                    held (flock) while a process harvests; others wait on it
+
+A shard is written atomically and then recorded in the manifest (also atomic), so a harvest killed at
+any point leaves only complete, recorded shards; the rerun keeps them and harvests the rest. Shard `i`
+always holds the activations of the same training contexts, so resuming needs no other state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
+from torch.utils.data import IterableDataset
+from tqdm import tqdm
+
+import saesweep
+from saesweep.errors import CheckpointError, ConfigError, DataError
+from saesweep.io import atomic_write_bytes, atomic_write_json
+from saesweep.activations import harvest
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST = "manifest.json"
+_FORMAT_VERSION = 1
+
+
+class StoreCorruptError(CheckpointError):
+    """A shard on disk does not match its recorded size or checksum."""
+
+
+def default_store_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "saesweep" / "activations"
+
+
+def model_fingerprint(model) -> str:
+    """A digest of every weight of the model: a changed local model never reuses stale activations."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    """Which harvested positions to drop: special tokens (BOS/EOS) and norm outliers."""
+
+    drop_special_tokens: bool = False
+    max_norm_ratio: float | None = None  # drop rows with norm > ratio × the median norm of their shard
+
+    def keep_mask(self, tokens: torch.Tensor, acts: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
+        keep = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+        if self.drop_special_tokens and special_ids:
+            keep &= ~torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
+        if self.max_norm_ratio is not None:
+            norms = acts.float().norm(dim=-1)
+            keep &= norms <= self.max_norm_ratio * norms.median()
+        return keep
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that decides the stored activations; its digest names the store."""
+
+    model: str
+    model_fingerprint: str
+    hook_point: str
+    dataset: dict
+    split: str
+    ctx_len: int
+    n_tokens: int
+    dtype: str
+    token_filter: TokenFilter
+
+    def key(self) -> dict:
+        return {
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "hook_point": self.hook_point,
+            "dataset": self.dataset,
+            "split": self.split,
+            "ctx_len": self.ctx_len,
+            "n_tokens": self.n_tokens,
+            "dtype": self.dtype,
+            "token_filter": {
+                "drop_special_tokens": self.token_filter.drop_special_tokens,
+                "max_norm_ratio": self.token_filter.max_norm_ratio,
+            },
+            "format": _FORMAT_VERSION,
+        }
+
+    def digest(self) -> str:
+        return hashlib.blake2b(json.dumps(self.key(), sort_keys=True).encode(), digest_size=10).hexdigest()
+
+
+class ActivationStore:
+    """One store on disk: harvest it (once, resumably, under a lock) and read its shards back."""
+
+    def __init__(self, root: Path, spec: StoreSpec, shard_tokens: int):
+        if spec.dtype not in STORE_DTYPES:
+            raise ConfigError(f"store.dtype={spec.dtype!r} is not supported; allowed: {sorted(STORE_DTYPES)}")
+        self.spec = spec
+        self.path = Path(root) / spec.digest()
+        self.shard_tokens = shard_tokens
+
+    # -- the manifest ---------------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        path = self.path / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreCorruptError(f"{path} is not valid JSON ({e}); delete {self.path} to re-harvest") from None
+        if manifest.get("key") != self.spec.key():
+            raise StoreCorruptError(f"{path} was written for another key; delete {self.path} to re-harvest")
+        return manifest
+
+    def is_complete(self) -> bool:
+        manifest = self.manifest()
+        return bool(manifest and manifest["complete"])
+
+    # -- harvesting -----------------------------------------------------------------------------
+    def ensure(self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int) -> dict:
+        """Harvest the store unless it is complete; concurrent callers wait for the harvester.
+
+        `context_batches` yields training contexts in their fixed order; it is only consumed when
+        something is left to harvest. Returns the manifest.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.is_complete():
+            self._log("reused")
+            return self.manifest()
+        with self._lock():
+            if self.is_complete():  # another job finished it while we waited
+                self._log("reused")
+                return self.manifest()
+            self._harvest(model, context_batches, batch_contexts)
+            self._log("harvested")
+            return self.manifest()
+
+    def _log(self, what: str) -> None:
+        manifest = self.manifest()
+        log.info(
+            "activation store %s: %s (%d tokens, %s, %s at %s)",
+            what, self.path, manifest["n_rows"], manifest["dtype"], self.spec.model, self.spec.hook_point,
+        )
+
+    @contextmanager
+    def _lock(self):
+        with open(self.path / ".lock", "w") as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("activation store %s is being harvested by another process; waiting", self.path)
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _harvest(self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int) -> None:
+        manifest = self.manifest() or {
+            "key": self.spec.key(),
+            "dtype": self.spec.dtype,
+            "d_in": None,
+            "shards": [],
+            "n_rows": 0,
+            "complete": False,
+            "saesweep_version": saesweep.__version__,
+        }
+        kept = self._verified_shards(manifest["shards"])
+        if len(kept) < len(manifest["shards"]):
+            log.warning("activation store %s: re-harvesting from shard %d", self.path, len(kept))
+        manifest["shards"] = kept
+        manifest["n_rows"] = sum(s["rows"] for s in kept)
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+        contexts_per_shard = max(self.shard_tokens // self.spec.ctx_len, 1)
+        target = self.spec.n_tokens
+        special = sorted({i for i in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id) if i is not None})
+        progress = tqdm(
+            total=target, initial=manifest["n_rows"], unit="tok", unit_scale=True,
+            desc="harvest", disable=not sys.stderr.isatty(),
+        )
+        start_time, start_rows = time.monotonic(), manifest["n_rows"]
+        for shard_index, shard_contexts in enumerate(_regroup(context_batches, contexts_per_shard)):
+            if manifest["n_rows"] >= target:
+                break
+            if shard_index < len(kept):
+                continue  # this shard's contexts were harvested before the interruption
+            acts = harvest(model, shard_contexts, self.spec.hook_point, batch_contexts)
+            keep = self.spec.token_filter.keep_mask(shard_contexts, acts, special)
+            shard = acts[keep].to(STORE_DTYPES[self.spec.dtype])[: target - manifest["n_rows"]]
+            self._write_shard(manifest, shard_index, shard)
+            progress.update(len(shard))
+        progress.close()
+        if manifest["n_rows"] < target:
+            raise DataError(
+                f"the dataset ran out after {manifest['n_rows']} of n_tokens={target} training tokens "
+                f"at {self.spec.hook_point}: lower n_tokens or use a larger dataset"
+            )
+        manifest["complete"] = True
+        atomic_write_json(self.path / MANIFEST, manifest)
+        rate = (manifest["n_rows"] - start_rows) / max(time.monotonic() - start_time, 1e-9)
+        log.info("harvest: %.0f tokens/s", rate)
+
+    def _write_shard(self, manifest: dict, index: int, shard: torch.Tensor) -> None:
+        name = f"shard_{index:05d}.safetensors"
+        data = safetensors_bytes({"activations": shard.contiguous()})
+        atomic_write_bytes(self.path / name, data)
+        manifest["shards"].append(
+            {"file": name, "rows": len(shard), "bytes": len(data), "blake2b": hashlib.blake2b(data).hexdigest()}
+        )
+        manifest["n_rows"] += len(shard)
+        manifest["d_in"] = shard.shape[1]
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+    def _verified_shards(self, shards: list[dict]) -> list[dict]:
+        """The leading shards whose files are intact; harvesting resumes after them."""
+        for i, entry in enumerate(shards):
+            try:
+                self.read_shard(entry)
+            except StoreCorruptError as e:
+                log.warning("%s", e)
+                return shards[:i]
+        return shards
+
+    # -- reading --------------------------------------------------------------------------------
+    def read_shard(self, entry: dict) -> torch.Tensor:
+        """A shard's activations, after checking its size and checksum against the manifest."""
+        path = self.path / entry["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreCorruptError(f"activation shard {path} is missing") from None
+        if len(data) != entry["bytes"] or hashlib.blake2b(data).hexdigest() != entry["blake2b"]:
+            raise StoreCorruptError(
+                f"activation shard {path} is corrupt or truncated ({len(data)} bytes, expected {entry['bytes']}, "
+                "checksum mismatch); rerun the job to re-harvest it"
+            )
+        try:
+            return safetensors_load(data)["activations"]
+        except (SafetensorError, KeyError) as e:
+            raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
+
+    def invalidate(self, entry: dict) -> None:
+        """Forget a bad shard and everything after it, so the next `ensure` re-harvests them."""
+        manifest = self.manifest()
+        index = next(i for i, s in enumerate(manifest["shards"]) if s["file"] == entry["file"])
+        manifest["shards"] = manifest["shards"][:index]
+        manifest["n_rows"] = sum(s["rows"] for s in manifest["shards"])
+        manifest["complete"] = False
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+
+def _regroup(batches: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """Re-cut a stream of row batches into groups of exactly `size` rows (the last may be shorter)."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for batch in batches:
+        pending.append(batch)
+        have += len(batch)
+        while have >= size:
+            rows = torch.cat(pending)
+            yield rows[:size]
+            pending, have = [rows[size:]], have - size
+    if have:
+        yield torch.cat(pending)
+
+
+class StoreStream(IterableDataset):
+    """Training batches streamed from a complete store: shards in a random order, rows mixed in a
+    shuffle buffer of `buffer_tokens` rows. Memory: the buffer plus one shard, whatever n_tokens is."""
+
+    def __init__(self, store: ActivationStore, batch_size: int, buffer_tokens: int, seed: int):
+        manifest = store.manifest()
+        if not (manifest and manifest["complete"]):
+            raise CheckpointError(f"activation store {store.path} is not complete; harvest it first")
+        self.store = store
+        self.shards = manifest["shards"]
+        self.n_rows = manifest["n_rows"]
+        self.batch_size = batch_size
+        self.buffer_tokens = max(buffer_tokens, batch_size)
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_rows / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        buffer = torch.empty(0)
+        for i in torch.randperm(len(self.shards), generator=generator).tolist():
+            entry = self.shards[i]
+            try:
+                rows = self.store.read_shard(entry).float()
+            except StoreCorruptError:
+                self.store.invalidate(entry)
+                raise
+            buffer = torch.cat([buffer.reshape(-1, rows.shape[1]), rows])
+            while len(buffer) >= self.buffer_tokens:
+                # emit a random half of the buffer, keep the rest to mix with the next shard
+                buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+                n_out = (len(buffer) - self.buffer_tokens // 2) // self.batch_size * self.batch_size
+                n_out = max(n_out, self.batch_size)
+                yield from buffer[:n_out].split(self.batch_size)
+                buffer = buffer[n_out:]
+        buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+        yield from buffer.split(self.batch_size)
+
+
+def list_stores(root: Path) -> list[dict]:
+    """Every store under `root`: its directory, size on disk, token count, completeness and key."""
+    out = []
+    for path in sorted(Path(root).glob("*/" + MANIFEST)):
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = {}
+        size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
+        out.append({
+            "path": path.parent,
+            "bytes": size,
+            "n_rows": manifest.get("n_rows", 0),
+            "complete": manifest.get("complete", False),
+            "key": manifest.get("key", {}),
+        })
+    return out
+
+
+def remove_store(path: Path) -> None:
+    if not (Path(path) / MANIFEST).is_file():
+        raise ConfigError(f"{path} is not an activation store (no {MANIFEST})")
+    shutil.rmtree(path)

@@ -1,0 +1,210 @@
+"""The activation store: exact contents, reuse, resume after SIGKILL, corruption, bounded memory."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from saesweep.activations import harvest
+from saesweep.data import ContextSource
+from saesweep.store import ActivationStore, StoreCorruptError, StoreSpec, StoreStream, TokenFilter, model_fingerprint
+from conftest import REPO, synthetic_documents
+
+HOOK = "blocks.1.hook_resid_post"
+CTX = 16
+
+
+def spec_for(model, n_tokens=3000, dtype="float32", token_filter=TokenFilter()):
+    return StoreSpec(
+        model="tiny", model_fingerprint=model_fingerprint(model), hook_point=HOOK, dataset={"docs": "synthetic"},
+        split="train", ctx_len=CTX, n_tokens=n_tokens, dtype=dtype, token_filter=token_filter,
+    )
+
+
+def train_batches(model, n_docs=200):
+    source = ContextSource(synthetic_documents(n_docs), model.tokenizer, CTX, True, seed=0)
+    return source.train_batches(0, batch_contexts=32)
+
+
+def test_store_holds_exactly_the_harvested_activations(tmp_path, tiny_model):
+    store = ActivationStore(tmp_path, spec_for(tiny_model), shard_tokens=500)
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), batch_contexts=8)
+    assert manifest["complete"] and manifest["n_rows"] == 3000 and manifest["d_in"] == 32
+    assert len(manifest["shards"]) == 7  # 496 rows (31 contexts) per shard
+    stored = torch.cat([store.read_shard(s) for s in manifest["shards"]])
+    contexts = torch.cat(list(train_batches(tiny_model)))[: -(-3000 // CTX)]
+    expected = harvest(tiny_model, contexts, HOOK, 8).reshape(-1, 32)[:3000]
+    torch.testing.assert_close(stored, expected)
+
+
+def test_second_ensure_reuses_without_touching_the_model(tmp_path, tiny_model, caplog):
+    spec = spec_for(tiny_model)
+    ActivationStore(tmp_path, spec, 500).ensure(tiny_model, train_batches(tiny_model), 8)
+
+    def exploding():
+        raise AssertionError("a reused store must not read contexts")
+        yield
+
+    with caplog.at_level(logging.INFO, logger="saesweep.store"):
+        ActivationStore(tmp_path, spec, 500).ensure(None, exploding(), 8)
+    assert "activation store reused" in caplog.text
+
+
+def test_key_changes_with_weights_dtype_and_filters(tiny_model):
+    base = spec_for(tiny_model)
+    assert spec_for(tiny_model).digest() == base.digest()
+    assert spec_for(tiny_model, dtype="bfloat16").digest() != base.digest()
+    assert spec_for(tiny_model, token_filter=TokenFilter(drop_special_tokens=True)).digest() != base.digest()
+    param = next(tiny_model.parameters())
+    original = param.detach().clone()
+    with torch.no_grad():
+        param[0] += 1.0
+        try:
+            assert spec_for(tiny_model).digest() != base.digest()
+        finally:
+            param.copy_(original)  # exactly: x + 1 - 1 is not always x in floating point
+    assert spec_for(tiny_model).digest() == base.digest()
+
+
+def test_bfloat16_store_and_special_token_filter(tmp_path, tiny_model):
+    spec = spec_for(tiny_model, dtype="bfloat16", token_filter=TokenFilter(drop_special_tokens=True))
+    store = ActivationStore(tmp_path, spec, 500)
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    shard = store.read_shard(manifest["shards"][0])
+    assert shard.dtype == torch.bfloat16 and manifest["n_rows"] == 3000
+    # BOS is the only special token in these contexts: one of every 16 positions is dropped
+    contexts = torch.cat(list(train_batches(tiny_model)))[:40]
+    acts = harvest(tiny_model, contexts, HOOK, 8)[:, 1:].reshape(-1, 32)
+    torch.testing.assert_close(shard[:300].float(), acts[:300].to(torch.bfloat16).float())
+
+
+def test_norm_outlier_filter_drops_rows_above_ratio_of_median():
+    acts = torch.ones(1, 10, 4)
+    acts[0, 3] *= 50
+    keep = TokenFilter(max_norm_ratio=10).keep_mask(torch.zeros(1, 10, dtype=torch.long), acts, [])
+    assert keep.tolist() == [[True, True, True, False, True, True, True, True, True, True]]
+
+
+_SLOW_HARVEST = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, "tests")
+    import saesweep.store as store_mod
+    from saesweep.lm import load_model
+    from test_store import spec_for, train_batches
+    real_harvest = store_mod.harvest
+    def slow_harvest(*args, **kwargs):
+        time.sleep(0.4)
+        return real_harvest(*args, **kwargs)
+    store_mod.harvest = slow_harvest
+    model = load_model(None, sys.argv[1], torch.device("cpu"))
+    store_mod.ActivationStore(sys.argv[2], spec_for(model), 200).ensure(model, train_batches(model), 8)
+""")
+
+
+def test_sigkilled_harvest_resumes_without_redoing_finished_shards(tmp_path, tiny_model_dir, tiny_model):
+    script = tmp_path / "slow_harvest.py"
+    script.write_text(_SLOW_HARVEST)
+    root = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(root)], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    store = ActivationStore(root, spec_for(tiny_model), 200)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        manifest = store.manifest() if store.path.exists() else None
+        if manifest and len(manifest["shards"]) >= 3:
+            break
+        assert proc.poll() is None, f"harvest process ended early: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = store.manifest()
+    assert not killed["complete"] and 3 <= len(killed["shards"]) < 16
+    finished = {s["file"]: os.stat(store.path / s["file"]).st_mtime_ns for s in killed["shards"]}
+
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    assert manifest["complete"] and manifest["n_rows"] == 3000
+    for name, mtime in finished.items():
+        assert os.stat(store.path / name).st_mtime_ns == mtime, f"{name} was harvested again"
+    fresh = ActivationStore(tmp_path / "fresh", spec_for(tiny_model), 200)
+    fresh_manifest = fresh.ensure(tiny_model, train_batches(tiny_model), 8)
+    assert [s["blake2b"] for s in manifest["shards"]] == [s["blake2b"] for s in fresh_manifest["shards"]]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_shard_is_named_and_reharvested(tmp_path, tiny_model, damage):
+    store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    bad = store.path / manifest["shards"][2]["file"]
+    data = bytearray(bad.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    bad.write_bytes(bytes(data))
+
+    with pytest.raises(StoreCorruptError, match=bad.name):
+        list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0))
+    assert not store.is_complete()
+    repaired = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    assert repaired["complete"] and repaired["shards"][2]["blake2b"] == manifest["shards"][2]["blake2b"]
+    rows = torch.cat(list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0)))
+    assert rows.shape == (3000, 32)
+
+
+def test_stream_yields_every_row_once_in_a_new_order_each_epoch(tmp_path, tiny_model):
+    store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    stored = torch.cat([store.read_shard(s) for s in manifest["shards"]])
+    stream = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    epochs = [torch.cat(list(stream)) for _ in range(2)]
+    assert len(stream) == 24
+    for rows in epochs:
+        assert rows.shape == stored.shape
+        assert torch.equal(rows.sum(0), rows.sum(0)) and torch.allclose(rows.sum(0), stored.sum(0), atol=1e-2)
+        assert not torch.equal(rows, stored)
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+_STREAM_MEMORY = textwrap.dedent("""
+    import json, resource, sys, torch
+    from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter
+    spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, int(sys.argv[2]), "float32", TokenFilter())
+    store = ActivationStore(sys.argv[1], spec, shard_tokens=4096)
+    stream = StoreStream(store, batch_size=1024, buffer_tokens=int(sys.argv[3]), seed=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rows = sum(len(batch) for batch in stream)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"rows": rows, "peak_increase": after - before}))
+""")
+
+
+def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
+    """A 256 MiB store streamed through an 8 MiB buffer: peak RSS grows by a few buffers, measured."""
+    d_in, n_rows, shard_rows, buffer_rows = 512, 131072, 4096, 4096
+    spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, n_rows, "float32", TokenFilter())
+    store = ActivationStore(tmp_path, spec, shard_tokens=shard_rows)
+    store.path.mkdir(parents=True)
+    manifest = {"key": spec.key(), "dtype": "float32", "d_in": d_in, "shards": [], "n_rows": 0, "complete": False}
+    for i in range(n_rows // shard_rows):
+        store._write_shard(manifest, i, torch.randn(shard_rows, d_in))
+    manifest["complete"] = True
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+
+    script = tmp_path / "stream.py"
+    script.write_text(_STREAM_MEMORY)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(n_rows), str(buffer_rows)],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    store_bytes = n_rows * d_in * 4
+    buffer_bytes = buffer_rows * d_in * 4
+    assert result["rows"] == n_rows
+    # buffer + one shard (as file bytes and tensor) + the shuffled copy: about 5 buffers' worth
+    assert result["peak_increase"] < 8 * buffer_bytes, result
+    assert result["peak_increase"] < store_bytes / 4, result
