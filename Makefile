@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
 
-.PHONY: install train train-offline sweep test lint clean
+.PHONY: install train train-offline sweep test lint clean cache-info
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ sweep:
 
 test:
 	$(PYTHON) -m pytest -q tests
+
+# Activation stores in the cache: size, tokens, key. `$(VENV)/bin/saesweep-store rm NAME` deletes one.
+cache-info:
+	$(VENV)/bin/saesweep-store ls
 
 lint:
 	$(PYTHON) -m ruff check src tests train.py

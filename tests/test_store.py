@@ -173,14 +173,17 @@ def test_stream_yields_every_row_once_in_a_new_order_each_epoch(tmp_path, tiny_m
 
 
 _STREAM_MEMORY = textwrap.dedent("""
-    import json, resource, sys, torch
-    from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter
-    spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, int(sys.argv[2]), "float32", TokenFilter())
-    store = ActivationStore(sys.argv[1], spec, shard_tokens=4096)
-    stream = StoreStream(store, batch_size=1024, buffer_tokens=int(sys.argv[3]), seed=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    rows = sum(len(batch) for batch in stream)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import json, os, sys, torch
+    from saesweep.store import ActivationStore, StoreStream
+    store = ActivationStore.open(sys.argv[1])
+    stream = StoreStream(store, batch_size=1024, buffer_tokens=int(sys.argv[2]), seed=0)
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # current, not lifetime peak
+    before = rss()
+    rows, after = 0, before
+    for batch in stream:
+        rows += len(batch)
+        after = max(after, rss())
     print(json.dumps({"rows": rows, "peak_increase": after - before}))
 """)
 
@@ -199,12 +202,30 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
 
     script = tmp_path / "stream.py"
     script.write_text(_STREAM_MEMORY)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(n_rows), str(buffer_rows)],
+    out = subprocess.run([sys.executable, str(script), str(store.path), str(buffer_rows)],
                          capture_output=True, text=True, check=True, cwd=REPO)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     store_bytes = n_rows * d_in * 4
     buffer_bytes = buffer_rows * d_in * 4
     assert result["rows"] == n_rows
     # buffer + one shard (as file bytes and tensor) + the shuffled copy: about 5 buffers' worth
+    assert result["peak_increase"] > buffer_bytes / 2, result  # the measurement sees the buffer itself
     assert result["peak_increase"] < 8 * buffer_bytes, result
     assert result["peak_increase"] < store_bytes / 4, result
+
+
+def test_store_cli_lists_verifies_and_removes(tmp_path, tiny_model, capsys):
+    from saesweep.store_cli import main
+
+    store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    assert main(["--dir", str(tmp_path), "ls"]) == 0
+    listing = capsys.readouterr().out
+    assert store.path.name in listing and "3,000 tokens" in listing and "complete" in listing
+    assert main(["--dir", str(tmp_path), "verify"]) == 0
+    (store.path / manifest["shards"][1]["file"]).write_bytes(b"broken")
+    assert main(["--dir", str(tmp_path), "verify"]) == 1
+    assert manifest["shards"][1]["file"] in capsys.readouterr().out
+    assert main(["--dir", str(tmp_path), "rm", store.path.name]) == 0
+    assert not store.path.exists()
+    assert main(["--dir", str(tmp_path), "rm", "nonexistent"]) == 2

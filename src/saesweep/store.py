@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
@@ -44,6 +43,7 @@ log = logging.getLogger(__name__)
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
 _FORMAT_VERSION = 1
+_READ_CHUNK = 1 << 22
 
 
 class StoreCorruptError(CheckpointError):
@@ -112,6 +112,11 @@ class StoreSpec:
             "format": _FORMAT_VERSION,
         }
 
+    @classmethod
+    def from_key(cls, key: dict) -> StoreSpec:
+        fields = {name: key[name] for name in cls.__dataclass_fields__ if name != "token_filter"}
+        return cls(**fields, token_filter=TokenFilter(**key["token_filter"]))
+
     def digest(self) -> str:
         return hashlib.blake2b(json.dumps(self.key(), sort_keys=True).encode(), digest_size=10).hexdigest()
 
@@ -125,6 +130,21 @@ class ActivationStore:
         self.spec = spec
         self.path = Path(root) / spec.digest()
         self.shard_tokens = shard_tokens
+
+    @classmethod
+    def open(cls, path: Path) -> ActivationStore:
+        """An existing store, from its directory alone."""
+        manifest_path = Path(path) / MANIFEST
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            spec = StoreSpec.from_key(manifest["key"])
+            shard_tokens = max(s["rows"] for s in manifest["shards"]) if manifest["shards"] else 1
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise StoreCorruptError(f"{manifest_path} is missing or unreadable: {e}") from None
+        store = cls(Path(path).parent, spec, shard_tokens)
+        if store.path != Path(path):
+            raise StoreCorruptError(f"{path} does not hold the store its manifest describes ({store.path.name})")
+        return store
 
     # -- the manifest ---------------------------------------------------------------------------
     def manifest(self) -> dict | None:
@@ -251,21 +271,7 @@ class ActivationStore:
 
     # -- reading --------------------------------------------------------------------------------
     def read_shard(self, entry: dict) -> torch.Tensor:
-        """A shard's activations, after checking its size and checksum against the manifest."""
-        path = self.path / entry["file"]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise StoreCorruptError(f"activation shard {path} is missing") from None
-        if len(data) != entry["bytes"] or hashlib.blake2b(data).hexdigest() != entry["blake2b"]:
-            raise StoreCorruptError(
-                f"activation shard {path} is corrupt or truncated ({len(data)} bytes, expected {entry['bytes']}, "
-                "checksum mismatch); rerun the job to re-harvest it"
-            )
-        try:
-            return safetensors_load(data)["activations"]
-        except (SafetensorError, KeyError) as e:
-            raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
+        return read_shard(self.path, entry)
 
     def invalidate(self, entry: dict) -> None:
         """Forget a bad shard and everything after it, so the next `ensure` re-harvests them."""
@@ -275,6 +281,34 @@ class ActivationStore:
         manifest["n_rows"] = sum(s["rows"] for s in manifest["shards"])
         manifest["complete"] = False
         atomic_write_json(self.path / MANIFEST, manifest)
+
+
+def read_shard(store_path: Path, entry: dict) -> torch.Tensor:
+    """A shard's activations, after checking its size and checksum against its manifest entry.
+
+    The checksum is computed while reading in chunks and the tensor then comes from a memory map, so
+    reading costs one shard of memory, not two.
+    """
+    path = Path(store_path) / entry["file"]
+    digest = hashlib.blake2b()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise StoreCorruptError(f"activation shard {path} is missing") from None
+    if size != entry["bytes"] or digest.hexdigest() != entry["blake2b"]:
+        raise StoreCorruptError(
+            f"activation shard {path} is corrupt or truncated ({size} bytes, expected {entry['bytes']}, "
+            "checksum mismatch); rerun the job to re-harvest it"
+        )
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor("activations")
+    except (SafetensorError, OSError) as e:
+        raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
 
 
 def _regroup(batches: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
@@ -314,24 +348,33 @@ class StoreStream(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        buffer = torch.empty(0)
+        capacity = self.buffer_tokens
+        # emit a random half of a full buffer (whole batches), keep the rest to mix with later shards
+        n_emit = max(capacity // 2 // self.batch_size, 1) * self.batch_size
+        buffer: torch.Tensor | None = None
+        filled = 0
         for i in torch.randperm(len(self.shards), generator=generator).tolist():
             entry = self.shards[i]
             try:
-                rows = self.store.read_shard(entry).float()
+                rows = self.store.read_shard(entry)
             except StoreCorruptError:
                 self.store.invalidate(entry)
                 raise
-            buffer = torch.cat([buffer.reshape(-1, rows.shape[1]), rows])
-            while len(buffer) >= self.buffer_tokens:
-                # emit a random half of the buffer, keep the rest to mix with the next shard
-                buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-                n_out = (len(buffer) - self.buffer_tokens // 2) // self.batch_size * self.batch_size
-                n_out = max(n_out, self.batch_size)
-                yield from buffer[:n_out].split(self.batch_size)
-                buffer = buffer[n_out:]
-        buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-        yield from buffer.split(self.batch_size)
+            if buffer is None:
+                buffer = torch.empty(capacity, rows.shape[1])
+            taken = 0
+            while taken < len(rows):
+                n = min(capacity - filled, len(rows) - taken)
+                buffer[filled : filled + n] = rows[taken : taken + n]
+                filled, taken = filled + n, taken + n
+                if filled == capacity:
+                    order = torch.randperm(capacity, generator=generator)
+                    yield from buffer[order[:n_emit]].split(self.batch_size)
+                    buffer[: capacity - n_emit] = buffer[order[n_emit:]]
+                    filled = capacity - n_emit
+            del rows
+        if filled:
+            yield from buffer[:filled][torch.randperm(filled, generator=generator)].split(self.batch_size)
 
 
 def list_stores(root: Path) -> list[dict]:
@@ -349,8 +392,20 @@ def list_stores(root: Path) -> list[dict]:
             "n_rows": manifest.get("n_rows", 0),
             "complete": manifest.get("complete", False),
             "key": manifest.get("key", {}),
+            "shards": manifest.get("shards", []),
         })
     return out
+
+
+def verify_store(path: Path, shards: list[dict]) -> list[str]:
+    """The problems of every shard of a store (empty when all are intact)."""
+    problems = []
+    for entry in shards:
+        try:
+            read_shard(path, entry)
+        except StoreCorruptError as e:
+            problems.append(str(e))
+    return problems
 
 
 def remove_store(path: Path) -> None:

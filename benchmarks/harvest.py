@@ -1,0 +1,109 @@
+"""Harvest throughput of the activation store vs a naive full forward pass, and streaming memory.
+
+Prints measured figures and ends with one `RESULT key=value ...` line; asserts nothing.
+
+    python benchmarks/harvest.py [--model DIR] [--corpus FILE] [--n-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from saesweep.data import ContextSource, load_texts
+from saesweep.lm import load_model
+from saesweep.store import ActivationStore, StoreSpec, TokenFilter, model_fingerprint
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+HOOK = "blocks.2.hook_resid_post"
+
+_STREAM = """
+import json, os, sys
+from saesweep.store import ActivationStore, StoreStream
+store = ActivationStore.open(sys.argv[1])
+stream = StoreStream(store, batch_size=1024, buffer_tokens=int(sys.argv[2]), seed=0)
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # current, not lifetime peak
+before = rss()
+rows, after = 0, before
+for batch in stream:
+    rows += len(batch)
+    after = max(after, rss())
+print(json.dumps({"rows": rows, "rss_before": before, "rss_peak": after}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=str(REFERENCE / "model"))
+    parser.add_argument("--corpus", default=str(REFERENCE / "corpus" / "train.jsonl.gz"))
+    parser.add_argument("--n-tokens", type=int, default=250_000)
+    parser.add_argument("--batch-contexts", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+    model = load_model(None, args.model, torch.device("cpu"))
+    texts = load_texts(args.corpus, None, "train", "text")
+    source = ContextSource(texts, model.tokenizer, 25, True, seed=0)
+    n_contexts = -(-args.n_tokens // 25)
+    contexts = torch.cat(list(_take(source.train_batches(0, args.batch_contexts), n_contexts)))
+    n_tokens = contexts.numel()
+    print(f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; hook {HOOK}; {n_tokens} tokens")
+
+    # naive: full forward pass with run_with_cache, no stop_at_layer, activations kept in memory
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(contexts), args.batch_contexts):
+            model.run_with_cache(contexts[i : i + args.batch_contexts], names_filter=[HOOK])
+    naive_s = time.perf_counter() - start
+    print(f"naive full forward:        {n_tokens / naive_s:10.0f} tokens/s ({naive_s:.1f} s)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = StoreSpec("bench", model_fingerprint(model), HOOK, {"corpus": args.corpus}, "train", 25,
+                         n_tokens, "float32", TokenFilter())
+        store = ActivationStore(Path(tmp), spec, shard_tokens=32768)
+        start = time.perf_counter()
+        store.ensure(model, iter(contexts.split(args.batch_contexts)), args.batch_contexts)
+        store_s = time.perf_counter() - start
+        store_bytes = sum(f.stat().st_size for f in store.path.glob("shard_*"))
+        print(f"store harvest (to disk):   {n_tokens / store_s:10.0f} tokens/s ({store_s:.1f} s, "
+              f"{store_bytes / 2**20:.0f} MiB written)")
+
+        buffer_tokens = n_tokens // 10
+        out = subprocess.run(
+            [sys.executable, "-c", _STREAM, str(store.path), str(buffer_tokens)],
+            capture_output=True, text=True, check=True,
+        )
+        stream = json.loads(out.stdout.strip().splitlines()[-1])
+    d_in = model.cfg.d_model
+    buffer_mib = buffer_tokens * d_in * 4 / 2**20
+    growth_mib = (stream["rss_peak"] - stream["rss_before"]) / 2**20
+    print(f"streaming {stream['rows']} rows ({store_bytes / 2**20:.0f} MiB store) through a {buffer_mib:.0f} MiB "
+          f"shuffle buffer: peak RSS {stream['rss_peak'] / 2**20:.0f} MiB, growth while streaming {growth_mib:.0f} MiB")
+    print(f"RESULT harvest_tokens_per_s={n_tokens / store_s:.0f} naive_tokens_per_s={n_tokens / naive_s:.0f} "
+          f"harvest_vs_naive={naive_s / store_s:.2f} store_mib={store_bytes / 2**20:.0f} buffer_mib={buffer_mib:.0f} "
+          f"stream_rss_growth_mib={growth_mib:.0f} store_to_buffer={store_bytes / 2**20 / buffer_mib:.1f}")
+
+
+def _take(batches, n_contexts):
+    have = 0
+    for batch in batches:
+        yield batch[: n_contexts - have]
+        have += len(batch)
+        if have >= n_contexts:
+            return
+
+
+if __name__ == "__main__":
+    main()
