@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -27,6 +30,7 @@ from saesweep.metrics import EvalResult
 from saesweep.rundir import write_run_dir
 from saesweep.sae import ReluSae
 
+REPO = Path(__file__).resolve().parents[1]
 HOOK = "blocks.2.hook_resid_post"
 D_IN = 32
 NO_WANDB = WandbSettings(mode="disabled")
@@ -286,3 +290,36 @@ def test_evaluation_joins_the_training_runs_wandb_group(tmp_path):
     assert training_group(sweep.absolute(), [sweep / "0"]) == "multirun/2026-01-01/12-00-00"
     assert training_group(sweep, []) == str(sweep)
 
+
+def test_hydra_app_end_to_end(tmp_path):
+    features = true_features()
+    for job, n in enumerate((32, 64)):
+        make_run(tmp_path / "sweep" / str(job), noisy_subset(features, n, seed=job))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(REPO / "evaluate.py"), f"sweep_dir={tmp_path / 'sweep'}", "chunk_size=16"]
+    done = subprocess.run(
+        command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "sweep" / "evaluation"
+    report = json.loads((out / MCS_FILE).read_text())
+    assert report["runs"]["0"]["found_again"]["in_largest"] == 32
+    assert (out / SUMMARY_FILE).is_file() and all(
+        (out / f).stat().st_size > 1000 for f in PLOT_FILES.values()
+    )
+    assert (out / "evaluate.log").is_file() and (out / ".hydra" / "config.yaml").is_file()
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert not (tmp_path / "outputs").exists()
+
+    missing = tmp_path / "no-such-sweep"
+    done = subprocess.run(
+        [*command[:2], f"sweep_dir={missing}"],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "no-such-sweep" in done.stderr and "is not a directory" in done.stderr
+    assert not missing.exists()
