@@ -3,11 +3,13 @@
 Writes mcs.json, summary.csv, the plots and a W&B evaluation run to <sweep_dir>/evaluation/.
 """
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from saesweep.evaluate import EvalSettings, WandbSettings, evaluate_sweep, evaluation_dir
 
@@ -27,4 +29,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OmegaConfBaseException as e:
+        # Raised while Hydra resolves hydra.run.dir (no sweep_dir, or not a directory): before the app
+        # runs, where Hydra's error report fails and would print a 100-line traceback instead.
+        sys.exit(f"evaluate.py: {e}")
