@@ -1,26 +1,608 @@
-"""Post-hoc evaluation across the runs of a sweep: max cosine similarity (MCS) between dictionaries."""
+"""Post-hoc evaluation across the runs of a sweep: which features are real, in the sense that
+dictionaries of different sizes find them again (max cosine similarity, MCS; DESIGN.md).
+
+`evaluate_sweep(sweep_dir, ...)` reads every run directory of a sweep and writes, under
+<sweep_dir>/evaluation/: mcs.json (MCS between every ordered pair of comparable runs, against a
+random Gaussian baseline), summary.csv (one row per run: hyperparameters and metrics), the plots of
+saesweep.plots and, unless disabled, one W&B evaluation run in the sweep's group.
+"""
 
 from __future__ import annotations
 
-import torch
+import csv
+import io
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-_DEFAULT_CHUNK = 4096
+import numpy as np
+import torch
+import yaml
+from omegaconf import DictConfig
+
+from saesweep import plots
+from saesweep.errors import CheckpointError, ConfigError
+from saesweep.io import atomic_write_bytes, atomic_write_json
+from saesweep.lm import resolve_device
+from saesweep.rundir import CFG_FILE, SAE_FILE, load_feature_stats, load_metrics, load_run_config, load_sae
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 4096
+EVALUATION_DIR = "evaluation"
+MCS_FILE = "mcs.json"
+SUMMARY_FILE = "summary.csv"
+PLOT_FILES = {
+    "mcs_hist": "mcs_hist.png",
+    "features_found": "features_found.png",
+    "mcs_matrix": "mcs_matrix.png",
+    "pareto": "pareto.png",
+}
+_HYDRA_DIR = ".hydra"  # what Hydra writes into every job directory before the job runs
+_RUN_MARKERS = (CFG_FILE, SAE_FILE, _HYDRA_DIR)
+_WANDB_MODES = ("online", "offline", "disabled")
+_HYPERPARAMETERS = ("architecture", "hook_point", "d_in", "d_sae", "dict_ratio", "l1_coef")
 
 
 @torch.no_grad()
-def mcs(a: torch.Tensor, b: torch.Tensor, chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
-    """For each row of `a` [n_a, d], its largest cosine similarity with any row of `b` [n_b, d]: [n_a].
+def mcs_both_ways(
+    a: torch.Tensor, b: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mcs(a, b)` and `mcs(b, a)` from one pass over the similarity matrix, on `a`'s device.
 
-    Computed over chunks of both dictionaries, so memory stays at chunk_size² whatever their sizes.
+    Rows are normalised one chunk at a time, so memory beyond the inputs stays at chunk_size² + two
+    chunks of rows whatever the dictionary sizes.
     """
     if a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"dictionaries of different widths cannot be compared: {a.shape[-1]} vs {b.shape[-1]}")
-    a = torch.nn.functional.normalize(a.float(), dim=-1)
-    b = torch.nn.functional.normalize(b.float(), dim=-1)
-    best = torch.full((a.shape[0],), -1.0, device=a.device)
+        raise ValueError(
+            f"dictionaries of different widths cannot be compared: {a.shape[-1]} vs {b.shape[-1]}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive integer")
+    device = a.device
+    a_to_b = torch.full((a.shape[0],), -1.0, device=device)
+    b_to_a = torch.full((b.shape[0],), -1.0, device=device)
     for i in range(0, a.shape[0], chunk_size):
-        a_chunk = a[i : i + chunk_size]
+        a_chunk = torch.nn.functional.normalize(a[i : i + chunk_size].float(), dim=-1)
         for j in range(0, b.shape[0], chunk_size):
-            sims = a_chunk @ b[j : j + chunk_size].to(a.device).T
-            best[i : i + chunk_size] = torch.maximum(best[i : i + chunk_size], sims.max(dim=1).values)
-    return best
+            b_chunk = torch.nn.functional.normalize(b[j : j + chunk_size].to(device).float(), dim=-1)
+            sims = a_chunk @ b_chunk.T
+            a_to_b[i : i + chunk_size] = torch.maximum(a_to_b[i : i + chunk_size], sims.amax(dim=1))
+            b_to_a[j : j + chunk_size] = torch.maximum(b_to_a[j : j + chunk_size], sims.amax(dim=0))
+    # rounding puts identical directions at 1 + 1e-7; a cosine above 1 would fall outside [-1, 1] bins
+    return a_to_b.clamp_(max=1.0), b_to_a.clamp_(max=1.0)
+
+
+def mcs(a: torch.Tensor, b: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """For each row of `a` [n_a, d], its largest cosine similarity with any row of `b` [n_b, d]: [n_a].
+
+    Computed over chunks of both dictionaries, so memory beyond the inputs stays at chunk_size² (plus
+    two chunks of rows) whatever their sizes.
+    """
+    return mcs_both_ways(a, b, chunk_size)[0]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    thresholds: tuple[float, ...] = (0.7, 0.8, 0.9)  # MCS levels reported for every pair
+    found_threshold: float = 0.9  # MCS at which a feature counts as found again
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    device: str = "auto"
+    baseline_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for t in (*self.thresholds, self.found_threshold):
+            if not -1.0 <= t <= 1.0:
+                raise ConfigError(f"MCS threshold {t} is outside [-1, 1] (a cosine similarity)")
+        if not self.thresholds:
+            raise ConfigError("thresholds=[] must name at least one MCS level, e.g. [0.7, 0.8, 0.9]")
+        if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
+            raise ConfigError(f"chunk_size={self.chunk_size} must be a positive integer")
+        try:
+            device = resolve_device(self.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"device={self.device!r} is not a torch device; e.g. auto, cpu, cuda, cuda:1"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={self.device!r} but CUDA is not available here; use device=auto or cpu"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> EvalSettings:
+        return cls(
+            thresholds=tuple(sorted(float(t) for t in cfg.thresholds)),
+            found_threshold=float(cfg.found_threshold),
+            chunk_size=cfg.chunk_size,
+            device=cfg.device,
+            baseline_seed=cfg.baseline_seed,
+        )
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    mode: str = "offline"  # offline: a local run under <sweep_dir>/evaluation/wandb, `wandb sync` later
+    project: str = "saesweep"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in _WANDB_MODES:
+            raise ConfigError(f"logger.mode={self.mode!r} is not a W&B mode; allowed: {list(_WANDB_MODES)}")
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> WandbSettings:
+        return cls(mode=cfg.mode, project=cfg.project, entity=cfg.entity)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished training job: what the evaluation needs from its run directory."""
+
+    name: str  # the run directory relative to the sweep directory
+    path: Path
+    overrides: str  # the Hydra job's command-line overrides ("" when it was not a Hydra job)
+    cfg: dict
+    metrics: dict[str, float]
+    decoder: torch.Tensor  # W_dec [d_sae, d_in], float32, CPU
+    dead_features: int  # features that never fired on the eval tokens (feature_stats frequency == 0)
+
+    @property
+    def d_sae(self) -> int:
+        return self.decoder.shape[0]
+
+    @property
+    def comparison_group(self) -> str:
+        """Runs are compared only within a group: the same hook point, width and model (directions
+        in different residual streams share no basis)."""
+        model = self.cfg.get("model_path") or self.cfg.get("model_name")
+        return f"{self.cfg.get('hook_point')} d_in={self.decoder.shape[1]} model={model}"
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """A run directory that cannot be evaluated: the job failed, is still running or is corrupt."""
+
+    name: str
+    path: Path
+    overrides: str
+    cfg: dict  # cfg.json when readable, else {}
+    reason: str
+
+
+@dataclass(frozen=True)
+class Group:
+    label: str
+    runs: list[Run]
+    largest: Run  # the largest dictionary; ties go to the first run in name order
+
+
+@dataclass(frozen=True)
+class PairOverlap:
+    """How many of A's features B finds again, and how many a random dictionary of B's shape does."""
+
+    trained: dict  # overlap_stats of mcs(A → B)
+    baseline: dict  # overlap_stats of mcs(A → random Gaussian dictionary of B's shape)
+    found_again: int  # A's features with MCS ≥ found_threshold in B
+    baseline_found_again: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    groups: list[Group]
+    pairs: dict[tuple[str, str], PairOverlap]  # (A, B) → overlap, for every ordered pair within a group
+    to_largest: dict[str, tuple[np.ndarray, np.ndarray]]  # run → (MCS, baseline MCS) against its largest
+
+
+@dataclass(frozen=True)
+class SweepEvaluation:
+    runs: list[Run]
+    failed: list[FailedRun]
+    comparison: Comparison
+    report: dict  # the content of mcs.json
+    summary: list[dict]  # the rows of summary.csv
+    out_dir: Path
+
+
+def evaluation_dir(sweep_dir: str | Path) -> Path:
+    """Where the evaluation of a sweep goes; checks first that the sweep directory exists."""
+    if not Path(sweep_dir).is_dir():
+        raise ConfigError(
+            f"sweep_dir={str(sweep_dir)!r} is not a directory (expected multirun/<date>/<time>)"
+        )
+    return Path(sweep_dir) / EVALUATION_DIR
+
+
+def find_run_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Directories under `sweep_dir` that a training job wrote to (cfg.json, sae.safetensors or a
+    Hydra .hydra/), in natural name order ("2" before "10"); `exclude` (the evaluation output) is skipped."""
+    excluded = exclude.resolve() if exclude else None
+    found = []
+    pending = [Path(sweep_dir)]
+    while pending:
+        directory = pending.pop()
+        for child in directory.iterdir():
+            if not child.is_dir() or child.is_symlink() or child.resolve() == excluded:
+                continue
+            if any((child / marker).exists() for marker in _RUN_MARKERS):
+                found.append(child)
+            else:
+                pending.append(child)
+    return sorted(found, key=lambda p: _natural_key(p.relative_to(sweep_dir).as_posix()))
+
+
+def load_run(run_dir: Path, name: str) -> Run | FailedRun:
+    overrides = _hydra_overrides(run_dir)
+    try:
+        cfg = load_run_config(run_dir)
+    except CheckpointError as e:
+        return FailedRun(name, run_dir, overrides, {}, str(e))
+    try:
+        sae = load_sae(run_dir)
+        metrics = load_metrics(run_dir)
+        frequency = load_feature_stats(run_dir).get("frequency")
+        if frequency is None or frequency.shape != (sae.d_sae,):
+            raise CheckpointError(f"{run_dir} has no per-feature frequency of {sae.d_sae} features")
+    except CheckpointError as e:
+        return FailedRun(name, run_dir, overrides, cfg, str(e))
+    return Run(
+        name, run_dir, overrides, cfg, metrics, sae.W_dec.detach().clone(), int((frequency == 0).sum())
+    )
+
+
+def discover_runs(sweep_dir: Path, exclude: Path | None = None) -> tuple[list[Run], list[FailedRun]]:
+    run_dirs = find_run_dirs(sweep_dir, exclude)
+    if not run_dirs:
+        raise ConfigError(
+            f"sweep_dir={str(sweep_dir)!r} holds no run directories "
+            f"(subdirectories with {', '.join(_RUN_MARKERS)}); is it the output of `python train.py ... -m`?"
+        )
+    runs, failed = [], []
+    for run_dir in run_dirs:
+        loaded = load_run(run_dir, run_dir.relative_to(sweep_dir).as_posix())
+        (failed if isinstance(loaded, FailedRun) else runs).append(loaded)
+    for f in failed:
+        log.warning("run %s cannot be evaluated: %s", f.name, f.reason)
+    return runs, failed
+
+
+def overlap_stats(values: torch.Tensor, thresholds: tuple[float, ...]) -> dict:
+    """Mean MCS and, per threshold, the count and fraction of features at or above it."""
+    n = values.numel()
+    found = {}
+    for t in thresholds:
+        count = int((values >= t).sum())
+        found[f"{t:g}"] = {"count": count, "fraction": count / n if n else math.nan}
+    return {"mean_mcs": values.mean().item() if n else math.nan, "n_features": n, "found": found}
+
+
+def compare_runs(runs: list[Run], settings: EvalSettings) -> Comparison:
+    """MCS between every ordered pair of runs in the same comparison group, with the chance baseline."""
+    device = resolve_device(settings.device)
+    log.info("computing MCS on %s in chunks of %d rows", device, settings.chunk_size)
+    decoders = {run.name: run.decoder.to(device) for run in runs}
+    random_dictionaries: dict[tuple[int, int], torch.Tensor] = {}
+    baselines: dict[tuple[str, int], torch.Tensor] = {}  # (A, n_b) → mcs(A → random n_b × d)
+
+    def baseline_mcs(a: Run, n_b: int) -> torch.Tensor:
+        shape = (n_b, a.decoder.shape[1])
+        if shape not in random_dictionaries:
+            # numpy's PCG64, not torch's generator: the same on every device, and no chance of
+            # replaying a torch-seeded SAE initialisation (training seeds torch with small integers too)
+            rng = np.random.default_rng(settings.baseline_seed)
+            random_dictionaries[shape] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(
+                device
+            )
+        if (a.name, n_b) not in baselines:
+            baselines[a.name, n_b] = mcs(
+                decoders[a.name], random_dictionaries[shape], settings.chunk_size
+            ).cpu()
+        return baselines[a.name, n_b]
+
+    def overlap(a: Run, b: Run, values: torch.Tensor) -> PairOverlap:
+        chance = baseline_mcs(a, b.d_sae)
+        return PairOverlap(
+            trained=overlap_stats(values, settings.thresholds),
+            baseline=overlap_stats(chance, settings.thresholds),
+            found_again=int((values >= settings.found_threshold).sum()),
+            baseline_found_again=int((chance >= settings.found_threshold).sum()),
+        )
+
+    by_group: dict[str, list[Run]] = {}
+    for run in runs:
+        by_group.setdefault(run.comparison_group, []).append(run)
+    groups, pairs, to_largest = [], {}, {}
+    for label, members in by_group.items():
+        largest = max(members, key=lambda r: r.d_sae)  # max keeps the first of equals: name order
+        groups.append(Group(label, members, largest))
+        for i, a in enumerate(members):
+            for b in members[i + 1 :]:
+                log.info("MCS %s (%d features) ↔ %s (%d features)", a.name, a.d_sae, b.name, b.d_sae)
+                a_to_b, b_to_a = (
+                    v.cpu() for v in mcs_both_ways(decoders[a.name], decoders[b.name], settings.chunk_size)
+                )
+                pairs[a.name, b.name] = overlap(a, b, a_to_b)
+                pairs[b.name, a.name] = overlap(b, a, b_to_a)
+                for run, other, values in ((a, b, a_to_b), (b, a, b_to_a)):
+                    if other is largest:
+                        to_largest[run.name] = (values.numpy(), baseline_mcs(run, other.d_sae).numpy())
+    return Comparison(groups, pairs, to_largest)
+
+
+def build_report(
+    sweep_dir: Path, runs: list[Run], failed: list[FailedRun], comparison: Comparison, settings: EvalSettings
+) -> dict:
+    """The content of mcs.json."""
+    largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
+    run_entries: dict[str, dict] = {}
+    for run in runs:
+        largest = largest_of[run.name]
+        in_runs = {b: p.found_again for (a, b), p in comparison.pairs.items() if a == run.name}
+        run_entries[run.name] = {
+            "status": "ok",
+            "comparison_group": run.comparison_group,
+            **{key: run.cfg.get(key) for key in _HYPERPARAMETERS},
+            "dead_features": run.dead_features,
+            "found_again": {
+                "threshold": settings.found_threshold,
+                "largest": largest.name,
+                "in_largest": None if largest is run else in_runs[largest.name],
+                "in_runs": in_runs,
+            },
+        }
+    for f in failed:
+        run_entries[f.name] = {"status": "failed", "reason": f.reason, "overrides": f.overrides}
+    return {
+        "sweep_dir": str(sweep_dir),
+        "definition": "mcs_A→B[i] = max_j cos(W_dec_A[i], W_dec_B[j]); found again: mcs ≥ threshold",
+        "baseline": f"A against a random Gaussian dictionary of B's shape (seed {settings.baseline_seed})",
+        "thresholds": list(settings.thresholds),
+        "found_threshold": settings.found_threshold,
+        "comparison_groups": [
+            {"label": g.label, "runs": [r.name for r in g.runs], "largest": g.largest.name}
+            for g in comparison.groups
+        ],
+        "not_compared": (
+            "runs in different comparison groups (hook point, d_in, model) are never compared"
+            if len(comparison.groups) > 1
+            else None
+        ),
+        "failed": {f.name: f.reason for f in failed},
+        "runs": run_entries,
+        "pairs": [
+            {"a": a, "b": b, **p.trained, "baseline": p.baseline} for (a, b), p in comparison.pairs.items()
+        ],
+        "headline": headline(runs, failed, comparison),
+    }
+
+
+def headline(runs: list[Run], failed: list[FailedRun], comparison: Comparison) -> dict[str, float]:
+    """Flat numbers for a dashboard (the W&B run's summary): per run, its overlap with the largest
+    dictionary of its group against chance."""
+    numbers: dict[str, float] = {
+        "n_runs": len(runs) + len(failed),
+        "n_failed": len(failed),
+        "n_comparison_groups": len(comparison.groups),
+        "n_pairs": len(comparison.pairs),
+    }
+    for group in comparison.groups:
+        for run in group.runs:
+            if run is group.largest:
+                continue
+            p = comparison.pairs[run.name, group.largest.name]
+            numbers[f"found_in_largest/{run.name}"] = p.found_again
+            numbers[f"found_in_largest_fraction/{run.name}"] = p.found_again / run.d_sae
+            numbers[f"baseline_found_in_largest/{run.name}"] = p.baseline_found_again
+            numbers[f"mean_mcs_to_largest/{run.name}"] = p.trained["mean_mcs"]
+            numbers[f"baseline_mean_mcs_to_largest/{run.name}"] = p.baseline["mean_mcs"]
+    return numbers
+
+
+def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Comparison) -> list[dict]:
+    """One row per run (failed ones included), in name order: hyperparameters, the run's overlap with
+    its group's largest dictionary, and every key of its metrics.json."""
+    largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
+    metric_keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
+    rows = []
+    for entry in sorted([*runs, *failed], key=lambda r: _natural_key(r.name)):
+        row = {
+            "run": entry.name,
+            "status": "failed" if isinstance(entry, FailedRun) else "ok",
+            "failure": entry.reason if isinstance(entry, FailedRun) else None,
+            "overrides": entry.overrides,
+            **{key: entry.cfg.get(key) for key in _HYPERPARAMETERS},
+            "comparison_group": None,
+            "largest_in_group": None,
+            "dead_features": None,
+            "mean_mcs_to_largest": None,
+            "found_in_largest": None,
+            "baseline_found_in_largest": None,
+        }
+        if isinstance(entry, Run):
+            largest = largest_of[entry.name]
+            row |= {
+                "comparison_group": entry.comparison_group,
+                "largest_in_group": largest.name,
+                "dead_features": entry.dead_features,
+            }
+            if largest is not entry:
+                p = comparison.pairs[entry.name, largest.name]
+                row |= {
+                    "mean_mcs_to_largest": p.trained["mean_mcs"],
+                    "found_in_largest": p.found_again,
+                    "baseline_found_in_largest": p.baseline_found_again,
+                }
+        row |= {key: entry.metrics.get(key) if isinstance(entry, Run) else None for key in metric_keys}
+        rows.append(row)
+    return rows
+
+
+def write_summary_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def write_plots(
+    out_dir: Path, runs: list[Run], comparison: Comparison, settings: EvalSettings
+) -> dict[str, Path]:
+    paths = {name: out_dir / file for name, file in PLOT_FILES.items()}
+    by_name = {run.name: run for run in runs}
+    hist_panels = []
+    found_panels = []
+    for group in comparison.groups:
+        largest = group.largest
+        points = []
+        for run in group.runs:
+            if run.name not in comparison.to_largest:
+                continue
+            values, chance = comparison.to_largest[run.name]
+            hist_panels.append(
+                plots.HistogramPanel(
+                    title=f"run {run.name} ({run.d_sae} features) → run {largest.name} ({largest.d_sae})",
+                    mcs=values,
+                    baseline=chance,
+                )
+            )
+            points.append(
+                plots.FoundPoint(
+                    d_sae=run.d_sae,
+                    l1_coef=run.cfg.get("l1_coef"),
+                    counts={t: int((values >= t).sum()) for t in settings.thresholds},
+                    baseline_counts={t: int((chance >= t).sum()) for t in settings.thresholds},
+                )
+            )
+        if points:
+            title = f"found again in run {largest.name} ({largest.d_sae} features)"
+            if len(comparison.groups) > 1:
+                title += f"\n{group.label}"
+            found_panels.append(plots.FoundPanel(title=title, points=points))
+    plots.plot_mcs_histograms(paths["mcs_hist"], hist_panels, settings.found_threshold)
+    plots.plot_features_found(paths["features_found"], found_panels, settings.thresholds)
+
+    names = [run.name for run in runs]
+    matrix = np.full((len(names), len(names)), np.nan)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if a == b:
+                matrix[i, j] = 1.0
+            elif (a, b) in comparison.pairs:
+                matrix[i, j] = comparison.pairs[a, b].trained["mean_mcs"]
+    labels = [f"{name} ({by_name[name].d_sae})" for name in names]
+    plots.plot_mcs_matrix(paths["mcs_matrix"], labels, matrix)
+    plots.plot_pareto(
+        paths["pareto"],
+        [
+            plots.ParetoPoint(
+                name=run.name,
+                l0=run.metrics.get("l0", math.nan),
+                fvu=run.metrics.get("fvu", math.nan),
+                ce_delta=run.metrics.get("ce_delta", math.nan),
+                l1_coef=run.cfg.get("l1_coef"),
+                dict_ratio=run.cfg.get("dict_ratio"),
+            )
+            for run in runs
+        ],
+    )
+    return paths
+
+
+def training_group(sweep_dir: Path, run_dirs: list[Path]) -> str:
+    """The W&B group of the sweep's training runs: `str(Path(hydra.sweep.dir))` as the jobs saw it.
+
+    Hydra records sweep.dir unresolved (`multirun/${now:...}`) and the working directory it was
+    relative to, so a relative sweep.dir is rebuilt from those; this keeps the evaluation run in the
+    training runs' group however the user spells sweep_dir. Without a Hydra record: sweep_dir as given.
+    """
+    for run_dir in run_dirs:
+        try:
+            hydra = yaml.safe_load((run_dir / _HYDRA_DIR / "hydra.yaml").read_text())["hydra"]
+            configured, cwd = str(hydra["sweep"]["dir"]), str(hydra["runtime"]["cwd"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        if Path(configured).is_absolute():
+            return configured if "${" not in configured else str(Path(sweep_dir).absolute())
+        return os.path.relpath(Path(sweep_dir).absolute(), cwd)
+    return str(Path(sweep_dir))
+
+
+def log_to_wandb(
+    settings: WandbSettings,
+    out_dir: Path,
+    group: str,
+    summary: list[dict],
+    plot_paths: dict[str, Path],
+    numbers: dict[str, float],
+    config: dict,
+) -> None:
+    """One evaluation run in the sweep's group: the summary table, the plots and the headline numbers."""
+    import wandb  # slow to import; only when a run is wanted
+
+    run = wandb.init(
+        mode=settings.mode,
+        dir=str(out_dir),
+        project=settings.project,
+        entity=settings.entity,
+        group=group,
+        job_type="evaluation",
+        name="evaluation",
+        config=config,
+    )
+    try:
+        columns = list(summary[0])
+        table = wandb.Table(columns=columns, data=[[_table_cell(row[c]) for c in columns] for row in summary])
+        run.log({"summary": table, **{name: wandb.Image(str(path)) for name, path in plot_paths.items()}})
+        run.summary.update(numbers)
+    finally:
+        run.finish()
+
+
+def evaluate_sweep(
+    sweep_dir: str | Path,
+    settings: EvalSettings | None = None,
+    wandb_settings: WandbSettings | None = None,
+    out_dir: Path | None = None,
+) -> SweepEvaluation:
+    """Evaluate every run of a sweep and write mcs.json, summary.csv, the plots and the W&B run."""
+    settings = settings or EvalSettings()
+    wandb_settings = wandb_settings or WandbSettings()
+    sweep_dir = Path(sweep_dir)
+    default_out_dir = evaluation_dir(sweep_dir)  # checks sweep_dir
+    out_dir = Path(out_dir) if out_dir else default_out_dir
+    runs, failed = discover_runs(sweep_dir, exclude=out_dir)
+    log.info("%d runs to compare, %d failed", len(runs), len(failed))
+    comparison = compare_runs(runs, settings)
+    report = build_report(sweep_dir, runs, failed, comparison, settings)
+    summary = summary_rows(runs, failed, comparison)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / MCS_FILE, report)
+    write_summary_csv(out_dir / SUMMARY_FILE, summary)
+    plot_paths = write_plots(out_dir, runs, comparison, settings)
+    if wandb_settings.mode != "disabled":
+        group = training_group(sweep_dir, [r.path for r in [*runs, *failed]])
+        config = {"sweep_dir": str(sweep_dir), **asdict(settings)}
+        log_to_wandb(wandb_settings, out_dir, group, summary, plot_paths, report["headline"], config)
+    log.info("wrote the evaluation of %s to %s", sweep_dir, out_dir)
+    return SweepEvaluation(runs, failed, comparison, report, summary, out_dir)
+
+
+def _hydra_overrides(run_dir: Path) -> str:
+    try:
+        overrides = yaml.safe_load((run_dir / _HYDRA_DIR / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    return " ".join(str(o) for o in overrides) if isinstance(overrides, list) else ""
+
+
+def _table_cell(value):
+    # A W&B table column holds one type: text cells for everything but numbers and empties.
+    return value if value is None or isinstance(value, (int, float)) else str(value)
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -47,6 +47,24 @@ def load_run_config(run_dir: Path) -> dict:
     return cfg
 
 
+def load_metrics(run_dir: Path) -> dict[str, float]:
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{path} holds {type(metrics).__name__}, not a JSON object")
+    return metrics
+
+
+def load_feature_stats(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Per feature: frequency, mean_activation, max_activation on the eval tokens."""
+    return _load_safetensors(Path(run_dir) / FEATURE_STATS_FILE)
+
+
 def load_sae(run_dir: str | Path, device: str | torch.device = "cpu") -> ReluSae:
     """Rebuild the SAE of a run directory from sae.safetensors and cfg.json alone."""
     run_dir = Path(run_dir)
@@ -61,12 +79,7 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu") -> ReluSae
         )
     sae = ARCHITECTURES[architecture](d_in, d_sae)
     path = run_dir / SAE_FILE
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    tensors = _load_safetensors(path)
     expected = sae.expected_shapes()
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if found != expected:
@@ -77,3 +90,12 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu") -> ReluSae
     sae.load_state_dict(tensors)
     sae.run_cfg = cfg
     return sae.to(device)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None

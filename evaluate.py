@@ -1,0 +1,37 @@
+"""Evaluate a finished sweep: `python evaluate.py sweep_dir=multirun/<date>/<time>`.
+
+Writes mcs.json, summary.csv, the plots and a W&B evaluation run to <sweep_dir>/evaluation/.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from saesweep.evaluate import EvalSettings, WandbSettings, evaluate_sweep, evaluation_dir
+
+# hydra.run.dir is ${evaluation_dir:${sweep_dir}}: a mistyped sweep_dir fails here, naming the bad
+# value, before Hydra creates its output directory inside it.
+OmegaConf.register_new_resolver("evaluation_dir", lambda sweep_dir: str(evaluation_dir(sweep_dir)))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate_sweep(
+        Path(cfg.sweep_dir),
+        EvalSettings.from_config(cfg),
+        WandbSettings.from_config(cfg.logger),
+        out_dir=Path(HydraConfig.get().runtime.output_dir),
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except OmegaConfBaseException as e:
+        # Raised while Hydra resolves hydra.run.dir (no sweep_dir, or not a directory): before the app
+        # runs, where Hydra's error report fails and would print a 100-line traceback instead.
+        sys.exit(f"evaluate.py: {e}")

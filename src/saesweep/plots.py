@@ -1,0 +1,252 @@
+"""The evaluator's plots (PNG). Each function takes plain numbers and writes one file atomically.
+
+Figures are built with matplotlib's object API (`Figure`, rendered by Agg), not pyplot: no global
+figure state, no display needed, safe to call from any thread or a headless job.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from itertools import cycle
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from saesweep.io import atomic_write_bytes
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", ":", "-.")
+_DPI = 120
+
+
+@dataclass(frozen=True)
+class HistogramPanel:
+    title: str
+    mcs: np.ndarray  # per feature of a run: its MCS with the largest dictionary
+    baseline: np.ndarray  # the same against a random dictionary of the largest one's shape
+
+
+@dataclass(frozen=True)
+class FoundPoint:
+    d_sae: int
+    l1_coef: float | None
+    counts: dict[float, int]  # threshold → features with MCS ≥ threshold in the largest dictionary
+    baseline_counts: dict[float, int]  # the same against a random dictionary
+
+
+@dataclass(frozen=True)
+class FoundPanel:
+    title: str
+    points: list[FoundPoint]
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    name: str
+    l0: float
+    fvu: float
+    ce_delta: float
+    l1_coef: float | None
+    dict_ratio: float | None
+
+
+def plot_mcs_histograms(path: Path, panels: list[HistogramPanel], found_threshold: float) -> None:
+    """Distribution of MCS per run against the largest dictionary, the random baseline overlaid."""
+    if not panels:
+        return _write_message(path, "MCS against the largest dictionary", "no two comparable runs")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    low = min(0.0, *(float(np.min(np.concatenate([p.mcs, p.baseline]))) for p in panels))
+    bins = np.linspace(low, 1.0, 51)
+    for ax, panel in zip(axes, panels):
+        ax.hist(
+            panel.mcs, bins=bins, color="tab:blue", alpha=0.75, label=f"trained (mean {panel.mcs.mean():.2f})"
+        )
+        ax.hist(
+            panel.baseline,
+            bins=bins,
+            histtype="step",
+            color="black",
+            linewidth=1.5,
+            label=f"random baseline (mean {panel.baseline.mean():.2f})",
+        )
+        ax.axvline(
+            found_threshold, color="tab:red", linestyle="--", label=f"found again: MCS ≥ {found_threshold:g}"
+        )
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel("MCS with the largest dictionary")
+        ax.set_ylabel("features")
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle("Max cosine similarity of each run's features to the largest dictionary")
+    _save(fig, path)
+
+
+def plot_features_found(path: Path, panels: list[FoundPanel], thresholds: tuple[float, ...]) -> None:
+    """x = dictionary size, y = its features with MCS ≥ threshold in the largest dictionary, a line per
+    threshold (and per l1_coef when the sweep has several); chance as a grey dashed line."""
+    if not panels:
+        return _write_message(path, "Features found again", "no two comparable runs")
+    fig = Figure(figsize=(6.4 * len(panels), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, len(thresholds)))
+    lowest = min(thresholds)
+    for ax, panel in zip(axes, panels):
+        l1_coefs = sorted({p.l1_coef for p in panel.points}, key=lambda v: (v is None, v or 0.0))
+        for l1_coef, linestyle in zip(l1_coefs, cycle(_LINESTYLES)):
+            points = sorted((p for p in panel.points if p.l1_coef == l1_coef), key=lambda p: p.d_sae)
+            sizes = [p.d_sae for p in points]
+            suffix = f", l1_coef={l1_coef:g}" if len(l1_coefs) > 1 and l1_coef is not None else ""
+            for threshold, color in zip(thresholds, colors):
+                ax.plot(
+                    sizes,
+                    [p.counts[threshold] for p in points],
+                    marker="o",
+                    color=color,
+                    linestyle=linestyle,
+                    label=f"MCS ≥ {threshold:g}{suffix}",
+                )
+            ax.plot(
+                sizes,
+                [p.baseline_counts[lowest] for p in points],
+                marker="x",
+                color="grey",
+                linestyle="--",
+                label=f"random baseline, MCS ≥ {lowest:g}{suffix}",
+            )
+        sizes = sorted({p.d_sae for p in panel.points})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("dictionary size (features)")
+        ax.set_ylabel("features found again (MCS ≥ threshold)")
+        ax.set_title(panel.title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Features of each dictionary found again in the largest one")
+    _save(fig, path)
+
+
+def plot_mcs_matrix(path: Path, labels: list[str], matrix: np.ndarray) -> None:
+    """Run × run heatmap of mean MCS (row A's features searched in column B); NaN = not comparable."""
+    n = len(labels)
+    if n == 0:
+        return _write_message(path, "Mean MCS between runs", "no finished run")
+    size = max(4.5, 0.6 * n + 2.5)
+    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
+    if n <= 16:  # beyond that the numbers no longer fit in the cells
+        for i in range(n):
+            for j in range(n):
+                value = matrix[i, j]
+                text, color = (
+                    ("n/a", "black")
+                    if np.isnan(value)
+                    else (f"{value:.2f}", "white" if value < 0.6 else "black")
+                )
+                ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("B: run searched (features)")
+    ax.set_ylabel("A: run whose features are matched (features)")
+    ax.set_title(
+        "Mean MCS of A's features in B\n(grey: different hook point, d_in or model; never compared)",
+        fontsize=10,
+    )
+    fig.colorbar(image, ax=ax, label="mean max cosine similarity")
+    _save(fig, path)
+
+
+def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
+    """L0 against FVU and against ce_delta; colour = l1_coef, marker = dict_ratio."""
+    points = [p for p in points if math.isfinite(p.l0)]
+    if not points:
+        return _write_message(path, "Sparsity against reconstruction", "no finished run with metrics")
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ax_fvu, ax_ce = fig.subplots(1, 2)
+    l1_values = [p.l1_coef for p in points if p.l1_coef is not None]
+    norm = _color_norm(l1_values)
+    cmap = matplotlib.colormaps["plasma"]
+    ratios = sorted({p.dict_ratio for p in points}, key=lambda v: (v is None, v or 0.0))
+    markers = dict(zip(ratios, cycle(_MARKERS)))
+    for ax, metric, ylabel, title in (
+        (ax_fvu, "fvu", "FVU (fraction of variance unexplained)", "Sparsity against reconstruction"),
+        (ax_ce, "ce_delta", "ce_delta (nats: spliced − clean loss)", "Sparsity against downstream loss"),
+    ):
+        for ratio in ratios:
+            group = [p for p in points if p.dict_ratio == ratio]
+            ax.scatter(
+                [p.l0 for p in group],
+                [getattr(p, metric) for p in group],
+                marker=markers[ratio],
+                s=70,
+                c=[cmap(norm(p.l1_coef)) if p.l1_coef is not None else "grey" for p in group],
+                edgecolors="black",
+                linewidths=0.6,
+            )
+            for p in group:
+                ax.annotate(
+                    p.name, (p.l0, getattr(p, metric)), textcoords="offset points", xytext=(5, 4), fontsize=8
+                )
+        ax.set_xlabel("L0 (mean active features per token)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    handles = [
+        Line2D(
+            [],
+            [],
+            marker=markers[r],
+            linestyle="",
+            color="lightgrey",
+            markeredgecolor="black",
+            markersize=8,
+            label=f"dict_ratio={r:g}" if r is not None else "dict_ratio unknown",
+        )
+        for r in ratios
+    ]
+    ax_ce.legend(handles=handles, fontsize=8, title="marker", title_fontsize=8)
+    suptitle = "Runs of the sweep (labels: run names)"
+    if len(set(l1_values)) > 1:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_fvu, ax_ce], label="l1_coef")
+    elif l1_values:  # one value: a colour bar would only show an arbitrary range around it
+        suptitle += f"; every run has l1_coef={l1_values[0]:g}"
+    fig.suptitle(suptitle)
+    _save(fig, path)
+
+
+def _color_norm(values: list[float]) -> Normalize:
+    """A log colour scale when l1_coef spans a decade or more (how L1 sweeps are usually spaced)."""
+    if not values:
+        return Normalize(0.0, 1.0)
+    low, high = min(values), max(values)
+    if low > 0 and high / low >= 10:
+        return LogNorm(low, high)
+    return Normalize(low, high)
+
+
+def _write_message(path: Path, title: str, message: str) -> None:
+    fig = Figure(figsize=(6, 3), layout="constrained")
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
+    ax.set_axis_off()
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    atomic_write_bytes(path, buffer.getvalue())
