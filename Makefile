@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
 
-.PHONY: install train train-offline sweep test lint clean cache-info
+.PHONY: install train train-offline sweep evaluate test lint clean cache-info bench
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -27,6 +27,15 @@ train-offline:
 
 sweep:
 	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 dict_ratio=1,2,4,8 -m $(ARGS)
+
+# MCS between the runs of a sweep, summary table, plots, W&B evaluation run: make evaluate SWEEP=multirun/<date>/<time>
+evaluate:
+	$(PYTHON) evaluate.py sweep_dir=$(SWEEP)
+
+# Benchmarks print measured figures and a RESULT line; they assert nothing.
+bench:
+	$(PYTHON) benchmarks/harvest.py
+	$(PYTHON) benchmarks/mcs.py
 
 test:
 	$(PYTHON) -m pytest -q tests
