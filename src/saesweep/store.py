@@ -71,6 +71,10 @@ class TokenFilter:
     drop_special_tokens: bool = False
     max_norm_ratio: float | None = None  # drop rows with norm > ratio × the median norm of their shard
 
+    @property
+    def active(self) -> bool:
+        return self.drop_special_tokens or self.max_norm_ratio is not None
+
     def keep_mask(self, tokens: torch.Tensor, acts: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
         keep = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         if self.drop_special_tokens and special_ids:
@@ -79,6 +83,12 @@ class TokenFilter:
             norms = acts.float().norm(dim=-1)
             keep &= norms <= self.max_norm_ratio * norms.median()
         return keep
+
+    def apply(self, tokens: torch.Tensor, acts: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
+        """The kept rows of `acts` [n, ctx_len, d] as [rows, d] (a view when nothing is filtered)."""
+        if not self.active:
+            return acts.reshape(-1, acts.shape[-1])
+        return acts[self.keep_mask(tokens, acts, special_ids)]
 
 
 @dataclass(frozen=True)
@@ -233,8 +243,8 @@ class ActivationStore:
             if shard_index < len(kept):
                 continue  # this shard's contexts were harvested before the interruption
             acts = harvest(model, shard_contexts, self.spec.hook_point, batch_contexts)
-            keep = self.spec.token_filter.keep_mask(shard_contexts, acts, special)
-            shard = acts[keep].to(STORE_DTYPES[self.spec.dtype])[: target - manifest["n_rows"]]
+            kept_rows = self.spec.token_filter.apply(shard_contexts, acts, special)
+            shard = kept_rows[: target - manifest["n_rows"]].to(STORE_DTYPES[self.spec.dtype])
             self._write_shard(manifest, shard_index, shard)
             progress.update(len(shard))
         progress.close()
