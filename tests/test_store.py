@@ -202,8 +202,11 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
 
     script = tmp_path / "stream.py"
     script.write_text(_STREAM_MEMORY)
+    # glibc otherwise keeps freed multi-MB blocks in its heap, which would measure the allocator's
+    # caching policy rather than what the stream holds
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
     out = subprocess.run([sys.executable, str(script), str(store.path), str(buffer_rows)],
-                         capture_output=True, text=True, check=True, cwd=REPO)
+                         capture_output=True, text=True, check=True, cwd=REPO, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     store_bytes = n_rows * d_in * 4
     buffer_bytes = buffer_rows * d_in * 4
