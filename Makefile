@@ -45,7 +45,7 @@ cache-info:
 	$(VENV)/bin/saesweep-store ls
 
 lint:
-	$(PYTHON) -m ruff check src tests train.py
+	$(PYTHON) -m ruff check src tests benchmarks train.py evaluate.py
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache

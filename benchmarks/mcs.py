@@ -74,7 +74,7 @@ def main() -> None:
     split_s = median_seconds(mcs_both_ways, a, b, SMALL // 4)  # 16 blocks: the cost of chunking itself
     brute_s = median_seconds(brute_force_both_ways, a, b)
     same = all(
-        torch.equal(x, y) for x, y in zip(mcs_both_ways(a, b, SMALL // 4), brute_force_both_ways(a, b))
+        torch.equal(x, y) for x, y in zip(mcs_both_ways(a, b, SMALL // 4), brute_force_both_ways(a, b), strict=True)
     )
     print(
         f"{SMALL}×{D} vs {SMALL}×{D} on CPU, median of {REPEATS}: chunked {chunked_s:.3f} s "

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import synthetic_documents
 from saesweep.data import load_texts, make_contexts
 from saesweep.errors import DataError
-from conftest import synthetic_documents
 
 
 def test_local_formats_read_the_same_documents(tmp_path):

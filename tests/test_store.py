@@ -12,16 +12,26 @@ import time
 import pytest
 import torch
 
+from conftest import REPO, synthetic_documents
 from saesweep.activations import harvest
 from saesweep.data import ContextSource
-from saesweep.store import ActivationStore, StoreCorruptError, StoreSpec, StoreStream, TokenFilter, model_fingerprint
-from conftest import REPO, synthetic_documents
+from saesweep.store import (
+    ActivationStore,
+    StoreCorruptError,
+    StoreSpec,
+    StoreStream,
+    TokenFilter,
+    model_fingerprint,
+)
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 16
 
 
-def spec_for(model, n_tokens=3000, dtype="float32", token_filter=TokenFilter()):
+NO_FILTER = TokenFilter()
+
+
+def spec_for(model, n_tokens=3000, dtype="float32", token_filter=NO_FILTER):
     return StoreSpec(
         model="tiny", model_fingerprint=model_fingerprint(model), hook_point=HOOK, dataset={"docs": "synthetic"},
         split="train", ctx_len=CTX, n_tokens=n_tokens, dtype=dtype, token_filter=token_filter,
@@ -172,20 +182,6 @@ def test_stream_yields_every_row_once_in_a_new_order_each_epoch(tmp_path, tiny_m
     assert not torch.equal(epochs[0], epochs[1])
 
 
-_STREAM_MEMORY = textwrap.dedent("""
-    import json, os, sys, torch
-    from saesweep.store import ActivationStore, StoreStream
-    store = ActivationStore.open(sys.argv[1])
-    stream = StoreStream(store, batch_size=1024, buffer_tokens=int(sys.argv[2]), seed=0)
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # current, not lifetime peak
-    before = rss()
-    rows, after = 0, before
-    for batch in stream:
-        rows += len(batch)
-        after = max(after, rss())
-    print(json.dumps({"rows": rows, "peak_increase": after - before}))
-""")
 
 
 def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
@@ -200,14 +196,13 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
     manifest["complete"] = True
     (store.path / "manifest.json").write_text(json.dumps(manifest))
 
-    script = tmp_path / "stream.py"
-    script.write_text(_STREAM_MEMORY)
     # glibc otherwise keeps freed multi-MB blocks in its heap, which would measure the allocator's
     # caching policy rather than what the stream holds
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    out = subprocess.run([sys.executable, str(script), str(store.path), str(buffer_rows)],
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stream_memory.py"), str(store.path), str(buffer_rows)],
                          capture_output=True, text=True, check=True, cwd=REPO, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["peak_increase"] = result["rss_peak"] - result["rss_before"]
     store_bytes = n_rows * d_in * 4
     buffer_bytes = buffer_rows * d_in * 4
     assert result["rows"] == n_rows

@@ -133,9 +133,7 @@ class ContextSource:
     def eval_contexts(self, n_contexts: int) -> tuple[torch.Tensor, int]:
         """The first `n_contexts` contexts [n, ctx_len], and how many documents they used."""
         pieces: list[list[int]] = []
-        n_docs = 0
-        for doc_pieces in self._pieces_by_document(0):
-            n_docs += 1
+        for n_docs, doc_pieces in enumerate(self._pieces_by_document(0), 1):
             pieces.extend(doc_pieces[: n_contexts - len(pieces)])
             if len(pieces) == n_contexts:
                 return self._to_tensor(pieces), n_docs

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -67,7 +67,7 @@ def plot_mcs_histograms(path: Path, panels: list[HistogramPanel], found_threshol
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     low = min(0.0, *(float(np.min(np.concatenate([p.mcs, p.baseline]))) for p in panels))
     bins = np.linspace(low, 1.0, 51)
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=False):
         ax.hist(
             panel.mcs, bins=bins, color="tab:blue", alpha=0.75, label=f"trained (mean {panel.mcs.mean():.2f})"
         )
@@ -101,13 +101,13 @@ def plot_features_found(path: Path, panels: list[FoundPanel], thresholds: tuple[
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, len(thresholds)))
     lowest = min(thresholds)
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=False):
         l1_coefs = sorted({p.l1_coef for p in panel.points}, key=lambda v: (v is None, v or 0.0))
-        for l1_coef, linestyle in zip(l1_coefs, cycle(_LINESTYLES)):
+        for l1_coef, linestyle in zip(l1_coefs, cycle(_LINESTYLES), strict=False):
             points = sorted((p for p in panel.points if p.l1_coef == l1_coef), key=lambda p: p.d_sae)
             sizes = [p.d_sae for p in points]
             suffix = f", l1_coef={l1_coef:g}" if len(l1_coefs) > 1 and l1_coef is not None else ""
-            for threshold, color in zip(thresholds, colors):
+            for threshold, color in zip(thresholds, colors, strict=True):
                 ax.plot(
                     sizes,
                     [p.counts[threshold] for p in points],
@@ -180,7 +180,7 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
     norm = _color_norm(l1_values)
     cmap = matplotlib.colormaps["plasma"]
     ratios = sorted({p.dict_ratio for p in points}, key=lambda v: (v is None, v or 0.0))
-    markers = dict(zip(ratios, cycle(_MARKERS)))
+    markers = dict(zip(ratios, cycle(_MARKERS), strict=False))
     for ax, metric, ylabel, title in (
         (ax_fvu, "fvu", "FVU (fraction of variance unexplained)", "Sparsity against reconstruction"),
         (ax_ce, "ce_delta", "ce_delta (nats: spliced − clean loss)", "Sparsity against downstream loss"),

@@ -35,29 +35,23 @@ def write_run_dir(run_dir: Path, sae: ReluSae, cfg: dict, result: EvalResult) ->
 
 
 def load_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / CFG_FILE
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: {run_dir} is not a finished saesweep run directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} holds {type(cfg).__name__}, not a JSON object")
-    return cfg
+    return _load_json_object(Path(run_dir) / CFG_FILE, f"{run_dir} is not a finished saesweep run directory")
 
 
 def load_metrics(run_dir: Path) -> dict[str, float]:
-    path = Path(run_dir) / METRICS_FILE
+    return _load_json_object(Path(run_dir) / METRICS_FILE, "the job did not finish")
+
+
+def _load_json_object(path: Path, when_missing: str) -> dict:
     try:
-        metrics = json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
+        raise CheckpointError(f"{path} is missing: {when_missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(metrics, dict):
-        raise CheckpointError(f"{path} holds {type(metrics).__name__}, not a JSON object")
-    return metrics
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds {type(obj).__name__}, not a JSON object")
+    return obj
 
 
 def load_feature_stats(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -34,9 +34,9 @@ from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 import saesweep
+from saesweep.activations import harvest
 from saesweep.errors import CheckpointError, ConfigError, DataError
 from saesweep.io import atomic_write_bytes, atomic_write_json
-from saesweep.activations import harvest
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,14 @@ from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hoo
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, write_run_dir
 from saesweep.sae import ARCHITECTURES
-from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, default_store_dir, model_fingerprint
+from saesweep.store import (
+    ActivationStore,
+    StoreSpec,
+    StoreStream,
+    TokenFilter,
+    default_store_dir,
+    model_fingerprint,
+)
 from saesweep.training import SaeTrainingModule, activation_scale
 
 log = logging.getLogger(__name__)
@@ -123,21 +130,26 @@ def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
         model=str(Path(cfg.model.path).resolve()) if cfg.model.path else cfg.model.name,
         model_fingerprint=model_fingerprint(model),
         hook_point=hook_point,
-        dataset={
-            "name": cfg.data.name,
-            "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
-            "split": cfg.data.split,
-            "text_field": cfg.data.text_field,
-            "prepend_bos": cfg.data.prepend_bos,
-            "seed": cfg.data.seed,
-            "eval_n_tokens": cfg.eval.n_tokens,  # training documents start after the evaluation ones
-        },
+        # training documents start after the evaluation ones, so the eval size is part of the key
+        dataset={**dataset_description(cfg), "eval_n_tokens": cfg.eval.n_tokens},
         split="train",
         ctx_len=cfg.ctx_len,
         n_tokens=cfg.n_tokens,
         dtype=cfg.store.dtype,
         token_filter=TokenFilter(cfg.store.drop_special_tokens, cfg.store.max_norm_ratio),
     )
+
+
+def dataset_description(cfg: DictConfig) -> dict:
+    """What decides the contexts: the dataset, its split and text field, BOS and the shuffle seed."""
+    return {
+        "name": cfg.data.name,
+        "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
+        "split": cfg.data.split,
+        "text_field": cfg.data.text_field,
+        "prepend_bos": cfg.data.prepend_bos,
+        "seed": cfg.data.seed,
+    }
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None):
@@ -163,14 +175,7 @@ def describe_run(cfg: DictConfig, hook_point: str, d_in: int, d_sae: int, tokens
         "hook_point": hook_point,
         "model_name": None if cfg.model.path else cfg.model.name,  # model.path wins when both are set
         "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path else None,
-        "dataset": {
-            "name": cfg.data.name,
-            "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
-            "split": cfg.data.split,
-            "text_field": cfg.data.text_field,
-            "prepend_bos": cfg.data.prepend_bos,
-            "seed": cfg.data.seed,
-        },
+        "dataset": dataset_description(cfg),
         "ctx_len": cfg.ctx_len,
         "eval_n_tokens": cfg.eval.n_tokens,  # the held-out contexts are the first of the shuffled documents
         "n_tokens": cfg.n_tokens,
