@@ -115,3 +115,17 @@ def test_reference_multirun_sweep(tmp_path):
     assert json.loads((sweep / "1" / "metrics.json").read_text())["fvu"] < 0.5
     logs = [(sweep / job / "train.log").read_text() for job in ("0", "1")]
     assert "activation store harvested" in logs[0] and "activation store reused" in logs[1]
+
+
+def test_runs_of_a_sweep_start_from_unrelated_dictionaries(tiny_model_dir, corpus_path, tmp_path):
+    """Shared initial rows would make a 2× and a 4× dictionary overlap before any training."""
+    from saesweep.evaluate import mcs
+    from saesweep.sae import ReluSae
+    from saesweep.train import init_generator
+
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path)
+    small = ReluSae(32, 64, generator=init_generator(cfg, 64))
+    large = ReluSae(32, 128, generator=init_generator(cfg, 128))
+    again = ReluSae(32, 64, generator=init_generator(cfg, 64))
+    assert torch.equal(small.W_dec, again.W_dec)  # reproducible from the seed
+    assert mcs(small.W_dec, large.W_dec).max() < 0.99

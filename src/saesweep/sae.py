@@ -21,7 +21,7 @@ class SaeOutput(NamedTuple):
 class ReluSae(nn.Module):
     architecture = "relu_l1"
 
-    def __init__(self, d_in: int, d_sae: int):
+    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None):
         super().__init__()
         self.d_in = d_in
         self.d_sae = d_sae
@@ -29,13 +29,13 @@ class ReluSae(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Random unit-norm decoder rows, encoder = decoder transpose (a good start: each feature
         first reads the direction it writes)."""
-        nn.init.normal_(self.W_dec)
+        self.W_dec.normal_(generator=generator)
         self.normalize_decoder()
         self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 from datetime import datetime, timezone
@@ -68,7 +70,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
 
     sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
     scale = activation_scale(sample)
-    sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae)
+    sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae, generator=init_generator(cfg, d_sae))
     sae.init_b_dec(sample / scale)
     module = SaeTrainingModule(
         sae,
@@ -122,6 +124,16 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
             logger.experiment.finish()
     log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
     return result
+
+
+def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
+    """The SAE's initialisation seed, from `seed` and the run's hyperparameters.
+
+    With one seed for all, a 2× dictionary would start from the first half of a 4× one's decoder
+    rows, and overlap between runs (MCS) would partly measure shared initial directions.
+    """
+    identity = json.dumps([cfg.seed, cfg.sae.architecture, d_sae, cfg.l1_coef])
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest()))
 
 
 def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
