@@ -153,6 +153,48 @@ def make_contexts(
     return TokenSplits(train=_to_tensor(train_pieces, bos), eval=_to_tensor(eval_pieces, bos))
 
 
+def held_out_contexts(
+    texts: Sequence[str],
+    tokenizer,
+    ctx_len: int,
+    n_train_contexts: int,
+    n_eval_contexts: int,
+    n_contexts: int,
+    prepend_bos: bool,
+    seed: int,
+) -> torch.Tensor:
+    """`n_contexts` contexts that a run made by `make_contexts(...)` with the same arguments never trained on.
+
+    The first `n_eval_contexts` of them are exactly that run's evaluation contexts (the first
+    documents of the shuffled order); more come from the documents after the last one training
+    read, in the same shuffled order. Both kinds are held out, so any number of report tokens can
+    be taken without touching a training document.
+    """
+    bos = _bos_token_id(tokenizer) if prepend_bos else None
+    piece_len = ctx_len - 1 if prepend_bos else ctx_len
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+
+    held_out: list[list[int]] = []
+    n_train_seen = 0
+    for doc_pieces in _pieces_by_document((texts[i] for i in order), tokenizer, piece_len):
+        if len(held_out) < n_eval_contexts:  # the run's evaluation documents
+            held_out.extend(doc_pieces[: n_eval_contexts - len(held_out)])
+        elif n_train_seen < n_train_contexts:  # a training document: skipped whole
+            n_train_seen += len(doc_pieces)
+        else:
+            held_out.extend(doc_pieces)
+        if len(held_out) >= n_contexts:
+            break
+    held_out = held_out[:n_contexts]
+    if len(held_out) < n_contexts:
+        raise DataError(
+            f"the dataset holds only {len(held_out) * ctx_len} tokens in {ctx_len}-token contexts that the run "
+            f"never trained on, but {n_contexts * ctx_len} are asked for: lower the number of held-out tokens"
+        )
+    return _to_tensor(held_out, bos)
+
+
 def _bos_token_id(tokenizer) -> int:
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:

@@ -6,6 +6,7 @@ Only safetensors and JSON are read back; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -77,3 +78,16 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu") -> ReluSae
     sae.load_state_dict(tensors)
     sae.run_cfg = cfg
     return sae.to(device)
+
+
+def run_dirs_in(sweep_dir: str | Path) -> list[Path]:
+    """The finished run directories (those with cfg.json) anywhere under `sweep_dir`, in natural order
+    (2 before 10)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise CheckpointError(f"sweep directory {sweep_dir} does not exist")
+
+    def natural(path: Path) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path.relative_to(sweep_dir)))]
+
+    return sorted((cfg.parent for cfg in sweep_dir.rglob(CFG_FILE)), key=natural)
