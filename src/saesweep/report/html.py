@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 
 _CSS = """
 :root { --fg: #1d2329; --muted: #5f6b76; --line: #d9dee3; --accent: #0b61a4; --bg-soft: #f5f7f9; }
@@ -88,6 +89,12 @@ def display_token(token: str) -> str:
     return "".join(out)
 
 
+def chip_token(token: str) -> str:
+    """A token standing alone (in a list, not in running text): a token of only spaces shows them as ␣."""
+    shown = display_token(token)
+    return shown.replace(" ", "␣") if not shown.strip() else shown
+
+
 def _rgba(rgb: tuple[int, int, int], strength: float) -> str:
     strength = max(0.0, min(1.0, strength))
     return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.06 + 0.84 * strength:.3f})" if strength > 0 else "transparent"
@@ -118,45 +125,50 @@ def activation_spans(example: dict, max_activation: float) -> str:
 
 
 def _svg_histogram(edges: list[float], counts: list[int], x_label: str, width: int = 460, height: int = 150,
-                   log_x: bool = False, extra_bar: tuple[str, int] | None = None) -> str:
-    """A bar chart as inline SVG: bars over equal-width bins, the first and last edge labelled."""
+                   log_x: bool = False, dead: int = 0) -> str:
+    """A bar chart as inline SVG over equal-width bins. With log_x the edges are log10 values, labelled at
+    whole decades; `dead` adds a separate grey bar for features that never fired."""
     if not counts:
         return '<p class="note">(no data)</p>'
-    bars = list(counts) + ([extra_bar[1]] if extra_bar else [])
     left, bottom, top_pad = 44, 30, 8
-    plot_w, plot_h = width - left - 8, height - bottom - top_pad
-    peak = max(max(bars), 1)
-    n = len(bars)
-    bar_w = plot_w / n
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
-    for k, c in enumerate(bars):
-        h = plot_h * c / peak
-        fill = "#9aa5b1" if extra_bar and k == n - 1 else "#4a7fb5"
-        x = left + k * bar_w
-        parts.append(f'<rect x="{x:.1f}" y="{top_pad + plot_h - h:.1f}" width="{max(bar_w - 1, 0.5):.1f}" '
-                     f'height="{h:.1f}" fill="{fill}"><title>{_esc(_bin_label(edges, k, log_x, extra_bar))}: {c}'
-                     f'</title></rect>')
+    slots = len(counts) + (3 if dead else 0)  # the dead bar sits after a gap of two bar widths
+    bar_w = (width - left - 8) / slots
+    plot_h = height - bottom - top_pad
     axis_y = top_pad + plot_h
-    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#9aa5b1"/>')
+    peak = max(max(counts), dead, 1)
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+
+    def bar(slot: int, count: int, fill: str, tooltip: str) -> None:
+        h = plot_h * count / peak
+        parts.append(f'<rect x="{left + slot * bar_w:.1f}" y="{axis_y - h:.1f}" width="{max(bar_w - 1, 0.5):.1f}" '
+                     f'height="{h:.1f}" fill="{fill}"><title>{_esc(tooltip)}: {count}</title></rect>')
+
+    def label(x: float, text: str, anchor: str = "middle") -> None:
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 13}" text-anchor="{anchor}">{_esc(text)}</text>')
+
+    for k, count in enumerate(counts):
+        if log_x:
+            tooltip = f"frequency {10 ** edges[k]:.2g} – {10 ** edges[k + 1]:.2g}"
+        else:
+            tooltip = f"({edges[k]:.3g}, {edges[k + 1]:.3g}]"
+        bar(k, count, "#4a7fb5", tooltip)
+    end_x = left + len(counts) * bar_w
+    if log_x:
+        span = edges[-1] - edges[0]
+        for decade in range(math.ceil(edges[0]), math.floor(edges[-1]) + 1):
+            label(left + (decade - edges[0]) / span * (end_x - left), f"1e{decade}" if decade else "1")
+    else:
+        label(left, f"{edges[0]:.3g}", "start")
+        label(end_x, f"{edges[-1]:.3g}", "end")
+    if dead:
+        bar(len(counts) + 2, dead, "#9aa5b1", "never fired")
+        label(left + (len(counts) + 2.5) * bar_w, "dead")
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{end_x}" y2="{axis_y}" stroke="#9aa5b1"/>')
     parts.append(f'<text x="{left - 4}" y="{top_pad + 9}" text-anchor="end">{peak}</text>')
     parts.append(f'<text x="{left - 4}" y="{axis_y}" text-anchor="end">0</text>')
-    first, last = (f"10^{edges[0]:.1f}", f"10^{edges[-1]:.1f}") if log_x else (f"{edges[0]:.3g}", f"{edges[-1]:.3g}")
-    parts.append(f'<text x="{left}" y="{axis_y + 13}">{_esc(first)}</text>')
-    parts.append(f'<text x="{left + len(counts) * bar_w}" y="{axis_y + 13}" text-anchor="end">{_esc(last)}</text>')
-    if extra_bar:
-        parts.append(f'<text x="{left + plot_w - bar_w / 2}" y="{axis_y + 13}" text-anchor="middle">'
-                     f'{_esc(extra_bar[0])}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 3}" text-anchor="middle">{_esc(x_label)}</text>')
+    parts.append(f'<text x="{(left + end_x) / 2:.1f}" y="{height - 3}" text-anchor="middle">{_esc(x_label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
-
-
-def _bin_label(edges: list[float], k: int, log_x: bool, extra_bar) -> str:
-    if k >= len(edges) - 1:
-        return extra_bar[0] if extra_bar else ""
-    if log_x:
-        return f"frequency 10^{edges[k]:.2f} – 10^{edges[k + 1]:.2f}"
-    return f"({edges[k]:.3g}, {edges[k + 1]:.3g}]"
 
 
 def _page(title: str, body: str, extra_css: str = "", script: str = "") -> str:
@@ -210,7 +222,7 @@ def index_rows(data: dict) -> list[dict]:
             "freq": f["frequency"],
             "max": f["max_activation"],
             "mcs": f["mcs_max"],
-            "lens": [display_token(t["token"]) for t in f["logit_lens"]["top"][:_SHOWN_TOKENS_IN_TABLE]],
+            "lens": [chip_token(t["token"]) for t in f["logit_lens"]["top"][:_SHOWN_TOKENS_IN_TABLE]],
             "snip": _snippet(f),
         }
         for f in data["features"]
@@ -287,7 +299,7 @@ def render_index(data: dict) -> str:
     density = data["density"]
     lens = data["logit_lens"]
     n = len(data["features"])
-    excluded = "".join(f'<span class="chip" title="id {t["id"]}, norm {t["norm"]}">{_esc(display_token(t["token"]))}'
+    excluded = "".join(f'<span class="chip" title="id {t["id"]}, norm {t["norm"]}">{_esc(chip_token(t["token"]))}'
                        f"</span>" for t in lens["excluded_tokens"])
     sweep = data["sweep"]
     sweep_html = ""
@@ -299,14 +311,14 @@ def render_index(data: dict) -> str:
             sweep_html += f'<p class="note">Not compared: {_esc("; ".join(sweep["skipped"]))}</p>'
     n_features = density.get("dead", 0) + sum(density["counts"])
     body = f"""
-<h1>Feature report: {_esc(run["run_dir"].rstrip("/").split("/")[-1])}</h1>
+<h1>Feature report: {_esc("/".join(run["run_dir"].rstrip("/").split("/")[-2:]))}</h1>
 {_run_header(data)}
 <p class="meta">{n} feature(s) selected by <b>{_esc(data["selection"]["method"])}</b>.</p>
 {sweep_html}
 <div class="grid"><div>
 <h3>Firing frequency of all {n_features} features</h3>
-{_svg_histogram(density["log10_edges"], density["counts"], "log10 frequency over the held-out tokens", log_x=True,
-                extra_bar=("dead", density["dead"]) if density["dead"] else None)}
+{_svg_histogram(density["log10_edges"], density["counts"], "firing frequency on the held-out tokens (log scale)",
+                log_x=True, dead=density["dead"])}
 </div><div>
 <h3>Logit lens</h3>
 <p class="note">Directions through {"the final LayerNorm scale and " if lens["use_ln_final"] else ""}W_U.
@@ -344,7 +356,7 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
     nav.append("</nav>")
     freq = feature["frequency"]
     stats = [
-        ("frequency", f"{freq:.4g}" + (f" (1 in {1 / freq:,.0f} tokens)" if freq > 0 else " (never fired)")),
+        ("frequency", _frequency_text(freq)),
         ("max activation", f"{top:.4g}"),
         ("mean activation when firing", f"{feature['mean_activation']:.4g}"),
     ]
@@ -372,9 +384,17 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
     return _page(f"Feature {fid}", body)
 
 
+def _frequency_text(frequency: float) -> str:
+    if frequency == 0:
+        return "never fired"
+    if frequency >= 0.01:
+        return f"{100 * frequency:.3g} % of tokens"
+    return f"{100 * frequency:.2g} % (1 in {1 / frequency:,.0f} tokens)"
+
+
 def _logit_lens_section(feature: dict, lens_info: dict) -> str:
     def table(entries: list[dict], caption: str) -> str:
-        rows = "".join(f'<tr><td><span class="chip">{_esc(display_token(e["token"]))}</span></td>'
+        rows = "".join(f'<tr><td><span class="chip">{_esc(chip_token(e["token"]))}</span></td>'
                        f'<td class="num">{e["logit"]:+.3f}</td><td class="num note">{e["id"]}</td></tr>'
                        for e in entries)
         return f'<div><h3>{caption}</h3><table><tr><th>token</th><th class="num">logit</th>' \
@@ -446,7 +466,7 @@ def _direction_section(feature: dict) -> str:
     scale = max([abs(d) for e in direction["examples"] for d in e["delta_logprob"] if d is not None] + [0.1])
 
     def effects(entries: list[dict], caption: str) -> str:
-        rows = "".join(f'<tr><td><span class="chip">{_esc(display_token(e["token"]))}</span></td>'
+        rows = "".join(f'<tr><td><span class="chip">{_esc(chip_token(e["token"]))}</span></td>'
                        f'<td class="num">{e["mean_delta"]:+.3f}</td><td class="num">{e["count"]}</td></tr>'
                        for e in entries)
         return (f'<div><h3>{caption}</h3><table><tr><th>next token</th><th class="num">mean Δ log p</th>'
