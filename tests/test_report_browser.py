@@ -1,7 +1,8 @@
 """Report pages in a real browser: headless Chromium over the DevTools protocol (tests/chromium.py).
 
 Run with `make test-browser` (or `pytest -m browser`). Skipped when no Chromium is installed
-(Debian: apt-get install -y chromium). Screenshots go to $SCREENSHOT_DIR, else to pytest's tmp dir.
+(Debian: apt-get install -y chromium), unless REQUIRE_BROWSER=1. Screenshots go to $SCREENSHOT_DIR,
+else to pytest's tmp dir.
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ from saesweep.report import build_report
 from saesweep.report.html import render_index
 from test_report import fast_settings, make_sae, write_run
 
+NO_CHROMIUM = ("no Chromium found ($CHROMIUM, or chromium / chromium-browser / google-chrome on PATH); "
+               "install it: apt-get install -y chromium")
+# `make test-browser` sets REQUIRE_BROWSER=1: there a missing Chromium fails instead of skipping
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        find_chromium() is None,
-        reason="no Chromium found ($CHROMIUM, or chromium / chromium-browser / google-chrome on PATH); "
-        "install it: apt-get install -y chromium",
-    ),
+    pytest.mark.skipif(find_chromium() is None and os.environ.get("REQUIRE_BROWSER") != "1", reason=NO_CHROMIUM),
 ]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with Chromium(find_chromium(), width=1280, height=900) as chromium:
+    executable = find_chromium()
+    if executable is None:
+        pytest.fail(NO_CHROMIUM)
+    with Chromium(executable, width=1280, height=900) as chromium:
         yield chromium
 
 
