@@ -154,9 +154,13 @@ def _svg_histogram(edges: list[float], counts: list[int], x_label: str, width: i
         bar(k, count, "#4a7fb5", tooltip)
     end_x = left + len(counts) * bar_w
     if log_x:
+        label(left, f"{10 ** edges[0]:.2g}", "start")
+        label(end_x, f"{10 ** edges[-1]:.2g}", "end")
         span = edges[-1] - edges[0]
         for decade in range(math.ceil(edges[0]), math.floor(edges[-1]) + 1):
-            label(left + (decade - edges[0]) / span * (end_x - left), f"1e{decade}" if decade else "1")
+            where = (decade - edges[0]) / span
+            if 0.15 < where < 0.85:  # whole decades in between, clear of the end labels
+                label(left + where * (end_x - left), f"1e{decade}" if decade else "1")
     else:
         label(left, f"{edges[0]:.3g}", "start")
         label(end_x, f"{edges[-1]:.3g}", "end")
@@ -480,7 +484,8 @@ def _direction_section(feature: dict) -> str:
         f'<div class="grid">{effects(dataset["falls"], "Falls most")}{effects(dataset["rises"], "Rises most")}</div>',
         "<h3>Per example</h3>",
         (f'<p class="note">Each token coloured by the change of its log-probability as the next token '
-        f"(red: falls, blue: rises; full colour at {scale:.3g} nats). The outlined token is the example's.</p>"),
+         f"(red: falls, blue: rises; full colour at {scale:.3g} nats). The outlined token is the example's; "
+         "the number after the kind of example is its largest fall.</p>"),
     ]
     for e in direction["examples"]:
         deltas = e["delta_logprob"]
