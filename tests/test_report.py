@@ -4,6 +4,7 @@ built by hand so the right answer is known), an end-to-end report of a tiny run,
 from __future__ import annotations
 
 import json
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def write_run(run_dir: Path, sae: ReluSae, model_dir: Path, corpus: Path, hook_p
         "ctx_len": CTX_LEN, "eval_n_tokens": EVAL_TOKENS, "n_tokens": TRAIN_TOKENS, "seed": 0,
     })
     return run_dir
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A fresh copy of a run directory's sae.safetensors and cfg.json (a report of its own to write)."""
+    to.mkdir(parents=True)
+    for name in ("sae.safetensors", "cfg.json"):
+        shutil.copy(run_dir / name, to / name)
+    return to
 
 
 def make_sae(d_in: int, d_sae: int, seed: int = 0) -> ReluSae:
@@ -326,7 +335,7 @@ def hostile_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model, tiny_model_dir, hostile_corpus) -> Path:
     sae = make_sae(tiny_model.cfg.d_model, 16, seed=1)
-    return write_run(tmp_path_factory.mktemp("sweep") / "0", sae, tiny_model_dir, hostile_corpus,
+    return write_run(tmp_path_factory.mktemp("tiny_run") / "run", sae, tiny_model_dir, hostile_corpus,
                      "blocks.0.hook_resid_post")
 
 
@@ -380,20 +389,22 @@ def test_report_html_escapes_corpus_text(tiny_report):
     assert "&lt;" in "".join(p.read_text() for p in pages[1:])  # the markup is there, as text
 
 
-def test_report_pages_of_features_no_longer_selected_are_removed(tiny_run, tiny_model, tiny_report):
-    built = build_report(tiny_run, fast_settings(features=(3,)), model=tiny_model)
-    assert [p.name for p in (built.report_dir / "features").iterdir()] == ["3.html"]
-    build_report(tiny_run, fast_settings(top_n=5), model=tiny_model)  # leave the module's report as it was
+def test_report_pages_of_features_no_longer_selected_are_removed(tiny_run, tiny_model, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    build_report(run, fast_settings(features=(3, 4)), model=tiny_model)
+    built = build_report(run, fast_settings(features=(4,)), model=tiny_model)
+    assert [p.name for p in (built.report_dir / "features").iterdir()] == ["4.html"]
 
 
 # --- selection and the sweep ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def sweep(tiny_run, tiny_model, tiny_model_dir, hostile_corpus) -> Path:
-    """Runs 1 and 10 next to run 0: run 10 contains copies of run 0's features 2 and 5; run 1 reads
-    another hook point and cannot be compared."""
-    sweep_dir = tiny_run.parent
+def sweep(tmp_path_factory, tiny_run, tiny_model, tiny_model_dir, hostile_corpus) -> Path:
+    """Run 0 (a copy of tiny_run) with runs 1 and 10: run 10 contains copies of run 0's features 2 and 5;
+    run 1 reads another hook point and cannot be compared."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    copy_run(tiny_run, sweep_dir / "0")
     own = make_sae(tiny_model.cfg.d_model, 16, seed=1)
     other = make_sae(tiny_model.cfg.d_model, 32, seed=2)
     with torch.no_grad():
@@ -418,17 +429,15 @@ def test_found_again_features_and_mcs_against_the_sweep(sweep, tiny_model, tmp_p
     assert info["runs"] == ["10 (d_sae=32)"] and info["skipped"] == ["1: different hook_point"]
     for feature in built.data["features"]:
         assert feature["mcs"] == {"10 (d_sae=32)": pytest.approx(1.0, abs=1e-3)} and feature["found_again"] is True
-    index = built.index_html.read_text()
-    assert "10 (d_sae=32)" in index
-    build_report(run, fast_settings(top_n=5), model=tiny_model)  # leave the module's report as it was
+    assert "10 (d_sae=32)" in built.index_html.read_text()
 
 
-def test_random_selection_is_a_seeded_sample_of_live_features(tiny_run, tiny_model, tiny_report):
-    first = build_report(tiny_run, fast_settings(selection="random", top_n=4, seed=7), model=tiny_model)
-    again = build_report(tiny_run, fast_settings(selection="random", top_n=4, seed=7), model=tiny_model)
+def test_random_selection_is_a_seeded_sample_of_live_features(tiny_run, tiny_model, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    first = build_report(run, fast_settings(selection="random", top_n=4, seed=7), model=tiny_model)
+    again = build_report(run, fast_settings(selection="random", top_n=4, seed=7), model=tiny_model)
     assert first.features == again.features and len(set(first.features)) == 4
     assert all(f["frequency"] > 0 for f in first.data["features"])
-    build_report(tiny_run, fast_settings(top_n=5), model=tiny_model)
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -495,3 +504,17 @@ def test_report_app_requires_a_run_dir():
         cfg = compose("report")
     with pytest.raises(ConfigError, match="run_dir is required"):
         report_from_config(cfg)
+
+
+def test_build_report_logs_into_a_given_wandb_run(tiny_run, tiny_model, tmp_path):
+    """The sweep evaluator's way: its own W&B run, one prefix per reported run."""
+    import wandb
+
+    run = wandb.init(project="saesweep-test", mode="offline", dir=str(tmp_path), job_type="evaluate")
+    try:
+        build_report(copy_run(tiny_run, tmp_path / "run"), fast_settings(features=(2, 0)), model=tiny_model,
+                     wandb_run=run, wandb_prefix="feature_report/0")
+    finally:
+        run.finish()
+    (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/feature_report/0/features_*.table.json")
+    assert [row[0] for row in json.loads(table.read_text())["data"]] == [2, 0]
