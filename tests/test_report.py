@@ -396,6 +396,23 @@ def test_report_pages_of_features_no_longer_selected_are_removed(tiny_run, tiny_
     assert [p.name for p in (built.report_dir / "features").iterdir()] == ["4.html"]
 
 
+def test_a_feature_that_never_fires_gets_a_page_that_says_so(tiny_run, tiny_model, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    sae = make_sae(tiny_model.cfg.d_model, 16, seed=1)
+    with torch.no_grad():
+        sae.b_enc[6] = -1e6
+    atomic_write_safetensors(run / "sae.safetensors", {k: v.float() for k, v in sae.tensors().items()})
+    built = build_report(run, fast_settings(features=(6, 1)), model=tiny_model)
+    dead = built.data["features"][0]
+    assert dead["frequency"] == 0 and dead["max_activation"] == 0 and dead["histogram"]["counts"] == [0] * 20
+    assert dead["top_examples"] == dead["uniform_examples"] == dead["ablated_text"] == []
+    assert dead["direction_ablation"] == {"examples": [], "dataset": {"n_contexts": 0, "n_positions": 0,
+                                                                      "falls": [], "rises": []}}
+    assert len(dead["logit_lens"]["top"]) == 10  # the direction still has a logit lens
+    assert built.data["density"]["dead"] >= 1
+    assert "never fired" in (built.report_dir / "features" / "6.html").read_text()
+
+
 # --- selection and the sweep ----------------------------------------------------------------------
 
 

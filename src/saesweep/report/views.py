@@ -34,6 +34,9 @@ class FeatureStatistics:
     max_activation: torch.Tensor
 
 
+_ENCODE_CONTEXTS = 256  # contexts encoded at a time: bounds the memory of moving activations to the SAE's device
+
+
 def _device(sae: ReluSae) -> torch.device:
     return sae.W_enc.device
 
@@ -65,8 +68,8 @@ def selected_activations(sae: ReluSae, activations: torch.Tensor, features: torc
     """Activations [n_ctx, ctx_len, k] of the selected features on `activations` [n_ctx, ctx_len, d_in]."""
     device = _device(sae)
     chunks = [
-        sae.encode_features(activations[i : i + 256].to(device), features.to(device)).cpu()
-        for i in range(0, len(activations), 256)
+        sae.encode_features(activations[i : i + _ENCODE_CONTEXTS].to(device), features.to(device)).cpu()
+        for i in range(0, len(activations), _ENCODE_CONTEXTS)
     ]
     return torch.cat(chunks)
 
