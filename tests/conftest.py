@@ -71,3 +71,9 @@ def tiny_model(tiny_model_dir):
 
 def requires_reference():
     return pytest.mark.skipif(not REFERENCE_MODEL.is_dir(), reason=f"no reference data at {REFERENCE}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "browser: opens report pages in headless Chromium (make test-browser; skipped without Chromium)"
+    )

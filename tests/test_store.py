@@ -192,7 +192,7 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
     store.path.mkdir(parents=True)
     manifest = {"key": spec.key(), "dtype": "float32", "d_in": d_in, "shards": [], "n_rows": 0, "complete": False}
     for i in range(n_rows // shard_rows):
-        store._write_shard(manifest, i, torch.randn(shard_rows, d_in))
+        store._write_shard(manifest, i, torch.randn(shard_rows, d_in), n_contexts=shard_rows // 16)
     manifest["complete"] = True
     (store.path / "manifest.json").write_text(json.dumps(manifest))
 

@@ -45,6 +45,8 @@ def test_tiny_run_writes_the_run_directory_contract(tmp_path, tiny_model_dir, co
     cfg_json = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg_json["d_in"] == 32 and cfg_json["d_sae"] == 64 and cfg_json["hook_point"] == "blocks.1.hook_resid_post"
     assert cfg_json["tokens_trained"] == 8000 and cfg_json["model_name"] is None
+    # whole shards of 62 contexts were read for 8000 tokens of 16-token contexts (500 contexts)
+    assert cfg_json["train_contexts"] == 62 * 9
     weights = load_file(tmp_path / "sae.safetensors")
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
         "W_enc": (32, 64), "b_enc": (64,), "W_dec": (64, 32), "b_dec": (32,)}

@@ -152,6 +152,29 @@ class ContextSource:
         if batch:
             yield self._to_tensor(batch)
 
+    def held_out_contexts(self, n_eval_contexts: int, n_train_contexts: int, n_contexts: int) -> torch.Tensor:
+        """`n_contexts` contexts that a run with these evaluation and training context counts never
+        trained on: its evaluation contexts first, then contexts of the documents after the last one
+        its training read (a partly read document is skipped whole)."""
+        eval_contexts, n_eval_docs = self.eval_contexts(n_eval_contexts)
+        if n_contexts <= n_eval_contexts:
+            return eval_contexts[:n_contexts]
+        n_more = n_contexts - n_eval_contexts
+        pieces: list[list[int]] = []
+        n_train_seen = 0
+        for doc_pieces in self._pieces_by_document(n_eval_docs):
+            if n_train_seen < n_train_contexts:  # a training document
+                n_train_seen += len(doc_pieces)
+                continue
+            pieces.extend(doc_pieces[: n_more - len(pieces)])
+            if len(pieces) == n_more:
+                return torch.cat([eval_contexts, self._to_tensor(pieces)])
+        raise DataError(
+            f"the dataset holds only {(n_eval_contexts + len(pieces)) * self.ctx_len} tokens in {self.ctx_len}-token "
+            f"contexts that the run never trained on, but {n_contexts * self.ctx_len} are asked for: "
+            "lower the number of held-out tokens"
+        )
+
     def _pieces_by_document(self, first_doc: int) -> Iterator[list[list[int]]]:
         piece_len = self.piece_len
         for start in range(first_doc, len(self.order), _TOKENIZE_BATCH):

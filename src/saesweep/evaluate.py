@@ -14,7 +14,6 @@ import io
 import logging
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +26,16 @@ from saesweep import plots
 from saesweep.errors import CheckpointError, ConfigError
 from saesweep.io import atomic_write_bytes, atomic_write_json
 from saesweep.lm import resolve_device
-from saesweep.rundir import CFG_FILE, SAE_FILE, load_feature_stats, load_metrics, load_run_config, load_sae
+from saesweep.rundir import (
+    HYDRA_DIR,
+    RUN_MARKERS,
+    find_run_dirs,
+    load_feature_stats,
+    load_metrics,
+    load_run_config,
+    load_sae,
+    natural_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +49,6 @@ PLOT_FILES = {
     "mcs_matrix": "mcs_matrix.png",
     "pareto": "pareto.png",
 }
-_HYDRA_DIR = ".hydra"  # what Hydra writes into every job directory before the job runs
-_RUN_MARKERS = (CFG_FILE, SAE_FILE, _HYDRA_DIR)
 _WANDB_MODES = ("online", "offline", "disabled")
 _HYPERPARAMETERS = ("architecture", "hook_point", "d_in", "d_sae", "dict_ratio", "l1_coef")
 
@@ -216,24 +222,6 @@ def evaluation_dir(sweep_dir: str | Path) -> Path:
     return Path(sweep_dir) / EVALUATION_DIR
 
 
-def find_run_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Directories under `sweep_dir` that a training job wrote to (cfg.json, sae.safetensors or a
-    Hydra .hydra/), in natural name order ("2" before "10"); `exclude` (the evaluation output) is skipped."""
-    excluded = exclude.resolve() if exclude else None
-    found = []
-    pending = [Path(sweep_dir)]
-    while pending:
-        directory = pending.pop()
-        for child in directory.iterdir():
-            if not child.is_dir() or child.is_symlink() or child.resolve() == excluded:
-                continue
-            if any((child / marker).exists() for marker in _RUN_MARKERS):
-                found.append(child)
-            else:
-                pending.append(child)
-    return sorted(found, key=lambda p: _natural_key(p.relative_to(sweep_dir).as_posix()))
-
-
 def load_run(run_dir: Path, name: str) -> Run | FailedRun:
     overrides = _hydra_overrides(run_dir)
     try:
@@ -258,7 +246,7 @@ def discover_runs(sweep_dir: Path, exclude: Path | None = None) -> tuple[list[Ru
     if not run_dirs:
         raise ConfigError(
             f"sweep_dir={str(sweep_dir)!r} holds no run directories "
-            f"(subdirectories with {', '.join(_RUN_MARKERS)}); is it the output of `python train.py ... -m`?"
+            f"(subdirectories with {', '.join(RUN_MARKERS)}); is it the output of `python train.py ... -m`?"
         )
     runs, failed = [], []
     for run_dir in run_dirs:
@@ -407,7 +395,7 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
     metric_keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
     rows = []
-    for entry in sorted([*runs, *failed], key=lambda r: _natural_key(r.name)):
+    for entry in sorted([*runs, *failed], key=lambda r: natural_key(r.name)):
         row = {
             "run": entry.name,
             "status": "failed" if isinstance(entry, FailedRun) else "ok",
@@ -521,7 +509,7 @@ def training_group(sweep_dir: Path, run_dirs: list[Path]) -> str:
     """
     for run_dir in run_dirs:
         try:
-            hydra = yaml.safe_load((run_dir / _HYDRA_DIR / "hydra.yaml").read_text())["hydra"]
+            hydra = yaml.safe_load((run_dir / HYDRA_DIR / "hydra.yaml").read_text())["hydra"]
             configured, cwd = str(hydra["sweep"]["dir"]), str(hydra["runtime"]["cwd"])
         except (OSError, yaml.YAMLError, KeyError, TypeError):
             continue
@@ -593,7 +581,7 @@ def evaluate_sweep(
 
 def _hydra_overrides(run_dir: Path) -> str:
     try:
-        overrides = yaml.safe_load((run_dir / _HYDRA_DIR / "overrides.yaml").read_text())
+        overrides = yaml.safe_load((run_dir / HYDRA_DIR / "overrides.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return ""
     return " ".join(str(o) for o in overrides) if isinstance(overrides, list) else ""
@@ -602,7 +590,3 @@ def _hydra_overrides(run_dir: Path) -> str:
 def _table_cell(value):
     # A W&B table column holds one type: text cells for everything but numbers and empties.
     return value if value is None or isinstance(value, (int, float)) else str(value)
-
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -6,6 +6,7 @@ Only safetensors and JSON are read back; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ CFG_FILE = "cfg.json"
 METRICS_FILE = "metrics.json"
 FEATURE_STATS_FILE = "feature_stats.safetensors"
 CHECKPOINT_DIR = "checkpoints"
+HYDRA_DIR = ".hydra"  # what Hydra writes into every job directory before the job runs
+RUN_MARKERS = (CFG_FILE, SAE_FILE, HYDRA_DIR)
 
 
 def write_run_dir(run_dir: Path, sae: ReluSae, cfg: dict, result: EvalResult) -> None:
@@ -93,3 +96,34 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def find_run_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Directories under `sweep_dir` that a training job wrote to (cfg.json, sae.safetensors or a
+    Hydra .hydra/), in natural name order ("2" before "10"); `exclude` (the evaluation output) is skipped."""
+    excluded = exclude.resolve() if exclude else None
+    found = []
+    pending = [Path(sweep_dir)]
+    while pending:
+        directory = pending.pop()
+        for child in directory.iterdir():
+            if not child.is_dir() or child.is_symlink() or child.resolve() == excluded:
+                continue
+            if any((child / marker).exists() for marker in RUN_MARKERS):
+                found.append(child)
+            else:
+                pending.append(child)
+    return sorted(found, key=lambda p: natural_key(p.relative_to(sweep_dir).as_posix()))
+
+
+def run_dirs_in(sweep_dir: str | Path) -> list[Path]:
+    """The finished run directories (those with cfg.json) anywhere under `sweep_dir`, in natural order."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise CheckpointError(f"sweep directory {sweep_dir} does not exist")
+    return [run for run in find_run_dirs(sweep_dir) if (run / CFG_FILE).is_file()]
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts "2" before "10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -44,6 +44,10 @@ class ReluSae(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
 
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """`encode(x)[..., features]` without computing the other features: [..., len(features)]."""
+        return torch.relu((x - self.b_dec) @ self.W_enc[:, features] + self.b_enc[features])
+
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         return feature_acts @ self.W_dec + self.b_dec
 

@@ -245,7 +245,7 @@ class ActivationStore:
             acts = harvest(model, shard_contexts, self.spec.hook_point, batch_contexts)
             kept_rows = self.spec.token_filter.apply(shard_contexts, acts, special)
             shard = kept_rows[: target - manifest["n_rows"]].to(STORE_DTYPES[self.spec.dtype])
-            self._write_shard(manifest, shard_index, shard)
+            self._write_shard(manifest, shard_index, shard, n_contexts=len(shard_contexts))
             progress.update(len(shard))
         progress.close()
         if manifest["n_rows"] < target:
@@ -258,12 +258,18 @@ class ActivationStore:
         rate = (manifest["n_rows"] - start_rows) / max(time.monotonic() - start_time, 1e-9)
         log.info("harvest: %.0f tokens/s", rate)
 
-    def _write_shard(self, manifest: dict, index: int, shard: torch.Tensor) -> None:
+    def _write_shard(self, manifest: dict, index: int, shard: torch.Tensor, n_contexts: int) -> None:
         name = f"shard_{index:05d}.safetensors"
         data = safetensors_bytes({"activations": shard.contiguous()})
         atomic_write_bytes(self.path / name, data)
         manifest["shards"].append(
-            {"file": name, "rows": len(shard), "bytes": len(data), "blake2b": hashlib.blake2b(data).hexdigest()}
+            {
+                "file": name,
+                "rows": len(shard),
+                "contexts": n_contexts,  # training contexts read for it: reports skip exactly these
+                "bytes": len(data),
+                "blake2b": hashlib.blake2b(data).hexdigest(),
+            }
         )
         manifest["n_rows"] += len(shard)
         manifest["d_in"] = shard.shape[1]

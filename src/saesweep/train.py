@@ -115,7 +115,8 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
     result = module.last_eval
 
-    run_cfg = describe_run(cfg, hook_point, d_in, d_sae, int(module.tokens_seen))
+    train_contexts = sum(shard["contexts"] for shard in manifest["shards"])
+    run_cfg = describe_run(cfg, hook_point, d_in, d_sae, int(module.tokens_seen), train_contexts)
     write_run_dir(run_dir, module.raw_sae(), run_cfg, result)
     if logger:
         logger.log_metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=trainer.global_step)
@@ -176,7 +177,9 @@ def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None):
     return logger
 
 
-def describe_run(cfg: DictConfig, hook_point: str, d_in: int, d_sae: int, tokens_trained: int) -> dict:
+def describe_run(
+    cfg: DictConfig, hook_point: str, d_in: int, d_sae: int, tokens_trained: int, train_contexts: int
+) -> dict:
     """cfg.json: everything needed to rebuild the SAE and interpret it."""
     return {
         "architecture": cfg.sae.architecture,
@@ -192,6 +195,7 @@ def describe_run(cfg: DictConfig, hook_point: str, d_in: int, d_sae: int, tokens
         "eval_n_tokens": cfg.eval.n_tokens,  # the held-out contexts are the first of the shuffled documents
         "n_tokens": cfg.n_tokens,
         "tokens_trained": tokens_trained,
+        "train_contexts": train_contexts,  # contexts the harvest read; held-out reports skip them
         "seed": cfg.seed,
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "saesweep_version": saesweep.__version__,

@@ -1,0 +1,15 @@
+"""Feature report of one run: `python report.py run_dir=RUN report.features=[12,345]` (see conf/report.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from saesweep.report.app import report_from_config
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    report_from_config(cfg)
+
+
+if __name__ == "__main__":
+    main()

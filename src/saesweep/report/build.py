@@ -1,0 +1,388 @@
+"""Build the feature report of one run directory: <run>/report/features.json, index.html and one page
+per feature, optionally logged to W&B.
+
+`build_report(run_dir, settings)` is what `python report.py run_dir=...` and the sweep evaluator call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from saesweep.errors import CheckpointError, ConfigError
+from saesweep.io import atomic_write_bytes
+from saesweep.lm import load_model, resolve_device, validate_hook_point
+from saesweep.rundir import CFG_FILE, SAE_FILE, load_run_config, load_sae
+from saesweep.sae import ReluSae
+
+from . import views
+from .heldout import HeldOutTokens, rebuild_held_out, run_setting
+from .html import feature_page_name, render_feature_page, render_index
+from .selection import SweepComparison, check_feature_ids, compare_with_sweep, select_features
+from .settings import ReportSettings
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+FEATURES_JSON = "features.json"
+INDEX_HTML = "index.html"
+PAGES_DIR = "features"
+
+
+@dataclass
+class BuiltReport:
+    report_dir: Path
+    features: list[int]
+    data: dict  # the content of features.json
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def index_html(self) -> Path:
+        return self.report_dir / INDEX_HTML
+
+    @property
+    def features_json(self) -> Path:
+        return self.report_dir / FEATURES_JSON
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class _TokenText:
+    """Display text of token ids, decoded one token at a time (a token that is part of a multi-byte
+    character shows as �)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, ids) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i not in self.cache:
+                self.cache[i] = self.tokenizer.decode([i])
+            out.append(self.cache[i])
+        return out
+
+
+def _round(x: float) -> float:
+    """Four significant digits: enough to read, keeps features.json small."""
+    return float(f"{x:.4g}")
+
+
+def _rounded(values) -> list:
+    return [None if math.isnan(v) else _round(v) for v in values]  # NaN (not measured) → null
+
+
+def build_report(
+    run_dir: str | Path,
+    settings: ReportSettings | None = None,
+    *,
+    sweep_run_dirs: list[Path] | None = None,
+    model=None,
+    wandb_run=None,
+    wandb_prefix: str = "feature_report",
+) -> BuiltReport:
+    """Compute the report views for the selected features of one run and write <run_dir>/report/.
+
+    sweep_run_dirs: the runs of the sweep (this one may be among them); each feature's MCS against
+        the others that read the same model and hook point goes into the report.
+    model: the run's language model, already loaded (saves loading it again for every run of a sweep).
+    wandb_run: a W&B run to log the feature table and density histogram to, under `wandb_prefix`.
+    """
+    settings = settings or ReportSettings()
+    run_dir = Path(run_dir)
+    watch = _Stopwatch()
+    if not (run_dir / CFG_FILE).is_file() or not (run_dir / SAE_FILE).is_file():
+        raise CheckpointError(
+            f"{run_dir} is not a saesweep run directory: it needs {CFG_FILE} and {SAE_FILE} (a finished training job)"
+        )
+    with watch("load"):
+        run_cfg = load_run_config(run_dir)
+        device = resolve_device(settings.device)
+        sae = load_sae(run_dir, device).eval()
+        check_feature_ids(settings, sae.d_sae)
+        if model is None:
+            model = load_model(run_setting(run_cfg, "model_name"), run_setting(run_cfg, "model_path"), device)
+        hook_point = run_setting(run_cfg, "hook_point")
+        validate_hook_point(model, hook_point)
+    with watch("held_out"):
+        held_out = rebuild_held_out(model, run_cfg, settings.n_tokens, settings.batch_contexts)
+    with watch("statistics"):
+        stats = views.feature_statistics(sae, held_out.activations)
+        sweep = compare_with_sweep(run_dir, sae, sweep_run_dirs) if sweep_run_dirs else None
+        features = select_features(settings, sae.d_sae, stats.frequency, sweep)
+        feature_ids = torch.tensor(features, dtype=torch.long)
+        acts = views.selected_activations(sae, held_out.activations, feature_ids)
+    log.info("report on %d features of %s over %s", len(features), run_dir, held_out.describe())
+
+    data = _compute_views(model, sae, run_cfg, held_out, features, acts, stats, sweep, settings, watch)
+    data["run"] = {
+        "run_dir": str(run_dir.resolve()),
+        "architecture": run_cfg.get("architecture"),
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "hook_point": hook_point,
+        "model": run_cfg.get("model_path") or run_cfg.get("model_name"),
+        "dict_ratio": run_cfg.get("dict_ratio"),
+        "l1_coef": run_cfg.get("l1_coef"),
+    }
+    data["held_out"] = {
+        "n_tokens": held_out.n_tokens,
+        "n_contexts": len(held_out.contexts),
+        "ctx_len": held_out.contexts.shape[1],
+        "n_eval_tokens": held_out.n_eval_tokens,
+        "description": held_out.describe(),
+    }
+    data["selection"] = {"method": settings.resolved_selection, "n_features": len(features)}
+    data["settings"] = asdict(settings)
+
+    report_dir = run_dir / REPORT_DIR
+    with watch("write"):
+        _write(report_dir, data)
+    if wandb_run is not None:
+        from .wandb_log import log_report
+
+        with watch("wandb"):
+            log_report(wandb_run, data, wandb_prefix)
+    return BuiltReport(report_dir, features, data, watch.seconds)
+
+
+def _compute_views(
+    model,
+    sae: ReluSae,
+    run_cfg: dict,
+    held_out: HeldOutTokens,
+    features: list[int],
+    acts: torch.Tensor,
+    stats: views.FeatureStatistics,
+    sweep: SweepComparison | None,
+    settings: ReportSettings,
+    watch: _Stopwatch,
+) -> dict:
+    text = _TokenText(model.tokenizer)
+    contexts = held_out.contexts
+    hook_point = run_cfg["hook_point"]
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    with watch("examples"):
+        tops = views.top_examples(acts, settings.n_top_examples)
+        uniforms = views.uniform_examples(acts, settings.n_bins, settings.per_bin, generator)
+        histograms = views.activation_histograms(acts, settings.histogram_bins)
+        causal = [_causal_examples(t, u, settings) for t, u in zip(tops, uniforms)]
+
+    with watch("logit_lens"):
+        w_u = views.effective_unembedding(model, settings.use_ln_final).to(sae.W_dec.device)
+        excluded, rule = _excluded_tokens(w_u, settings)
+        norms = w_u.norm(dim=0).cpu()
+        lens = views.logit_lens(sae.W_dec.detach()[torch.tensor(features, dtype=torch.long)], w_u, excluded,
+                                settings.logit_lens_k)
+
+    with watch("ablated_text"):
+        deletions = views.deletion_effects(
+            model, sae, hook_point, contexts, [(f, e) for f, exs in zip(features, causal) for e in exs],
+            first_deletable=1 if run_setting(run_cfg, "dataset", "prepend_bos") else 0,
+            batch_contexts=settings.batch_contexts,
+        )
+        deletions_of = _split(deletions, [len(exs) for exs in causal])
+
+    with watch("direction_ablation"):
+        example_deltas, aggregates = _direction_views(model, sae, hook_point, contexts, features, acts, causal,
+                                                      settings, generator)
+
+    with watch("assemble"):
+        pages = []
+        for j, feature in enumerate(features):
+            feature_acts = acts[:, :, j]
+            edges, counts = histograms[j]
+            mcs_runs = {} if sweep is None else {
+                name: _round(float(sweep.mcs[r, feature])) for r, name in enumerate(sweep.run_names)
+            }
+            best = max(mcs_runs.values()) if mcs_runs else None
+            pages.append({
+                "id": feature,
+                "frequency": float(stats.frequency[feature]),
+                "mean_activation": _round(float(stats.mean_activation[feature])),
+                "max_activation": _round(float(stats.max_activation[feature])),
+                "mcs": mcs_runs,
+                "mcs_max": best,
+                "found_again": None if best is None else best >= settings.found_threshold,
+                "histogram": {"edges": _rounded(edges), "counts": counts},
+                "logit_lens": {
+                    "top": _lens_entries(lens[0][j], lens[1][j], text),
+                    "bottom": _lens_entries(lens[2][j], lens[3][j], text),
+                },
+                "top_examples": [_example(e, contexts, feature_acts, text, whole=True) for e in tops[j]],
+                "uniform_examples": [_example(e, contexts, feature_acts, text, whole=False) for e in uniforms[j]],
+                "ablated_text": [
+                    {**_example(e, contexts, feature_acts, text, whole=False), "kind": _kind(e),
+                     "deltas": _rounded(d.tolist())}
+                    for e, d in zip(causal[j], deletions_of[j])
+                ],
+                "direction_ablation": {
+                    "examples": [
+                        {**_example(e, contexts, feature_acts, text, whole=True), "kind": _kind(e),
+                         "delta_logprob": [None] + _rounded(d.tolist())}  # the first token has no prediction
+                        for e, d in zip(causal[j], example_deltas[j])
+                    ],
+                    "dataset": {**aggregates[j],
+                                "falls": [_effect(e, text) for e in aggregates[j]["falls"]],
+                                "rises": [_effect(e, text) for e in aggregates[j]["rises"]]},
+                },
+            })
+    return {
+        "features": pages,
+        "density": views.density_histogram(stats.frequency),
+        "logit_lens": {
+            "use_ln_final": settings.use_ln_final,
+            "excluded_rule": rule,
+            "excluded_tokens": [
+                {"id": int(i), "token": t, "norm": _round(float(norms[i]))} for i, t in zip(excluded, text(excluded))
+            ],
+            "median_norm": _round(float(norms.median())),
+        },
+        "sweep": None if sweep is None else {
+            "runs": sweep.run_names, "skipped": sweep.skipped, "found_threshold": settings.found_threshold,
+        },
+    }
+
+
+def _causal_examples(
+    top: list[views.Example], uniform: list[views.Example], settings: ReportSettings
+) -> list[views.Example]:
+    """The examples that get the causal views: the strongest top ones and uniform ones from bins spread
+    evenly over the occupied bins (the highest, the lowest and between)."""
+    chosen_top = top[: settings.causal_top]
+    taken = {(e.context, e.position) for e in chosen_top}
+    first_of_bin: dict[int, views.Example] = {}
+    for e in uniform:
+        if (e.context, e.position) not in taken:  # the top example is often drawn from the highest bin too
+            first_of_bin.setdefault(e.bin, e)
+    bins = sorted(first_of_bin, reverse=True)
+    n = min(settings.causal_uniform, len(bins))
+    picks = torch.linspace(0, len(bins) - 1, n).round().long().unique().tolist() if n else []
+    return chosen_top + [first_of_bin[bins[p]] for p in picks]
+
+
+def _excluded_tokens(w_u: torch.Tensor, settings: ReportSettings) -> tuple[torch.Tensor, str]:
+    """Token ids left out of the logit lens, and the rule that chose them."""
+    if settings.exclude_tokens is None:
+        ids, _ = views.outlier_tokens(w_u, settings.outlier_mads)
+        return ids.cpu(), f"|norm − median| > {settings.outlier_mads:g} × 1.4826 × MAD of the unembedding column norms"
+    bad = [t for t in settings.exclude_tokens if not 0 <= t < w_u.shape[1]]
+    if bad:
+        raise ConfigError(f"report.exclude_tokens: token id {bad[0]} is out of range: the vocabulary is 0..{w_u.shape[1] - 1}")
+    return torch.tensor(sorted(set(settings.exclude_tokens)), dtype=torch.long), "listed in report.exclude_tokens"
+
+
+def _direction_views(
+    model,
+    sae: ReluSae,
+    hook_point: str,
+    contexts: torch.Tensor,
+    features: list[int],
+    acts: torch.Tensor,
+    causal: list[list[views.Example]],
+    settings: ReportSettings,
+    generator: torch.Generator,
+) -> tuple[list[list[torch.Tensor]], list[dict]]:
+    """Direction ablation: per feature, the log-prob changes [ctx_len−1] of each causal example, and the
+    changes aggregated by next token over a random sample of the contexts where the feature fires.
+
+    The samples of all features are drawn along one shared random order of the contexts: each is still a
+    uniform sample of that feature's firing contexts, and features firing in the same contexts share
+    their clean forward passes.
+    """
+    firing = (acts > 0).any(dim=1)  # [n_ctx, k]
+    shared_order = torch.randperm(len(contexts), generator=generator)
+    samples = [shared_order[firing[shared_order, j]][: settings.direction_contexts] for j in range(len(features))]
+    requests = [(f, e.context) for f, exs in zip(features, causal) for e in exs]
+    requests += [(f, c) for f, rows in zip(features, samples) for c in rows.tolist()]
+    deltas = views.direction_ablation(model, sae, hook_point, contexts, requests, settings.batch_contexts)
+    n_examples = sum(len(exs) for exs in causal)
+    example_deltas = _split(list(deltas[:n_examples]), [len(exs) for exs in causal])
+    sample_deltas = _split(list(deltas[n_examples:]), [len(rows) for rows in samples])
+
+    positions = torch.arange(contexts.shape[1] - 1)
+    aggregates = []
+    for j, rows in enumerate(samples):
+        block = torch.stack(sample_deltas[j]) if len(rows) else torch.empty(0, len(positions))
+        # a prediction is scored from the feature's first firing token on: before it nothing was removed
+        first_fire = (acts[rows, :, j] > 0).float().argmax(dim=1)
+        scored = positions[None, :] >= first_fire[:, None]
+        falls, rises = views.logprob_changes_by_token(
+            block, contexts[rows, 1:], scored, settings.direction_min_count, settings.direction_k
+        )
+        aggregates.append({"n_contexts": len(rows), "n_positions": int(scored.sum()), "falls": falls, "rises": rises})
+    return example_deltas, aggregates
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start : start + size])
+        start += size
+    return out
+
+
+def _lens_entries(ids: torch.Tensor, logits: torch.Tensor, text) -> list[dict]:
+    return [{"id": int(i), "token": t, "logit": _round(float(v))} for i, t, v in zip(ids, text(ids), logits)]
+
+
+def _kind(example: views.Example) -> str:
+    return "top" if example.bin is None else f"bin {example.bin + 1}"
+
+
+def _example(e: views.Example, contexts: torch.Tensor, feature_acts: torch.Tensor, text, whole: bool) -> dict:
+    """An example as JSON: the whole context (top examples) or the context up to the example's token."""
+    end = contexts.shape[1] if whole else e.position + 1
+    ids = contexts[e.context, :end].tolist()
+    return {
+        "context": e.context,
+        "position": e.position,
+        "activation": _round(e.activation),
+        **({"bin": e.bin} if e.bin is not None else {}),
+        "token_ids": ids,
+        "tokens": text(ids),
+        "activations": _rounded(feature_acts[e.context, :end].tolist()),
+    }
+
+
+def _effect(effect: views.TokenEffect, text) -> dict:
+    return {"id": effect.token, "token": text([effect.token])[0], "mean_delta": _round(effect.mean_delta),
+            "count": effect.count}
+
+
+def _write(report_dir: Path, data: dict) -> None:
+    """features.json, index.html and the pages; pages of features no longer in the report are removed."""
+    pages_dir = report_dir / PAGES_DIR
+    features = data["features"]
+    for k, feature in enumerate(features):
+        neighbours = (features[k - 1]["id"] if k else None, features[k + 1]["id"] if k + 1 < len(features) else None)
+        html = render_feature_page(data, feature, *neighbours)
+        atomic_write_bytes(pages_dir / feature_page_name(feature["id"]), html.encode())
+    keep = {feature_page_name(f["id"]) for f in features}
+    if pages_dir.is_dir():
+        for stale in pages_dir.glob("*.html"):
+            if stale.name not in keep:
+                stale.unlink()
+    # compact: a report of 100 features is ~2 MB this way, three times that indented
+    atomic_write_bytes(report_dir / FEATURES_JSON, json.dumps(data, separators=(",", ":")).encode())
+    atomic_write_bytes(report_dir / INDEX_HTML, render_index(data).encode())

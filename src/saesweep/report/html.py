@@ -1,0 +1,498 @@
+"""Self-contained HTML for a feature report: index.html (a sortable, filterable table over an inline
+JSON blob, vanilla JS) and one static page per feature. No external resource is ever referenced.
+
+All text from the corpus or the tokenizer is escaped here: tokens are untrusted input.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+
+_CSS = """
+:root { --fg: #1d2329; --muted: #5f6b76; --line: #d9dee3; --accent: #0b61a4; --bg-soft: #f5f7f9; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", Helvetica, Arial, sans-serif;
+       color: var(--fg); margin: 0; padding: 20px 28px 40px; max-width: 1400px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 26px 0 8px; border-bottom: 1px solid var(--line);
+     padding-bottom: 4px; } h3 { font-size: 14px; margin: 14px 0 6px; }
+a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
+.meta { color: var(--muted); margin: 2px 0; }
+.note { color: var(--muted); font-size: 12.5px; margin: 4px 0 8px; }
+table { border-collapse: collapse; }
+th, td { text-align: left; padding: 4px 10px 4px 6px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { background: var(--bg-soft); font-weight: 600; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.tokens { font: 13px/1.9 "DejaVu Sans Mono", Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all; }
+.t { white-space: pre; border-radius: 2px; padding: 1px 0; }
+.t.hit { outline: 2px solid #1d2329; outline-offset: 0; }
+.ex { display: flex; gap: 12px; padding: 3px 0; border-bottom: 1px dotted var(--line); align-items: baseline; }
+.ex .val { flex: 0 0 132px; color: var(--muted); font: 12px/1.9 "DejaVu Sans Mono", Menlo, monospace; text-align: right;
+           white-space: nowrap; }
+.ex .tokens { flex: 1 1 auto; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 8px 32px; }
+.stat { display: inline-block; margin: 0 26px 6px 0; } .stat b { display: block; font-size: 18px; }
+.stat span { color: var(--muted); font-size: 12px; }
+.legend { display: inline-block; width: 70px; height: 11px; vertical-align: middle; border: 1px solid var(--line); }
+details { margin: 6px 0; } summary { cursor: pointer; color: var(--muted); }
+.chip { display: inline-block; background: var(--bg-soft); border: 1px solid var(--line); border-radius: 3px;
+        padding: 0 4px; margin: 1px 2px; font: 12px/1.6 "DejaVu Sans Mono", Menlo, monospace; white-space: pre; }
+nav { margin-bottom: 10px; } nav a { margin-right: 16px; }
+svg text { font: 10.5px sans-serif; fill: var(--muted); }
+"""
+
+_INDEX_CSS = """
+.controls { display: flex; gap: 18px; align-items: center; flex-wrap: wrap; margin: 14px 0 8px;
+            padding: 8px 10px; background: var(--bg-soft); border: 1px solid var(--line); border-radius: 4px; }
+.controls label { color: var(--muted); } .controls input { font: inherit; padding: 2px 6px; }
+#filter { width: 260px; } .controls input[type=number] { width: 90px; }
+#features { width: 100%; } #features th { cursor: pointer; user-select: none; position: sticky; top: 0; }
+#features th[aria-sort=ascending]::after { content: " \\25B2"; font-size: 10px; }
+#features th[aria-sort=descending]::after { content: " \\25BC"; font-size: 10px; }
+#features td.snip { font: 12.5px/1.6 "DejaVu Sans Mono", Menlo, monospace; white-space: pre; overflow: hidden;
+                    text-overflow: ellipsis; max-width: 520px; }
+#features td.snip mark { background: rgba(255, 128, 0, 0.75); color: inherit; border-radius: 2px; }
+#features tbody tr:hover { background: #eef4fa; }
+#more { margin: 10px 0; font: inherit; padding: 4px 12px; cursor: pointer; }
+"""
+
+# Colour scales. Activation: orange by activation / the feature's maximum. Ablation deltas: red where the
+# removal lowers the value, blue where it raises it.
+_ORANGE, _RED, _BLUE = (255, 128, 0), (215, 38, 38), (40, 96, 215)
+_SNIPPET_BEFORE, _SNIPPET_AFTER = 10, 3  # tokens of the top example around its maximum, in the index table
+_SHOWN_TOKENS_IN_TABLE = 5
+
+
+def feature_page_name(feature: int) -> str:
+    return f"{feature}.html"
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def display_token(token: str) -> str:
+    """A token as shown: line breaks and tabs made visible, other control characters as their symbol."""
+    out = []
+    for ch in token:
+        if ch == "\n":
+            out.append("↵")
+        elif ch == "\t":
+            out.append("⇥")
+        elif ch == "\r":
+            out.append("␍")
+        elif ord(ch) < 32:
+            out.append(chr(0x2400 + ord(ch)))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def chip_token(token: str) -> str:
+    """A token standing alone (in a list, not in running text): a token of only spaces shows them as ␣."""
+    shown = display_token(token)
+    return shown.replace(" ", "␣") if not shown.strip() else shown
+
+
+def _rgba(rgb: tuple[int, int, int], strength: float) -> str:
+    strength = max(0.0, min(1.0, strength))
+    return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.06 + 0.84 * strength:.3f})" if strength > 0 else "transparent"
+
+
+def _signed_colour(delta: float | None, scale: float) -> str:
+    if delta is None or delta == 0 or scale <= 0:
+        return "transparent"
+    return _rgba(_RED if delta < 0 else _BLUE, abs(delta) / scale)
+
+
+def token_spans(tokens: list[str], colours: list[str], titles: list[str], hit: int | None = None) -> str:
+    """Tokens as coloured spans with a tooltip each; the `hit` token is outlined."""
+    spans = []
+    for k, (token, colour, title) in enumerate(zip(tokens, colours, titles)):
+        cls = "t hit" if k == hit else "t"
+        style = f' style="background:{colour}"' if colour != "transparent" else ""
+        spans.append(f'<span class="{cls}"{style} title="{_esc(title)}">{_esc(display_token(token))}</span>')
+    return "".join(spans)
+
+
+def activation_spans(example: dict, max_activation: float) -> str:
+    """An example's tokens coloured by the feature's activation on each."""
+    colours = [_rgba(_ORANGE, (a or 0) / max_activation) if max_activation > 0 else "transparent"
+               for a in example["activations"]]
+    titles = [f"{display_token(t)!r}  activation {a:.4g}" for t, a in zip(example["tokens"], example["activations"])]
+    return token_spans(example["tokens"], colours, titles, hit=example["position"])
+
+
+def _svg_histogram(edges: list[float], counts: list[int], x_label: str, width: int = 460, height: int = 150,
+                   log_x: bool = False, dead: int = 0) -> str:
+    """A bar chart as inline SVG over equal-width bins. With log_x the edges are log10 values, labelled at
+    whole decades; `dead` adds a separate grey bar for features that never fired."""
+    if not counts:
+        return '<p class="note">(no data)</p>'
+    left, bottom, top_pad = 44, 30, 8
+    slots = len(counts) + (3 if dead else 0)  # the dead bar sits after a gap of two bar widths
+    bar_w = (width - left - 8) / slots
+    plot_h = height - bottom - top_pad
+    axis_y = top_pad + plot_h
+    peak = max(max(counts), dead, 1)
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+
+    def bar(slot: int, count: int, fill: str, tooltip: str) -> None:
+        h = plot_h * count / peak
+        parts.append(f'<rect x="{left + slot * bar_w:.1f}" y="{axis_y - h:.1f}" width="{max(bar_w - 1, 0.5):.1f}" '
+                     f'height="{h:.1f}" fill="{fill}"><title>{_esc(tooltip)}: {count}</title></rect>')
+
+    def label(x: float, text: str, anchor: str = "middle") -> None:
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 13}" text-anchor="{anchor}">{_esc(text)}</text>')
+
+    for k, count in enumerate(counts):
+        if log_x:
+            tooltip = f"frequency {10 ** edges[k]:.2g} – {10 ** edges[k + 1]:.2g}"
+        else:
+            tooltip = f"({edges[k]:.3g}, {edges[k + 1]:.3g}]"
+        bar(k, count, "#4a7fb5", tooltip)
+    end_x = left + len(counts) * bar_w
+    if log_x:
+        label(left, f"{10 ** edges[0]:.2g}", "start")
+        label(end_x, f"{10 ** edges[-1]:.2g}", "end")
+        span = edges[-1] - edges[0]
+        for decade in range(math.ceil(edges[0]), math.floor(edges[-1]) + 1):
+            where = (decade - edges[0]) / span
+            if 0.15 < where < 0.85:  # whole decades in between, clear of the end labels
+                label(left + where * (end_x - left), f"1e{decade}" if decade else "1")
+    else:
+        label(left, f"{edges[0]:.3g}", "start")
+        label(end_x, f"{edges[-1]:.3g}", "end")
+    if dead:
+        bar(len(counts) + 2, dead, "#9aa5b1", "never fired")
+        label(left + (len(counts) + 2.5) * bar_w, "dead")
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{end_x}" y2="{axis_y}" stroke="#9aa5b1"/>')
+    parts.append(f'<text x="{left - 4}" y="{top_pad + 9}" text-anchor="end">{peak}</text>')
+    parts.append(f'<text x="{left - 4}" y="{axis_y}" text-anchor="end">0</text>')
+    parts.append(f'<text x="{(left + end_x) / 2:.1f}" y="{height - 3}" text-anchor="middle">{_esc(x_label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _page(title: str, body: str, extra_css: str = "", script: str = "") -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        # no network: the page may load nothing from anywhere (inline styles and scripts only)
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'; img-src data:\">"
+        f"<title>{_esc(title)}</title><style>{_CSS}{extra_css}</style></head>\n<body>\n{body}\n"
+        f"{f'<script>{script}</script>' if script else ''}\n</body></html>\n"
+    )
+
+
+def _json_for_script(obj: object) -> str:
+    """JSON that is safe inside <script type="application/json">: no '<', '>' or '&' left raw."""
+    return json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace(
+        "&", "\\u0026"
+    )
+
+
+def _run_header(data: dict) -> str:
+    run, held_out = data["run"], data["held_out"]
+    parts = [
+        f'<p class="meta">{_esc(run["run_dir"])}</p>',
+        (f'<p class="meta">{_esc(run["architecture"])} SAE, d_sae {run["d_sae"]} on {_esc(run["hook_point"])} '
+        f'of {_esc(run["model"])} (d_in {run["d_in"]})</p>'),
+        f'<p class="meta">Held-out tokens: {_esc(held_out["description"])}.</p>',
+    ]
+    return "".join(parts)
+
+
+def _snippet(feature: dict) -> dict:
+    """The top example around its maximum, as plain text pieces for the index table."""
+    if not feature["top_examples"]:
+        return {"pre": "", "hit": "", "post": ""}
+    example = feature["top_examples"][0]
+    tokens, p = [display_token(t) for t in example["tokens"]], example["position"]
+    return {
+        "pre": "".join(tokens[max(0, p - _SNIPPET_BEFORE) : p]),
+        "hit": tokens[p],
+        "post": "".join(tokens[p + 1 : p + 1 + _SNIPPET_AFTER]),
+    }
+
+
+def index_rows(data: dict) -> list[dict]:
+    """One compact row per feature for the index table (also the W&B table)."""
+    return [
+        {
+            "id": f["id"],
+            "freq": f["frequency"],
+            "max": f["max_activation"],
+            "mcs": f["mcs_max"],
+            "lens": [chip_token(t["token"]) for t in f["logit_lens"]["top"][:_SHOWN_TOKENS_IN_TABLE]],
+            "snip": _snippet(f),
+        }
+        for f in data["features"]
+    ]
+
+
+_INDEX_JS = r"""
+"use strict";
+const ROWS = JSON.parse(document.getElementById("rows").textContent);
+const PAGE = 500;  // rows added to the table at a time: the DOM stays small however many features there are
+const body = document.querySelector("#features tbody");
+const heads = Array.from(document.querySelectorAll("#features th"));
+const filterBox = document.getElementById("filter"), minFreq = document.getElementById("minfreq"),
+      minMcs = document.getElementById("minmcs"), count = document.getElementById("count"),
+      more = document.getElementById("more");
+let sortKey = "freq", sortDir = -1, view = ROWS, shown = 0;
+
+function esc(s) {
+  return String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
+}
+function fmt(x, digits) { return x === null ? "–" : Number(x).toPrecision(digits); }
+for (const r of ROWS) {
+  r.text = (r.id + " " + r.lens.join(" ") + " " + r.snip.pre + r.snip.hit + r.snip.post).toLowerCase();
+  r.snipText = r.snip.pre + r.snip.hit + r.snip.post;
+}
+function rowHtml(r) {
+  return '<tr><td class="num"><a href="features/' + r.id + '.html">' + r.id + "</a></td>" +
+    '<td class="num">' + fmt(r.freq, 3) + '</td><td class="num">' + fmt(r.max, 4) + "</td>" +
+    '<td class="num">' + fmt(r.mcs, 3) + "</td><td>" +
+    r.lens.map(t => '<span class="chip">' + esc(t) + "</span>").join("") + "</td>" +
+    '<td class="snip" title="' + esc(r.snipText) + '">' + esc(r.snip.pre) + "<mark>" + esc(r.snip.hit) +
+    "</mark>" + esc(r.snip.post) + "</td></tr>";
+}
+function compare(a, b) {
+  let x = a[sortKey], y = b[sortKey];
+  if (sortKey === "lens") { x = a.lens.join(" "); y = b.lens.join(" "); }
+  if (sortKey === "snip") { x = a.snipText; y = b.snipText; }
+  if (x === null || y === null) return (x === null) - (y === null);  // missing values last either way
+  return (x < y ? -1 : x > y ? 1 : a.id - b.id) * sortDir;
+}
+function showMore() {
+  const next = view.slice(shown, shown + PAGE);
+  body.insertAdjacentHTML("beforeend", next.map(rowHtml).join(""));
+  shown += next.length;
+  count.textContent = "showing " + shown + " of " + view.length + " matching (" + ROWS.length + " features)";
+  more.hidden = shown >= view.length;
+}
+function update() {
+  const q = filterBox.value.trim().toLowerCase();
+  const f = parseFloat(minFreq.value), m = parseFloat(minMcs.value);
+  view = ROWS.filter(r => (!q || r.text.includes(q)) && (isNaN(f) || r.freq >= f) &&
+                          (isNaN(m) || (r.mcs !== null && r.mcs >= m)));
+  view.sort(compare);
+  for (const h of heads) h.setAttribute("aria-sort", h.dataset.key === sortKey ? (sortDir > 0 ? "ascending" : "descending") : "none");
+  body.innerHTML = "";
+  shown = 0;
+  showMore();
+}
+for (const h of heads) {
+  h.addEventListener("click", () => {
+    if (sortKey === h.dataset.key) sortDir = -sortDir;
+    else { sortKey = h.dataset.key; sortDir = h.dataset.type === "num" ? -1 : 1; }
+    update();
+  });
+}
+for (const el of [filterBox, minFreq, minMcs]) el.addEventListener("input", update);
+more.addEventListener("click", showMore);
+update();
+"""
+
+
+def render_index(data: dict) -> str:
+    run = data["run"]
+    density = data["density"]
+    lens = data["logit_lens"]
+    n = len(data["features"])
+    excluded = "".join(f'<span class="chip" title="id {t["id"]}, norm {t["norm"]}">{_esc(chip_token(t["token"]))}'
+                       f"</span>" for t in lens["excluded_tokens"])
+    sweep = data["sweep"]
+    sweep_html = ""
+    if sweep:
+        sweep_html = (f'<p class="meta">MCS against {len(sweep["runs"])} other run(s) of the sweep: '
+                      f'{_esc(", ".join(sweep["runs"]) or "none comparable")}; found again at MCS ≥ '
+                      f'{sweep["found_threshold"]:g}.</p>')
+        if sweep["skipped"]:
+            sweep_html += f'<p class="note">Not compared: {_esc("; ".join(sweep["skipped"]))}</p>'
+    n_features = density.get("dead", 0) + sum(density["counts"])
+    body = f"""
+<h1>Feature report: {_esc("/".join(run["run_dir"].rstrip("/").split("/")[-2:]))}</h1>
+{_run_header(data)}
+<p class="meta">{n} feature(s) selected by <b>{_esc(data["selection"]["method"])}</b>.</p>
+{sweep_html}
+<div class="grid"><div>
+<h3>Firing frequency of all {n_features} features</h3>
+{_svg_histogram(density["log10_edges"], density["counts"], "firing frequency on the held-out tokens (log scale)",
+                log_x=True, dead=density["dead"])}
+</div><div>
+<h3>Logit lens</h3>
+<p class="note">Directions through {"the final LayerNorm scale and " if lens["use_ln_final"] else ""}W_U.
+{len(lens["excluded_tokens"])} token(s) excluded ({_esc(lens["excluded_rule"])}; median norm {lens["median_norm"]}).</p>
+<details><summary>excluded tokens</summary><div>{excluded or "none"}</div></details>
+</div></div>
+<div class="controls">
+<label>Filter <input id="filter" type="search" placeholder="id, token or text"></label>
+<label>frequency ≥ <input id="minfreq" type="number" step="any" min="0"></label>
+<label>MCS ≥ <input id="minmcs" type="number" step="any"></label>
+<span id="count" class="note"></span>
+</div>
+<table id="features"><thead><tr>
+<th class="num" data-key="id" data-type="num">Feature</th>
+<th class="num" data-key="freq" data-type="num">Frequency</th>
+<th class="num" data-key="max" data-type="num">Max act.</th>
+<th class="num" data-key="mcs" data-type="num">MCS</th>
+<th data-key="lens" data-type="text">Logit lens: top tokens</th>
+<th data-key="snip" data-type="text">Top example</th>
+</tr></thead><tbody></tbody></table>
+<button id="more" type="button">Show more</button>
+<script type="application/json" id="rows">{_json_for_script(index_rows(data))}</script>
+"""
+    return _page(f"Feature report: {run['run_dir']}", body, _INDEX_CSS, _INDEX_JS)
+
+
+def render_feature_page(data: dict, feature: dict, previous: int | None, following: int | None) -> str:
+    fid = feature["id"]
+    top = feature["max_activation"]
+    nav = ['<nav><a href="../index.html">↑ all features</a>']
+    if previous is not None:
+        nav.append(f'<a href="{feature_page_name(previous)}">← feature {previous}</a>')
+    if following is not None:
+        nav.append(f'<a href="{feature_page_name(following)}">feature {following} →</a>')
+    nav.append("</nav>")
+    freq = feature["frequency"]
+    stats = [
+        ("frequency", _frequency_text(freq)),
+        ("max activation", f"{top:.4g}"),
+        ("mean activation when firing", f"{feature['mean_activation']:.4g}"),
+    ]
+    if feature["mcs_max"] is not None:
+        stats.append(("MCS, best other run", f"{feature['mcs_max']:.3f}" + (" (found again)" if feature["found_again"]
+                                                                          else "")))
+    stats_html = "".join(f'<div class="stat"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>' for k, v in stats)
+    mcs_rows = "".join(f'<tr><td>{_esc(name)}</td><td class="num">{v:.3f}</td></tr>' for name, v in feature["mcs"].items())
+    mcs_html = f"<table><tr><th>other run</th><th class=\"num\">MCS</th></tr>{mcs_rows}</table>" if mcs_rows else ""
+    hist = feature["histogram"]
+    body = "".join([
+        "".join(nav),
+        f"<h1>Feature {fid}</h1>",
+        _run_header(data),
+        f"<div>{stats_html}</div>",
+        '<div class="grid"><div><h3>Activation histogram (tokens where it fires)</h3>',
+        _svg_histogram(hist["edges"], hist["counts"], "activation"),
+        f"</div><div>{'<h3>MCS against the sweep</h3>' + mcs_html if mcs_html else ''}</div></div>",
+        _logit_lens_section(feature, data["logit_lens"]),
+        _top_examples_section(feature),
+        _uniform_section(feature, data["settings"]["n_bins"]),
+        _ablated_text_section(feature),
+        _direction_section(feature),
+    ])
+    return _page(f"Feature {fid}", body)
+
+
+def _frequency_text(frequency: float) -> str:
+    if frequency == 0:
+        return "never fired"
+    if frequency >= 0.01:
+        return f"{100 * frequency:.3g} % of tokens"
+    return f"{100 * frequency:.2g} % (1 in {1 / frequency:,.0f} tokens)"
+
+
+def _logit_lens_section(feature: dict, lens_info: dict) -> str:
+    def table(entries: list[dict], caption: str) -> str:
+        rows = "".join(f'<tr><td><span class="chip">{_esc(chip_token(e["token"]))}</span></td>'
+                       f'<td class="num">{e["logit"]:+.3f}</td><td class="num note">{e["id"]}</td></tr>'
+                       for e in entries)
+        return f'<div><h3>{caption}</h3><table><tr><th>token</th><th class="num">logit</th>' \
+               f'<th class="num">id</th></tr>{rows}</table></div>'
+
+    lens = feature["logit_lens"]
+    return (
+        "<h2>Logit lens</h2>"
+        f'<p class="note">W_dec[{feature["id"]}] through {"the final LayerNorm scale and " if lens_info["use_ln_final"] else ""}'
+        f"the unembedding; {len(lens_info['excluded_tokens'])} outlier token(s) excluded (listed on the index page).</p>"
+        f'<div class="grid">{table(lens["top"], "Promoted (top)")}{table(lens["bottom"], "Suppressed (bottom)")}</div>'
+    )
+
+
+def _example_row(label: str, spans: str) -> str:
+    return f'<div class="ex"><span class="val">{_esc(label)}</span><span class="tokens">{spans}</span></div>'
+
+
+def _top_examples_section(feature: dict) -> str:
+    top = feature["max_activation"]
+    rows = "".join(_example_row(f"{e['activation']:.4g}", activation_spans(e, top)) for e in feature["top_examples"])
+    legend = f'<span class="legend" style="background:linear-gradient(90deg,{_rgba(_ORANGE, 0.01)},{_rgba(_ORANGE, 1)})">' \
+             f"</span> 0 … {top:.4g}"
+    return (
+        "<h2>Top examples</h2>"
+        f'<p class="note">The held-out contexts with the highest activation, one per context; the outlined token '
+        f"is the maximum. Colour: activation {legend}.</p>" + (rows or '<p class="note">The feature never fired.</p>')
+    )
+
+
+def _uniform_section(feature: dict, n_bins: int) -> str:
+    top = feature["max_activation"]
+    width = top / n_bins if top else 0
+    by_bin: dict[int, list[dict]] = {}
+    for e in feature["uniform_examples"]:
+        by_bin.setdefault(e["bin"], []).append(e)
+    parts = ["<h2>Uniform examples</h2>",
+             (f'<p class="note">(0, {top:.4g}] split into {n_bins} equal-width bins, random tokens from each, '
+             "each context ending at the sampled token (outlined).</p>")]
+    for b in sorted(by_bin, reverse=True):
+        parts.append(f"<h3>bin {b + 1}: ({b * width:.3g}, {(b + 1) * width:.3g}]</h3>")
+        parts.extend(_example_row(f"{e['activation']:.4g}", activation_spans(e, top)) for e in by_bin[b])
+    if not by_bin:
+        parts.append('<p class="note">The feature never fired.</p>')
+    return "".join(parts)
+
+
+def _ablated_text_section(feature: dict) -> str:
+    parts = ["<h2>Ablated text</h2>",
+             ('<p class="note">Each earlier token deleted in turn; colour: change of the activation at the final token '
+             "(outlined) relative to its value there — red: deleting the token lowers it, blue: raises it. "
+             "Uncoloured tokens were not deleted (BOS) or did not change it.</p>")]
+    for e in feature["ablated_text"]:
+        act = e["activation"]
+        colours = [_signed_colour(d, act) for d in e["deltas"]] + ["transparent"]
+        titles = [f"{display_token(t)!r}  " + ("not deleted" if d is None else f"deleting it changes the activation by {d:+.4g}")
+                  for t, d in zip(e["tokens"], e["deltas"])]
+        titles.append(f"{display_token(e['tokens'][-1])!r}  activation {act:.4g}")
+        parts.append(_example_row(f"{e['kind']} · {act:.3g}", token_spans(e["tokens"], colours, titles,
+                                                                         hit=e["position"])))
+    if not feature["ablated_text"]:
+        parts.append('<p class="note">The feature never fired.</p>')
+    return "".join(parts)
+
+
+def _direction_section(feature: dict) -> str:
+    direction = feature["direction_ablation"]
+    dataset = direction["dataset"]
+    scale = max([abs(d) for e in direction["examples"] for d in e["delta_logprob"] if d is not None] + [0.1])
+
+    def effects(entries: list[dict], caption: str) -> str:
+        rows = "".join(f'<tr><td><span class="chip">{_esc(chip_token(e["token"]))}</span></td>'
+                       f'<td class="num">{e["mean_delta"]:+.3f}</td><td class="num">{e["count"]}</td></tr>'
+                       for e in entries)
+        return (f'<div><h3>{caption}</h3><table><tr><th>next token</th><th class="num">mean Δ log p</th>'
+                f'<th class="num">count</th></tr>{rows or "<tr><td colspan=3 class=note>none</td></tr>"}</table></div>')
+
+    parts = [
+        "<h2>Direction ablation</h2>",
+        (f'<p class="note">f<sub>{feature["id"]}</sub>(x)·W_dec[{feature["id"]}] removed from the residual stream at the '
+        f"hook; change of log p(actual next token). Over {dataset['n_contexts']} random contexts where the feature "
+        f"fires ({dataset['n_positions']} predictions from its first firing token on):</p>"),
+        f'<div class="grid">{effects(dataset["falls"], "Falls most")}{effects(dataset["rises"], "Rises most")}</div>',
+        "<h3>Per example</h3>",
+        (f'<p class="note">Each token coloured by the change of its log-probability as the next token '
+         f"(red: falls, blue: rises; full colour at {scale:.3g} nats). The outlined token is the example's; "
+         "the number after the kind of example is its largest fall.</p>"),
+    ]
+    for e in direction["examples"]:
+        deltas = e["delta_logprob"]
+        colours = [_signed_colour(d, scale) for d in deltas]
+        titles = [f"{display_token(t)!r}  " + ("first token" if d is None else f"Δ log p = {d:+.4g}")
+                  for t, d in zip(e["tokens"], deltas)]
+        worst = min(((d, k) for k, d in enumerate(deltas) if d is not None), default=None)
+        label = e["kind"] if worst is None else f"{e['kind']} · {worst[0]:+.2f}"
+        parts.append(_example_row(label, token_spans(e["tokens"], colours, titles, hit=e["position"])))
+    return "".join(parts)

@@ -1,0 +1,103 @@
+"""Which features get a report, and how each compares with the other runs of its sweep (MCS)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saesweep.errors import ConfigError
+from saesweep.evaluate import mcs
+from saesweep.rundir import load_run_config, load_sae
+from saesweep.sae import ReluSae
+
+from .settings import ReportSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepComparison:
+    run_names: list[str]  # the other runs, named by their path inside the sweep
+    mcs: torch.Tensor  # [n_runs, d_sae]: each feature's max cosine similarity with the decoder of each run
+    skipped: list[str]  # runs that cannot be compared, with the reason
+
+    @property
+    def best(self) -> torch.Tensor:
+        """[d_sae]: the highest MCS of each feature against any other run."""
+        return self.mcs.max(dim=0).values
+
+
+_COMPARABLE_KEYS = ("hook_point", "d_in", "model_name", "model_path")
+
+
+def compare_with_sweep(run_dir: Path, sae: ReluSae, sweep_run_dirs: list[Path]) -> SweepComparison | None:
+    """MCS of every feature of `sae` against each other run of the sweep that reads the same model
+    and hook point; None when there is no such run."""
+    run_dir = Path(run_dir).resolve()
+    others = [Path(d).resolve() for d in sweep_run_dirs if Path(d).resolve() != run_dir]
+    if not others:
+        return None
+    root = Path(os.path.commonpath([run_dir, *others]))
+    own_cfg = load_run_config(run_dir)
+    names, rows, skipped = [], [], []
+    for other in others:
+        name = str(other.relative_to(root)) if other != root else other.name
+        cfg = load_run_config(other)
+        differing = [k for k in _COMPARABLE_KEYS if cfg.get(k) != own_cfg.get(k)]
+        if differing:
+            skipped.append(f"{name}: different {', '.join(differing)}")
+            continue
+        decoder = load_sae(other, device=sae.W_dec.device).W_dec.detach()
+        rows.append(mcs(sae.W_dec.detach(), decoder).cpu())
+        names.append(f"{name} (d_sae={cfg['d_sae']})")
+    for reason in skipped:
+        log.info("not compared with run %s", reason)
+    if not rows:
+        return SweepComparison([], torch.empty(0, sae.d_sae), skipped)
+    return SweepComparison(names, torch.stack(rows), skipped)
+
+
+def check_feature_ids(settings: ReportSettings, d_sae: int) -> None:
+    """Explicit feature ids must exist in the dictionary (checked before any expensive work)."""
+    bad = [f for f in settings.features or () if not 0 <= f < d_sae]
+    if bad:
+        raise ConfigError(
+            f"feature id {bad[0]} is out of range: this dictionary has features 0..{d_sae - 1}"
+            + (f" (other bad ids: {bad[1:]})" if len(bad) > 1 else "")
+        )
+
+
+def select_features(
+    settings: ReportSettings,
+    d_sae: int,
+    frequency: torch.Tensor,
+    sweep: SweepComparison | None,
+) -> list[int]:
+    """Feature ids in the order their pages are listed (see ReportSettings.selection)."""
+    selection = settings.resolved_selection
+    if selection == "explicit":
+        check_feature_ids(settings, d_sae)
+        return list(dict.fromkeys(settings.features))  # drop repeats, keep the order given
+    if selection == "frequent":
+        # stable sort: among equally frequent features the lower id comes first
+        order = torch.sort(frequency, descending=True, stable=True).indices
+        return order[: settings.top_n].tolist()
+    if selection == "random":
+        # dead features have nothing to show, so the sample is drawn from the live ones
+        live = (frequency > 0).nonzero().squeeze(1)
+        generator = torch.Generator().manual_seed(settings.seed)
+        return sorted(live[torch.randperm(len(live), generator=generator)[: settings.top_n]].tolist())
+    # found_again
+    if sweep is None or not sweep.run_names:
+        raise ConfigError(
+            "report.selection=found_again needs other runs of the sweep to compare with: "
+            "set report.sweep_dir (a sweep with other runs of the same model and hook point)"
+        )
+    best = sweep.best
+    found = (best >= settings.found_threshold).nonzero().squeeze(1)
+    order = torch.sort(best[found], descending=True, stable=True).indices
+    return found[order][: settings.top_n].tolist()
