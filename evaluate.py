@@ -1,6 +1,7 @@
 """Evaluate a finished sweep: `python evaluate.py sweep_dir=multirun/<date>/<time>`.
 
-Writes mcs.json, summary.csv, the plots and a W&B evaluation run to <sweep_dir>/evaluation/.
+Writes mcs.json, summary.csv, the plots and a W&B evaluation run to <sweep_dir>/evaluation/; with
+report.top_n=N (or report.features=[...]) also the feature report of every finished run.
 """
 
 import sys
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from saesweep.evaluate import EvalSettings, WandbSettings, evaluate_sweep, evaluation_dir
+from saesweep.report.app import report_runs, reports_wanted
 
 # hydra.run.dir is ${evaluation_dir:${sweep_dir}}: a mistyped sweep_dir fails here, naming the bad
 # value, before Hydra creates its output directory inside it.
@@ -20,12 +22,15 @@ OmegaConf.register_new_resolver("evaluation_dir", lambda sweep_dir: str(evaluati
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate_sweep(
-        Path(cfg.sweep_dir),
+    sweep_dir = Path(cfg.sweep_dir)
+    evaluation = evaluate_sweep(
+        sweep_dir,
         EvalSettings.from_config(cfg),
         WandbSettings.from_config(cfg.logger),
         out_dir=Path(HydraConfig.get().runtime.output_dir),
     )
+    if reports_wanted(cfg.report):
+        report_runs([run.path for run in evaluation.runs], OmegaConf.to_container(cfg.report, resolve=True), sweep_dir)
 
 
 if __name__ == "__main__":

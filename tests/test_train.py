@@ -92,8 +92,9 @@ def test_bad_config_fails_before_training_with_a_clear_message(tmp_path, tiny_mo
 
 
 @requires_reference()
-def test_reference_multirun_sweep(tmp_path):
-    """The issue's acceptance command, scaled down: two dictionary sizes on the reference model."""
+def test_reference_sweep_then_evaluation_and_reports(tmp_path):
+    """The whole flow on the reference model, scaled down: a two-size multirun harvesting once, then
+    `evaluate.py` with feature reports for both runs."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run(
@@ -117,6 +118,21 @@ def test_reference_multirun_sweep(tmp_path):
     assert json.loads((sweep / "1" / "metrics.json").read_text())["fvu"] < 0.5
     logs = [(sweep / job / "train.log").read_text() for job in ("0", "1")]
     assert "activation store harvested" in logs[0] and "activation store reused" in logs[1]
+
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", f"sweep_dir={sweep}", "report.top_n=3", "report.n_tokens=5000"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = sweep / "evaluation"
+    for name in ("mcs.json", "summary.csv", "mcs_hist.png", "features_found.png", "mcs_matrix.png", "pareto.png"):
+        assert (evaluation / name).stat().st_size > 0, name
+    pairs = json.loads((evaluation / "mcs.json").read_text())["pairs"]
+    assert {(p["a"], p["b"]) for p in pairs} == {("0", "1"), ("1", "0")}
+    for job in ("0", "1"):
+        features = json.loads((sweep / job / "report" / "features.json").read_text())
+        assert len(features["features"]) == 3
+        assert (sweep / job / "report" / "index.html").stat().st_size > 0
 
 
 def test_runs_of_a_sweep_start_from_unrelated_dictionaries(tiny_model_dir, corpus_path, tmp_path):

@@ -20,17 +20,29 @@ log = logging.getLogger(__name__)
 def report_from_config(cfg: DictConfig) -> BuiltReport:
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise ConfigError("run_dir is required: python report.py run_dir=PATH/TO/RUN")
-    run_dir = Path(cfg.run_dir)
     section = OmegaConf.to_container(cfg.report, resolve=True)
-    settings = ReportSettings.from_config(section)
     sweep_dir = Path(section["sweep_dir"]) if section.get("sweep_dir") else None
+    return report_runs([Path(cfg.run_dir)], section, sweep_dir)[0]
+
+
+def reports_wanted(section: DictConfig) -> bool:
+    """Whether a `report:` section asks for any feature (the evaluator's switch)."""
+    return bool(section.get("features")) or (section.get("top_n") or 0) > 0
+
+
+def report_runs(run_dirs: list[Path], section: dict, sweep_dir: Path | None) -> list[BuiltReport]:
+    """The report of each run (RUN/report/), with MCS against the sweep's runs when `sweep_dir` is given."""
+    settings = ReportSettings.from_config(section)
     sweep_runs = run_dirs_in(sweep_dir) if sweep_dir else None
-    built = build_report(run_dir, settings, sweep_run_dirs=sweep_runs)
     wandb_cfg = section.get("wandb") or {}
-    if wandb_cfg.get("enabled"):
-        log_to_new_wandb_run(built, run_dir, sweep_dir, settings, wandb_cfg)
-    log.info("report of %d features: %s", len(built.features), built.index_html)
-    return built
+    reports = []
+    for run_dir in run_dirs:
+        built = build_report(run_dir, settings, sweep_run_dirs=sweep_runs)
+        if wandb_cfg.get("enabled"):
+            log_to_new_wandb_run(built, run_dir, sweep_dir, settings, wandb_cfg)
+        log.info("report of %d features: %s", len(built.features), built.index_html)
+        reports.append(built)
+    return reports
 
 
 def log_to_new_wandb_run(
