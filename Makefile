@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
 
-.PHONY: install train train-offline sweep evaluate test lint clean cache-info bench
+.PHONY: install train train-offline sweep evaluate report test test-browser lint clean cache-info bench
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -32,13 +32,22 @@ sweep:
 evaluate:
 	$(PYTHON) evaluate.py sweep_dir=$(SWEEP)
 
+# Feature report of one run: make report RUN=multirun/<date>/<time>/0 [ARGS='report.features=[12,345]']
+report:
+	$(PYTHON) report.py run_dir=$(RUN) $(ARGS)
+
 # Benchmarks print measured figures and a RESULT line; they assert nothing.
 bench:
 	$(PYTHON) benchmarks/harvest.py
 	$(PYTHON) benchmarks/mcs.py
+	$(PYTHON) benchmarks/report.py
 
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -m "not browser" tests
+
+# Report pages in real headless Chromium (Debian: apt-get install -y chromium); fails if it is missing.
+test-browser:
+	REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q -m browser tests
 
 # Activation stores in the cache: size, tokens, key. `$(VENV)/bin/saesweep-store rm NAME` deletes one.
 cache-info:
