@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: shards record the training contexts they read
 _READ_CHUNK = 1 << 22
 
 
