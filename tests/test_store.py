@@ -227,3 +227,16 @@ def test_store_cli_lists_verifies_and_removes(tmp_path, tiny_model, capsys):
     assert main(["--dir", str(tmp_path), "rm", store.path.name]) == 0
     assert not store.path.exists()
     assert main(["--dir", str(tmp_path), "rm", "nonexistent"]) == 2
+
+
+def test_held_out_set_is_built_once_and_checked(tmp_path, tiny_model):
+    store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
+    store.ensure(tiny_model, train_batches(tiny_model), 8)
+    made = {"tokens": torch.arange(12).reshape(3, 4), "ce": torch.rand(3, 3)}
+    assert store.held_out(lambda: made) is made
+    again = store.held_out(lambda: pytest.fail("a stored held-out set must not be rebuilt"))
+    assert torch.equal(again["tokens"], made["tokens"]) and torch.equal(again["ce"], made["ce"])
+    path = store.path / store.manifest()["held_out"]["file"]
+    path.write_bytes(path.read_bytes()[:-8])  # truncated: detected, rebuilt
+    rebuilt = store.held_out(lambda: {k: v + 1 for k, v in made.items()})
+    assert torch.equal(rebuilt["tokens"], made["tokens"] + 1)

@@ -37,9 +37,18 @@ class HeldOutSet(TensorDataset):
             ce_zero.append(spliced_loss(model, batch, hook_point, torch.zeros_like).float().cpu())
         return cls(contexts, torch.cat(acts), torch.cat(ce_clean), torch.cat(ce_zero))
 
+    _NAMES = ("tokens", "activations", "ce_clean", "ce_zero")
+
     @property
     def n_tokens(self) -> int:
         return self.tensors[0].numel()
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self._NAMES, self.tensors, strict=True))
+
+    @classmethod
+    def from_named_tensors(cls, tensors: dict[str, torch.Tensor]) -> HeldOutSet:
+        return cls(*(tensors[name] for name in cls._NAMES))
 
 
 def spliced_loss(model, tokens: torch.Tensor, hook_point: str, replace) -> torch.Tensor:

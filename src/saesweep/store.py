@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 MANIFEST = "manifest.json"
 _FORMAT_VERSION = 2  # 2: shards record the training contexts they read
 _READ_CHUNK = 1 << 22
+_HELD_OUT_FILE = "held_out.safetensors"
 
 
 class StoreCorruptError(CheckpointError):
@@ -259,21 +260,33 @@ class ActivationStore:
         log.info("harvest: %.0f tokens/s", rate)
 
     def _write_shard(self, manifest: dict, index: int, shard: torch.Tensor, n_contexts: int) -> None:
-        name = f"shard_{index:05d}.safetensors"
-        data = safetensors_bytes({"activations": shard.contiguous()})
-        atomic_write_bytes(self.path / name, data)
-        manifest["shards"].append(
-            {
-                "file": name,
-                "rows": len(shard),
-                "contexts": n_contexts,  # training contexts read for it: reports skip exactly these
-                "bytes": len(data),
-                "blake2b": hashlib.blake2b(data).hexdigest(),
-            }
-        )
+        entry = self._write_file(f"shard_{index:05d}.safetensors", {"activations": shard})
+        # training contexts read for it: held-out reports skip exactly these
+        manifest["shards"].append({**entry, "rows": len(shard), "contexts": n_contexts})
         manifest["n_rows"] += len(shard)
         manifest["d_in"] = shard.shape[1]
         atomic_write_json(self.path / MANIFEST, manifest)
+
+    def _write_file(self, name: str, tensors: dict[str, torch.Tensor]) -> dict:
+        data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
+        atomic_write_bytes(self.path / name, data)
+        return {"file": name, "bytes": len(data), "blake2b": hashlib.blake2b(data).hexdigest()}
+
+    def held_out(self, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The held-out evaluation tensors of this store's key, made once by `build` and kept beside
+        the shards (the evaluation documents are part of the key)."""
+        entry = self.manifest().get("held_out")
+        if entry:
+            try:
+                return _read_verified(self.path, entry, *entry["tensors"])
+            except StoreCorruptError as e:
+                log.warning("%s; computing the held-out set again", e)
+        with self._lock():
+            tensors = build()
+            manifest = self.manifest()
+            manifest["held_out"] = {**self._write_file(_HELD_OUT_FILE, tensors), "tensors": sorted(tensors)}
+            atomic_write_json(self.path / MANIFEST, manifest)
+        return tensors
 
     def _verified_shards(self, shards: list[dict]) -> list[dict]:
         """The leading shards whose files are intact; harvesting resumes after them."""
@@ -300,10 +313,15 @@ class ActivationStore:
 
 
 def read_shard(store_path: Path, entry: dict) -> torch.Tensor:
-    """A shard's activations, after checking its size and checksum against its manifest entry.
+    """A shard's activations, after checking its size and checksum against its manifest entry."""
+    return _read_verified(store_path, entry, "activations")["activations"]
 
-    The checksum is computed while reading in chunks and the tensor then comes from a memory map, so
-    reading costs one shard of memory, not two.
+
+def _read_verified(store_path: Path, entry: dict, *names: str) -> dict[str, torch.Tensor]:
+    """Tensors `names` of a store file, after checking its size and checksum against `entry`.
+
+    The checksum is computed while reading in chunks and the tensors then come from a memory map, so
+    reading costs one copy of the data, not two.
     """
     path = Path(store_path) / entry["file"]
     digest = hashlib.blake2b()
@@ -322,7 +340,7 @@ def read_shard(store_path: Path, entry: dict) -> torch.Tensor:
         )
     try:
         with safe_open(path, framework="pt") as f:
-            return f.get_tensor("activations")
+            return {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError) as e:
         raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
 

@@ -66,7 +66,11 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     manifest = store.ensure(
         model, contexts.train_batches(n_eval_docs, cfg.harvest_batch_contexts), cfg.harvest_batch_contexts
     )
-    held_out = HeldOutSet.build(model, eval_contexts, hook_point, cfg.eval.batch_contexts)
+    held_out = HeldOutSet.from_named_tensors(
+        store.held_out(
+            lambda: HeldOutSet.build(model, eval_contexts, hook_point, cfg.eval.batch_contexts).named_tensors()
+        )
+    )
 
     sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
     scale = activation_scale(sample)
