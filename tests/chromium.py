@@ -7,6 +7,7 @@ each message ended by a NUL byte. No WebDriver, no port, no extra Python package
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import select
@@ -166,10 +167,8 @@ class Chromium:
         return path
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BrowserError):
             self._call("Browser.close")
-        except BrowserError:
-            pass
         try:
             self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -22,6 +22,7 @@ from saesweep.store import (
     StoreStream,
     TokenFilter,
     model_fingerprint,
+    write_store,
 )
 
 HOOK = "blocks.1.hook_resid_post"
@@ -188,13 +189,7 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
     """A 256 MiB store streamed through an 8 MiB buffer: peak RSS grows by a few buffers, measured."""
     d_in, n_rows, shard_rows, buffer_rows = 512, 131072, 4096, 4096
     spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, n_rows, "float32", TokenFilter())
-    store = ActivationStore(tmp_path, spec, shard_tokens=shard_rows)
-    store.path.mkdir(parents=True)
-    manifest = {"key": spec.key(), "dtype": "float32", "d_in": d_in, "shards": [], "n_rows": 0, "complete": False}
-    for i in range(n_rows // shard_rows):
-        store._write_shard(manifest, i, torch.randn(shard_rows, d_in), n_contexts=shard_rows // 16)
-    manifest["complete"] = True
-    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    store = write_store(tmp_path, spec, torch.randn(n_rows, d_in), shard_tokens=shard_rows)
 
     # glibc otherwise keeps freed multi-MB blocks in its heap, which would measure the allocator's
     # caching policy rather than what the stream holds

@@ -446,3 +446,18 @@ def remove_store(path: Path) -> None:
     if not (Path(path) / MANIFEST).is_file():
         raise ConfigError(f"{path} is not an activation store (no {MANIFEST})")
     shutil.rmtree(path)
+
+
+def write_store(root: Path, spec: StoreSpec, activations: torch.Tensor, shard_tokens: int) -> ActivationStore:
+    """A complete store of activations already in memory [n, d_in] (computed elsewhere, or synthetic
+    for tests and benchmarks); shards record no training contexts."""
+    store = ActivationStore(root, spec, shard_tokens)
+    store.path.mkdir(parents=True, exist_ok=True)
+    manifest = {"key": spec.key(), "dtype": spec.dtype, "d_in": activations.shape[1], "shards": [], "n_rows": 0,
+                "complete": False, "saesweep_version": saesweep.__version__}
+    for index, start in enumerate(range(0, len(activations), shard_tokens)):
+        rows = activations[start : start + shard_tokens].to(STORE_DTYPES[spec.dtype])
+        store._write_shard(manifest, index, rows, n_contexts=0)
+    manifest["complete"] = True
+    atomic_write_json(store.path / MANIFEST, manifest)
+    return store

@@ -1,0 +1,130 @@
+"""SAE training throughput of one dictionary: saesweep's Lightning path vs a bare PyTorch loop, and
+FLOP utilisation against this machine's float32 matmul peak, measured in the same run.
+
+Prints its figures and ends with one `RESULT key=value ...` line; asserts nothing.
+
+    python benchmarks/bench_train.py [--d-in 512] [--d-sae 2048] [--batch 4096] [--steps 30]
+
+ReLU/L1 SAE, same shapes and batch for every contender. One step costs about 12·B·d_in·d_sae FLOPs
+(encoder and decoder matmuls: 4·B·d·m forward, twice that backward). The saesweep figure includes
+its data path: batches streamed from an on-disk activation store through the shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from saesweep.sae import ReluSae
+from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, write_store
+from saesweep.training import SaeTrainingModule
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def bare_loop(x: torch.Tensor, d_sae: int, steps: int, batch: int, l1_coef: float = 2.0) -> float:
+    """Activations/s of the plain step: forward, backward, Adam, decoder renorm; no framework."""
+    sae = ReluSae(x.shape[1], d_sae)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+
+    def step(i: int) -> None:
+        xb = x[(i * batch) % (len(x) - batch) :][:batch]
+        x_hat, f = sae(xb)
+        loss = (x_hat - xb).pow(2).sum(-1).mean() + l1_coef * f.sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad()
+        optimizer.step()
+        sae.normalize_decoder()
+
+    for i in range(3):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return steps * batch / (time.perf_counter() - start)
+
+
+class _StepTimer(L.Callback):
+    """Times training steps after a warm-up, so start-up and the first batches do not count."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.start: float | None = None
+        self.rows = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self.rows += len(batch)
+            self.end = time.perf_counter()
+
+
+def saesweep_lightning(store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str) -> float:
+    """Activations/s of saesweep's training module under Lightning, fed from the store."""
+    module = SaeTrainingModule(
+        ReluSae(d_in, d_sae), act_scale=1.0, l1_coef=2.0, lr=1e-3, adam_betas=(0.9, 0.999),
+        lr_warmup_steps=1, lr_decay_fraction=0.0, model=None, hook_point="",
+    )
+    timer = _StepTimer(warmup=3)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, max_epochs=1, precision=precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[timer], log_every_n_steps=10,
+    )
+    loader = torch.utils.data.DataLoader(StoreStream(store, batch, buffer_tokens=4 * batch, seed=0), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.rows / (timer.end - timer.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--d-in", type=int, default=512)
+    parser.add_argument("--d-sae", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, cuda: {torch.cuda.is_available()}")
+    flops_per_row = 12 * args.d_in * args.d_sae
+    peak = matmul_peak_flops()
+    print(f"float32 matmul peak (2048², measured): {peak / 1e9:.1f} GFLOP/s")
+
+    n_rows = (args.steps + 3) * args.batch
+    x = torch.randn(n_rows, args.d_in)
+    bare = bare_loop(x, args.d_sae, args.steps, args.batch)
+    print(f"bare PyTorch loop:        {bare:9.0f} activations/s, {bare * flops_per_row / peak:6.1%} of peak")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = StoreSpec("bench", "0", "hook", {}, "train", 16, n_rows, "float32", TokenFilter())
+        store = write_store(Path(tmp), spec, x, shard_tokens=args.batch * 4)
+        fp32 = saesweep_lightning(store, args.d_in, args.d_sae, args.batch, "32-true")
+        print(f"saesweep (Lightning, fp32, store stream): {fp32:9.0f} activations/s, "
+              f"{fp32 * flops_per_row / peak:6.1%} of peak, {fp32 / bare:.2f}× the bare loop")
+        bf16 = saesweep_lightning(store, args.d_in, args.d_sae, args.batch, "bf16-mixed")
+        print(f"saesweep (Lightning, bf16-mixed):         {bf16:9.0f} activations/s, {bf16 / fp32:.2f}× fp32")
+    print(f"RESULT peak_gflops={peak / 1e9:.1f} bare_act_per_s={bare:.0f} saesweep_fp32_act_per_s={fp32:.0f} "
+          f"saesweep_bf16_act_per_s={bf16:.0f} saesweep_vs_bare={fp32 / bare:.3f} "
+          f"saesweep_fp32_util={fp32 * flops_per_row / peak:.3f} bare_util={bare * flops_per_row / peak:.3f}")
+
+
+if __name__ == "__main__":
+    main()
