@@ -10,9 +10,12 @@ import time
 from datetime import datetime
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference
 from saesweep.lm import hook_point_for
 from saesweep.store import ActivationStore
 from saesweep.train import store_spec
@@ -82,3 +85,64 @@ def test_submitit_sweep_jobs_share_the_store_under_its_lock(tmp_path, tiny_model
     finished = logged_at(harvester, "activation store harvested")
     assert logged_at(reuser, WAITING) < finished <= logged_at(reuser, "activation store reused")
     assert store.is_complete() and store.manifest()["n_rows"] == 8000
+
+
+@requires_reference()
+def test_optuna_search_on_the_reference_model_reports_its_best_trial(tmp_path):
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper (the `optuna` extra) is not installed"
+    )
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "+hparams_search=l1_optuna", "hydra.sweeper.n_trials=3",
+         f"model.path={REFERENCE_MODEL}", "data=jsonl", f"data.path={REFERENCE_CORPUS}", "n_tokens=10000",
+         "eval.n_tokens=1000", "logger=none", "trainer.enable_progress_bar=false", f"store.dir={tmp_path / 'store'}",
+         f"hydra.sweep.dir={sweep}", "-m"],
+        cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    trials = {}
+    for job in ("0", "1", "2"):
+        cfg = json.loads((sweep / job / "cfg.json").read_text())
+        assert 0.3 <= cfg["l1_coef"] <= 10 and cfg["dict_ratio"] in (1, 2, 4)
+        trials[(cfg["l1_coef"], cfg["dict_ratio"])] = json.loads((sweep / job / "metrics.json").read_text())["fvu"]
+    assert not (sweep / "3").exists()
+    assert len(trials) == 3  # the sampler drew three different points
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(trials.values()))
+    assert trials[(best["best_params"]["l1_coef"], best["best_params"]["dict_ratio"])] == best["best_value"]
+
+
+# The Bayesian sweep sets target_l0, which config.yaml gains with train.py's final/abs_l0_error;
+# strict, so that this mark is removed when it lands.
+_PENDING = {"bayes_l1_target_l0.yaml": "target_l0 (and final/abs_l0_error) are not in config.yaml and train.py yet"}
+SWEEPS = [
+    pytest.param(path, id=path.name, marks=[pytest.mark.xfail(strict=True, raises=ConfigCompositionException, reason=_PENDING[path.name])])
+    if path.name in _PENDING else pytest.param(path, id=path.name)
+    for path in sorted((REPO / "sweeps").glob("*.yaml"))
+]
+
+
+def sweep_point(parameters: dict) -> dict:
+    """One point of a W&B sweep's search space: each parameter's value, first value or lower bound."""
+    return {name: p["value"] if "value" in p else p["values"][0] if "values" in p else p["min"]
+            for name, p in parameters.items()}
+
+
+@pytest.mark.parametrize("path", SWEEPS)
+def test_wandb_sweep_runs_train_py_with_hydra_overrides(path):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["program"] == "train.py" and (REPO / sweep["program"]).is_file()
+    assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]
+    assert sweep["method"] in ("grid", "random", "bayes") and sweep["metric"]["goal"] == "minimize"
+    assert sweep["metric"]["name"].startswith("final/")  # train.py logs the final metrics under final/
+    point = sweep_point(sweep["parameters"])
+    # the arguments the agent passes, as it builds them, must be overrides Hydra accepts
+    args = create_sweep_command_args({"args": {name: {"value": v} for name, v in point.items()}})["args_no_hyphens"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=args)
+    assert {name: OmegaConf.select(cfg, name) for name in point} == point
+
