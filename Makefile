@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -c constraints.txt torch
-	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev,slurm,optuna]"
 
 train:
 	$(PYTHON) train.py $(ARGS)

@@ -12,7 +12,6 @@ from datetime import datetime
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference
@@ -94,7 +93,7 @@ def test_optuna_search_on_the_reference_model_reports_its_best_trial(tmp_path):
     )
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "train.py", "+hparams_search=l1_optuna", "hydra.sweeper.n_trials=3",
+        [sys.executable, "train.py", "hparams_search=l1_optuna", "hydra.sweeper.n_trials=3",
          f"model.path={REFERENCE_MODEL}", "data=jsonl", f"data.path={REFERENCE_CORPUS}", "n_tokens=10000",
          "eval.n_tokens=1000", "logger=none", "trainer.enable_progress_bar=false", f"store.dir={tmp_path / 'store'}",
          f"hydra.sweep.dir={sweep}", "-m"],
@@ -116,12 +115,7 @@ def test_optuna_search_on_the_reference_model_reports_its_best_trial(tmp_path):
 
 # The Bayesian sweep sets target_l0, which config.yaml gains with train.py's final/abs_l0_error;
 # strict, so that this mark is removed when it lands.
-_PENDING = {"bayes_l1_target_l0.yaml": "target_l0 (and final/abs_l0_error) are not in config.yaml and train.py yet"}
-SWEEPS = [
-    pytest.param(path, id=path.name, marks=[pytest.mark.xfail(strict=True, raises=ConfigCompositionException, reason=_PENDING[path.name])])
-    if path.name in _PENDING else pytest.param(path, id=path.name)
-    for path in sorted((REPO / "sweeps").glob("*.yaml"))
-]
+SWEEPS = [pytest.param(path, id=path.name) for path in sorted((REPO / "sweeps").glob("*.yaml"))]
 
 
 def sweep_point(parameters: dict) -> dict:

@@ -123,7 +123,10 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     run_cfg = describe_run(cfg, hook_point, d_in, d_sae, int(module.tokens_seen), train_contexts)
     write_run_dir(run_dir, module.raw_sae(), run_cfg, result)
     if logger:
-        logger.log_metrics({f"final/{k}": v for k, v in result.metrics.items()}, step=trainer.global_step)
+        final = {f"final/{k}": v for k, v in result.metrics.items()}
+        if cfg.target_l0 is not None:  # the objective of sweeps/bayes_l1_target_l0.yaml
+            final["final/abs_l0_error"] = abs(result.metrics["l0"] - cfg.target_l0)
+        logger.log_metrics(final, step=trainer.global_step)
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
             logger.experiment.summary.update(result.metrics)
             logger.experiment.finish()
