@@ -13,14 +13,13 @@ its data path: batches streamed from an on-disk activation store through the shu
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.sae import ReluSae
 from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, write_store
@@ -102,8 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, cuda: {torch.cuda.is_available()}")
+    print(describe_machine())
     flops_per_row = 12 * args.d_in * args.d_sae
     peak = matmul_peak_flops()
     print(f"float32 matmul peak (2048², measured): {peak / 1e9:.1f} GFLOP/s")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.data import ContextSource, load_texts
 from saesweep.lm import load_model
@@ -38,8 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(describe_machine())
 
     model = load_model(None, args.model, torch.device("cpu"))
     texts = load_texts(args.corpus, None, "train", "text")

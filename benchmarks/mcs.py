@@ -11,12 +11,12 @@ two 4096×512 dictionaries (an 8× SAE on Pythia-70M), then the peak RSS growth 
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import statistics
 import time
 
 import torch
+from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.evaluate import DEFAULT_CHUNK_SIZE, mcs_both_ways
 
@@ -46,11 +46,9 @@ def median_seconds(fn, *args) -> float:
 
 
 def main() -> None:
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, chunk_size={DEFAULT_CHUNK_SIZE}, "
-        f"load average {os.getloadavg()[0]:.1f} (other processes make CPU timings noisy: compare ratios)"
-    )
+    print(describe_machine())
+    print(f"chunk_size={DEFAULT_CHUNK_SIZE}, load average {os.getloadavg()[0]:.1f} "
+          "(other processes make CPU timings noisy: compare ratios)")
     g = torch.Generator().manual_seed(0)
 
     # Memory first, while the process's peak RSS is still low: growth beyond the inputs during the

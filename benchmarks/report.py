@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -71,8 +71,7 @@ def main() -> None:
     from saesweep.report import ReportSettings, build_report
     from saesweep.rundir import load_run_config
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
+    print(describe_machine())
     load_before = os.getloadavg()[0]
     print(f"load average before: {load_before:.2f}")
 
