@@ -25,8 +25,8 @@ from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hoo
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, write_run_dir
 from saesweep.sae import ARCHITECTURES
-from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, default_store_dir, model_fingerprint
-from saesweep.training import SaeTrainingModule, activation_scale
+from saesweep.store import ActivationStore, ResumableLoader, StoreSpec, StoreStream, TokenFilter, default_store_dir, model_fingerprint
+from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, activation_scale
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     scale = activation_scale(sample)
     sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae)
     sae.init_b_dec(sample / scale)
+    stream = StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed)
     module = SaeTrainingModule(
         sae,
         act_scale=scale,
@@ -71,14 +72,13 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_steps=cfg.train.lr_warmup_steps,
         lr_decay_fraction=cfg.train.lr_decay_fraction,
+        total_steps=total_steps(cfg.trainer, len(stream)),
         model=model,
         hook_point=hook_point,
     )
 
     pin = device.type == "cuda"
-    train_loader = DataLoader(
-        StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed), batch_size=None, pin_memory=pin
-    )
+    train_loader = ResumableLoader(stream, pin_memory=pin)
     eval_loader = DataLoader(held_out, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
     logger = make_logger(cfg, run_dir, sweep_dir)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
@@ -94,6 +94,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
                 every_n_train_steps=cfg.train.checkpoint_every_n_steps,
             )
         ],
+        plugins=[AtomicCheckpointIO()],
         val_check_interval=cfg.eval.every_n_steps,
         check_val_every_n_epoch=None,
     )
@@ -101,7 +102,10 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     resume_from = str(last) if last.is_file() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from)
+    # weights_only: a checkpoint holds tensors and plain values, so nothing in it needs unpickling
+    trainer.fit(
+        module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from, weights_only=True
+    )
     trainer.save_checkpoint(last)
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
     result = module.last_eval
@@ -115,6 +119,13 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
             logger.experiment.finish()
     log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
     return result
+
+
+def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole job: max_epochs passes, cut short by trainer.max_steps when set."""
+    steps = steps_per_epoch * trainer_cfg.get("max_epochs", 1)
+    max_steps = trainer_cfg.get("max_steps", -1)
+    return min(steps, max_steps) if max_steps is not None and max_steps >= 0 else steps
 
 
 def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:

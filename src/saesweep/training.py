@@ -7,8 +7,15 @@ evaluation and saving.
 
 from __future__ import annotations
 
+import io
+import random
+from typing import Any
+
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from saesweep.io import atomic_write_bytes
 
 from saesweep.metrics import EvalResult, MetricAccumulator
 from saesweep.sae import ReluSae
@@ -29,6 +36,7 @@ class SaeTrainingModule(L.LightningModule):
         adam_betas: tuple[float, float],
         lr_warmup_steps: int,
         lr_decay_fraction: float,
+        total_steps: int,
         model,
         hook_point: str,
     ):
@@ -41,6 +49,7 @@ class SaeTrainingModule(L.LightningModule):
         self.adam_betas = tuple(adam_betas)
         self.lr_warmup_steps = lr_warmup_steps
         self.lr_decay_fraction = lr_decay_fraction
+        self.total_steps = total_steps
         self.hook_point = hook_point
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
@@ -76,12 +85,27 @@ class SaeTrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_decoder_grad()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here and not in on_train_batch_end: callbacks (the periodic checkpoint) run before the
+        # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
         self.sae.normalize_decoder()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not save the global RNGs; nothing in training draws from them today, but a
+        # resumed job must continue any that a future step uses exactly where they stood.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if states := checkpoint.get("rng_states"):
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.adam_betas)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # total_steps is given, not read from trainer.estimated_stepping_batches: that property sets the
+        # train loader up before a resumed job restores the loader's position, which is then lost.
+        total = max(self.total_steps, 1)
         decay_start = int(total * (1 - self.lr_decay_fraction))
         warmup = max(self.lr_warmup_steps, 1)
 
@@ -107,3 +131,15 @@ class SaeTrainingModule(L.LightningModule):
         self.last_eval = self._accumulator.compute()
         self.log_dict({f"eval/{k}": v for k, v in self.last_eval.metrics.items()})
         self._accumulator = self._eval_sae = None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, fsynced, then renamed over the old one: a job killed
+    mid-write leaves the previous last.ckpt intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
