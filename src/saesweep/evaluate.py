@@ -27,7 +27,9 @@ from saesweep import plots
 from saesweep.errors import CheckpointError, ConfigError
 from saesweep.io import atomic_write_bytes, atomic_write_json
 from saesweep.lm import resolve_device
-from saesweep.rundir import CFG_FILE, SAE_FILE, load_feature_stats, load_metrics, load_run_config, load_sae
+from saesweep.rundir import (
+    CFG_FILE, SAE_FILE, load_feature_stats, load_job_error, load_metrics, load_run_config, load_sae,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,8 @@ def find_run_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
 
 def load_run(run_dir: Path, name: str) -> Run | FailedRun:
     overrides = _hydra_overrides(run_dir)
+    if (job_error := load_job_error(run_dir)) is not None:
+        return FailedRun(name, run_dir, overrides, {}, f"job failed: {job_error}")
     try:
         cfg = load_run_config(run_dir)
     except CheckpointError as e:

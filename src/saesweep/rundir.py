@@ -6,6 +6,8 @@ Only safetensors and JSON are read back; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ CFG_FILE = "cfg.json"
 METRICS_FILE = "metrics.json"
 FEATURE_STATS_FILE = "feature_stats.safetensors"
 CHECKPOINT_DIR = "checkpoints"
+ERROR_FILE = "error.json"  # written by a job that failed; removed when a rerun of it starts
 
 
 def write_run_dir(run_dir: Path, sae: ReluSae, cfg: dict, result: EvalResult) -> None:
@@ -32,6 +35,31 @@ def write_run_dir(run_dir: Path, sae: ReluSae, cfg: dict, result: EvalResult) ->
     atomic_write_safetensors(run_dir / FEATURE_STATS_FILE, result.feature_stats)
     atomic_write_json(run_dir / METRICS_FILE, result.metrics)
     atomic_write_json(run_dir / CFG_FILE, cfg)
+
+
+def write_job_error(run_dir: Path, error: BaseException) -> None:
+    """Record why a job failed, in its run directory, for the user and the evaluator."""
+    atomic_write_json(
+        Path(run_dir) / ERROR_FILE,
+        {
+            "type": type(error).__name__,
+            "message": str(error),
+            "traceback": "".join(traceback.format_exception(error)),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+
+
+def load_job_error(run_dir: Path) -> str | None:
+    """`"<type>: <message>"` of a failed job's error.json; None when the job recorded no failure."""
+    path = Path(run_dir) / ERROR_FILE
+    try:
+        record = json.loads(path.read_text())
+        return f"{record['type']}: {record['message']}"
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return f"the job failed, but its {path} is unreadable ({e})"
 
 
 def load_run_config(run_dir: Path) -> dict:

@@ -23,10 +23,10 @@ from saesweep.config import check_config, check_with_model
 from saesweep.data import ContextSource, load_texts
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
-from saesweep.rundir import CHECKPOINT_DIR, write_run_dir
+from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, write_run_dir
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import ActivationStore, ResumableLoader, StoreSpec, StoreStream, TokenFilter, default_store_dir, model_fingerprint
-from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, activation_scale
+from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, StopOnInterrupt, activation_scale
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ _INIT_SAMPLE = 8192  # activations used for the scale and the b_dec geometric me
 
 def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> EvalResult:
     run_dir = Path(run_dir)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -82,6 +83,8 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     eval_loader = DataLoader(held_out, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
     logger = make_logger(cfg, run_dir, sweep_dir)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
+    last = checkpoint_dir / "last.ckpt"
+    stop_on_interrupt = StopOnInterrupt(last)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
@@ -92,13 +95,13 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
                 save_last=True,
                 save_top_k=0,
                 every_n_train_steps=cfg.train.checkpoint_every_n_steps,
-            )
+            ),
+            stop_on_interrupt,
         ],
         plugins=[AtomicCheckpointIO()],
         val_check_interval=cfg.eval.every_n_steps,
         check_val_every_n_epoch=None,
     )
-    last = checkpoint_dir / "last.ckpt"
     resume_from = str(last) if last.is_file() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -106,6 +109,8 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     trainer.fit(
         module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from, weights_only=True
     )
+    if stop_on_interrupt.interrupted:
+        raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {last} written")
     trainer.save_checkpoint(last)
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
     result = module.last_eval

@@ -8,7 +8,10 @@ evaluation and saving.
 from __future__ import annotations
 
 import io
+import logging
 import random
+import signal
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,6 +19,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from saesweep.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 from saesweep.metrics import EvalResult, MetricAccumulator
 from saesweep.sae import ReluSae
@@ -143,3 +148,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(path, buffer.getvalue())
+
+
+class StopOnInterrupt(L.Callback):
+    """Ctrl-C (SIGINT) during training: finish the current step, write `checkpoint_path`, stop.
+
+    Lightning's own handling of KeyboardInterrupt exits without a checkpoint, and an interrupt that
+    lands between the optimizer and scheduler steps would leave them inconsistent; waiting for the
+    step boundary avoids both. A second Ctrl-C interrupts at once. `interrupted` tells the caller.
+    """
+
+    def __init__(self, checkpoint_path: Path):
+        self.checkpoint_path = Path(checkpoint_path)
+        self.interrupted = False
+        self._previous_handler = None
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("interrupted: stopping after this step and writing %s (Ctrl-C again to abort)", self.checkpoint_path)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.interrupted and not trainer.should_stop:
+            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None

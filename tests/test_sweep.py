@@ -1,0 +1,58 @@
+"""Sweep isolation: a failing job is recorded and the others run; Ctrl-C stops with a resumable checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from saesweep.evaluate import discover_runs
+from saesweep.train import train
+from saesweep.training import SaeTrainingModule
+from test_resume import _overrides
+from test_train import tiny_cfg
+
+
+def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir, corpus_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in _overrides(tiny_model_dir, corpus_path, tmp_path / "store") if not o.startswith("dict_ratio")]
+    proc = subprocess.run(
+        [sys.executable, "train.py", *overrides, "dict_ratio=1.01,2", "-m", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    error = json.loads((sweep / "0" / "error.json").read_text())
+    assert error["type"] == "ConfigError" and "dict_ratio=1.01 gives a non-integer d_sae" in error["message"]
+    assert "check_with_model" in error["traceback"]
+    assert "job failed" in (sweep / "0" / "train.log").read_text()
+    assert (sweep / "1" / "metrics.json").is_file(), "the job after the failed one ran to the end"
+    assert f"1 job(s) failed:\n  {sweep / '0'}: ConfigError: dict_ratio=1.01" in proc.stderr
+
+    runs, failed = discover_runs(sweep)
+    assert [r.name for r in runs] == ["1"] and [f.name for f in failed] == ["0"]
+    assert failed[0].reason.startswith("job failed: ConfigError: dict_ratio=1.01 gives a non-integer d_sae")
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, corpus_path, monkeypatch):
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", *_overrides(tiny_model_dir, corpus_path, tmp_path / "store"))
+    step = SaeTrainingModule.training_step
+
+    def step_then_ctrl_c_at_5(self, batch, batch_idx):
+        if self.global_step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SaeTrainingModule, "training_step", step_then_ctrl_c_at_5)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 6"):
+        train(cfg, tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is given back"
+
+    monkeypatch.setattr(SaeTrainingModule, "training_step", step)
+    train(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text())["tokens_trained"] == 8000
