@@ -19,7 +19,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ctx_len={cfg.ctx_len} must be ≥ 2 (a context needs a next token to predict)")
     if cfg.sae.architecture not in ARCHITECTURES:
         raise ConfigError(f"sae.architecture={cfg.sae.architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
-    for key in ("train.batch_size", "eval.batch_contexts", "harvest_batch_contexts"):
+    for key in (
+        "train.batch_size", "train.checkpoint_every_n_steps", "train.max_bad_steps", "eval.batch_contexts",
+        "harvest_batch_contexts",
+    ):
         value = OmegaConf.select(cfg, key)
         if not (isinstance(value, int) and value > 0):
             raise ConfigError(f"{key}={value} must be a positive integer")

@@ -74,6 +74,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
         lr_warmup_steps=cfg.train.lr_warmup_steps,
         lr_decay_fraction=cfg.train.lr_decay_fraction,
         total_steps=total_steps(cfg.trainer, len(stream)),
+        max_bad_steps=cfg.train.max_bad_steps,
         model=model,
         hook_point=hook_point,
     )

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from saesweep.errors import TrainingDivergedError
 from saesweep.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class SaeTrainingModule(L.LightningModule):
         lr_warmup_steps: int,
         lr_decay_fraction: float,
         total_steps: int,
+        max_bad_steps: int,
         model,
         hook_point: str,
     ):
@@ -55,6 +57,9 @@ class SaeTrainingModule(L.LightningModule):
         self.lr_warmup_steps = lr_warmup_steps
         self.lr_decay_fraction = lr_decay_fraction
         self.total_steps = total_steps
+        self.max_bad_steps = max_bad_steps
+        self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
+        self._consecutive_bad_steps = 0
         self.hook_point = hook_point
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
@@ -66,13 +71,18 @@ class SaeTrainingModule(L.LightningModule):
         """The SAE in raw activation units (what is saved and evaluated)."""
         return self.sae.rescaled(float(self.act_scale))
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self.tokens_seen += batch.shape[0]
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         x = batch / self.act_scale
         x_hat, feature_acts = self.sae(x)
         mse = (x_hat - x).pow(2).sum(dim=-1).mean()
         l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
         loss = mse + self.l1_coef * l1
+        # one host sync per step: the price of never letting a NaN into the weights or the optimizer
+        if not torch.isfinite(loss):
+            self._skip_bad_step("activations" if not torch.isfinite(batch).all() else "loss")
+            return None  # Lightning skips backward and the optimizer step
+        self._consecutive_bad_steps = 0
+        self.tokens_seen += batch.shape[0]
         self.log_dict(
             {
                 "train/loss": loss,
@@ -80,12 +90,25 @@ class SaeTrainingModule(L.LightningModule):
                 "train/mse": mse * self.act_scale**2,
                 "train/l1": l1 * self.act_scale,
                 "train/l0": (feature_acts > 0).sum(dim=-1).float().mean(),
+                "train/skipped_steps": self.skipped_steps.float(),
             },
             on_step=True,
             on_epoch=False,
             prog_bar=True,
         )
         return loss
+
+    def _skip_bad_step(self, what: str) -> None:
+        self.skipped_steps += 1
+        self._consecutive_bad_steps += 1
+        log.warning("step %d skipped: NaN/Inf in the %s (%d in a row)", self.global_step, what, self._consecutive_bad_steps)
+        if self._consecutive_bad_steps >= self.max_bad_steps:
+            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise TrainingDivergedError(
+                f"{self._consecutive_bad_steps} consecutive steps up to step {self.global_step} had NaN/Inf "
+                f"{what} (train.max_bad_steps={self.max_bad_steps}); last good checkpoint: {checkpoint}. "
+                "Check the activations, or lower train.lr and resume from the checkpoint."
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_decoder_grad()
