@@ -80,6 +80,10 @@ def test_training_beats_the_initial_dictionary(tmp_path, tiny_model_dir, corpus_
         ("n_tokens=10", "less than one batch"),
         ("hook=resid_mid_typo", "is not a hook of this model"),
         ("layer=7", "layer 7 .* out of range"),
+        ("train.max_bad_steps=0", "train.max_bad_steps=0 must be a positive integer"),
+        ("store.dir=/proc/saesweep-store", r"store.dir='/proc/saesweep-store' is not writable"),
+        ("n_tokens=100000000000", r"store.dir=.* has .* free, but the activation store needs up to 11920.93 GiB more "
+                                  r"\(n_tokens=100000000000 × d_in=32 × 4 bytes of float32\)"),
     ],
 )
 def test_bad_config_fails_before_training_with_a_clear_message(tmp_path, tiny_model_dir, corpus_path, override, message):
@@ -115,3 +119,18 @@ def test_reference_multirun_sweep(tmp_path):
     assert json.loads((sweep / "1" / "metrics.json").read_text())["fvu"] < 0.5
     logs = [(sweep / job / "train.log").read_text() for job in ("0", "1")]
     assert "activation store harvested" in logs[0] and "activation store reused" in logs[1]
+
+
+def test_output_directory_under_a_file_is_a_clear_error(tmp_path, tiny_model_dir, corpus_path):
+    (tmp_path / "file").write_text("")
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=none")
+    with pytest.raises(ConfigError, match=r"output directory .*'.*/file/run' cannot be a directory: .*/file is a file"):
+        train(cfg, tmp_path / "file" / "run")
+
+
+def test_unknown_model_name_lists_close_matches():
+    from saesweep.lm import load_model
+
+    with pytest.raises(ConfigError, match=r"model.name='EleutherAI/pythia-70m-dedupd' is not a model .*"
+                                          r"close matches: EleutherAI/pythia-70m-deduped"):
+        load_model("EleutherAI/pythia-70m-dedupd", None, torch.device("cpu"))

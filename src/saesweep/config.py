@@ -3,6 +3,9 @@ value and what is allowed."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from saesweep.errors import ConfigError
@@ -46,3 +49,19 @@ def check_with_model(cfg: DictConfig, n_ctx: int, d_in: int) -> int:
         )
     return int(round(d_sae))
 
+
+
+def check_writable_dir(key: str, path: Path) -> None:
+    """`path` is, or can be created as, a directory this process can write files in."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} cannot be a directory: {existing} is a file; allowed: a writable directory")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts too
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"{key}={str(path)!r} is not writable ({existing}: {e.strerror}); allowed: a writable directory"
+        ) from None

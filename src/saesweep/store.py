@@ -174,6 +174,25 @@ class ActivationStore:
         return bool(manifest and manifest["complete"])
 
     # -- harvesting -----------------------------------------------------------------------------
+    def check_room(self, d_in: int) -> None:
+        """Fail before harvesting when the disk cannot hold the rest of the store."""
+        manifest = self.manifest() if self.path.is_dir() else None
+        if manifest and manifest["complete"]:
+            return
+        itemsize = STORE_DTYPES[self.spec.dtype].itemsize
+        needed = self.spec.n_tokens * d_in * itemsize - sum(s["bytes"] for s in (manifest or {}).get("shards", []))
+        existing = self.path
+        while not existing.exists():
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        if needed > free:
+            raise ConfigError(
+                f"store.dir={str(self.path.parent)!r} has {_gib(free)} free, but the activation store needs up to "
+                f"{_gib(needed)} more (n_tokens={self.spec.n_tokens} × d_in={d_in} × {itemsize} bytes of "
+                f"{self.spec.dtype}); free space, set store.dir to a disk with room, lower n_tokens, or use "
+                "store.dtype=bfloat16 (half the bytes)"
+            )
+
     def ensure(self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int) -> dict:
         """Harvest the store unless it is complete; concurrent callers wait for the harvester.
 
@@ -428,6 +447,10 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.dataset.load_state_dict(state)
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
 
 
 def list_stores(root: Path) -> list[dict]:

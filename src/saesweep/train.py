@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import saesweep
 from saesweep.activations import harvest
-from saesweep.config import check_config, check_with_model
+from saesweep.config import check_config, check_with_model, check_writable_dir
 from saesweep.data import ContextSource, load_texts
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
@@ -35,8 +35,11 @@ _INIT_SAMPLE = 8192  # activations used for the scale and the b_dec geometric me
 
 def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> EvalResult:
     run_dir = Path(run_dir)
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     check_config(cfg)
+    store_root = Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
+    check_writable_dir("output directory (hydra.run.dir or hydra.sweep.dir)", run_dir)
+    check_writable_dir("store.dir", store_root)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     device = resolve_device(cfg.model.device)
@@ -50,11 +53,8 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     texts = load_texts(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.text_field)
     contexts = ContextSource(texts, model.tokenizer, cfg.ctx_len, cfg.data.prepend_bos, cfg.data.seed)
     eval_contexts, n_eval_docs = contexts.eval_contexts(-(-cfg.eval.n_tokens // cfg.ctx_len))
-    store = ActivationStore(
-        Path(cfg.store.dir) if cfg.store.dir else default_store_dir(),
-        store_spec(cfg, model, hook_point),
-        shard_tokens=cfg.store.shard_tokens,
-    )
+    store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
+    store.check_room(d_in)
     manifest = store.ensure(
         model, contexts.train_batches(n_eval_docs, cfg.harvest_batch_contexts), cfg.harvest_batch_contexts
     )
