@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import signal
 
 import pytest
 import torch
@@ -51,3 +52,4 @@ def test_k_consecutive_bad_steps_stop_the_job_naming_step_and_checkpoint(tmp_pat
         train(cfg, tmp_path)
     assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'}" in str(e.value)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "a failed job gives Ctrl-C back"

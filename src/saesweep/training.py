@@ -192,7 +192,9 @@ class StopOnInterrupt(L.Callback):
         self.interrupted = True
         log.warning("interrupted: stopping after this step and writing %s (Ctrl-C again to abort)", self.checkpoint_path)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # not on_fit_start: Lightning records the signal handlers after that hook and puts them back
+        # when fit ends, which would reinstall this one after a failed job
         self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -201,6 +203,12 @@ class StopOnInterrupt(L.Callback):
             trainer.should_stop = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()  # Lightning skips the teardown hooks when fit raises
+
+    def _restore_handler(self) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
