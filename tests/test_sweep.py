@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from conftest import REPO
 from saesweep.evaluate import discover_runs
 from saesweep.train import train
 from saesweep.training import SaeTrainingModule
-from test_resume import _overrides
+from test_resume import _SLOW_TRAIN_PY, _overrides
 from test_train import tiny_cfg
 
 
@@ -56,3 +57,26 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes(tmp_path, ti
     monkeypatch.setattr(SaeTrainingModule, "training_step", step)
     train(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "cfg.json").read_text())["tokens_trained"] == 8000
+
+
+def test_sigint_stops_a_multirun_sweep_leaving_a_resumable_checkpoint(tmp_path, tiny_model_dir, corpus_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in _overrides(tiny_model_dir, corpus_path, tmp_path / "store") if not o.startswith("dict_ratio")]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "STEP_SLEEP_S": "0.2"}
+    job = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TRAIN_PY, *overrides, "dict_ratio=1,2", "-m", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    last = sweep / "0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.is_file():
+        assert job.poll() is None and time.monotonic() < deadline, "job 0 wrote no checkpoint"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    _, stderr = job.communicate(timeout=120)
+
+    assert job.returncode == 130, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 4 <= stopped_at < 32 and not (sweep / "0" / "metrics.json").exists()
+    assert not (sweep / "1").exists(), "the sweep stopped: job 1 never started"
