@@ -28,7 +28,13 @@ from saesweep.errors import CheckpointError, ConfigError
 from saesweep.io import atomic_write_bytes, atomic_write_json
 from saesweep.lm import resolve_device
 from saesweep.rundir import (
-    CFG_FILE, SAE_FILE, load_feature_stats, load_job_error, load_metrics, load_run_config, load_sae,
+    CFG_FILE,
+    SAE_FILE,
+    load_feature_stats,
+    load_job_error,
+    load_metrics,
+    load_run_config,
+    load_sae,
 )
 
 log = logging.getLogger(__name__)

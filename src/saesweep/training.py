@@ -20,11 +20,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from saesweep.errors import TrainingDivergedError
 from saesweep.io import atomic_write_bytes
-
-log = logging.getLogger(__name__)
-
 from saesweep.metrics import EvalResult, MetricAccumulator
 from saesweep.sae import ReluSae
+
+log = logging.getLogger(__name__)
 
 
 def activation_scale(sample: torch.Tensor) -> float:
