@@ -76,7 +76,7 @@ def test_sigint_stops_a_multirun_sweep_leaving_a_resumable_checkpoint(tmp_path, 
     _, stderr = job.communicate(timeout=120)
 
     assert job.returncode == 130, stderr[-3000:]
-    assert "rerun the same command to resume" in stderr
+    assert "to resume, rerun: python train.py -m " in stderr and f"hydra.sweep.dir={sweep}\n" in stderr
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     assert 4 <= stopped_at < 32 and not (sweep / "0" / "metrics.json").exists()
     assert not (sweep / "1").exists(), "the sweep stopped: job 1 never started"
