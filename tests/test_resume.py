@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from saesweep.errors import CheckpointError
 from saesweep.train import train
 from test_train import tiny_cfg
 
@@ -99,3 +100,10 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_intact(tmp
         checkpoint_io.save_checkpoint({"global_step": 8, "w": lambda: None}, path)  # a lambda cannot be pickled
     assert torch.load(path, weights_only=True)["global_step"] == 4
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_resuming_with_other_settings_is_a_clear_error(tmp_path, tiny_model_dir, corpus_path):
+    store = tmp_path / "store"
+    train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none"), tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"other settings \(seed: 0 then, 1 now\); rerun with the original"):
+        train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "seed=1"), tmp_path / "run")

@@ -65,6 +65,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae)
     sae.init_b_dec(sample / scale)
     stream = StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed)
+    steps = total_steps(cfg.trainer, len(stream))
     module = SaeTrainingModule(
         sae,
         act_scale=scale,
@@ -73,10 +74,18 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_steps=cfg.train.lr_warmup_steps,
         lr_decay_fraction=cfg.train.lr_decay_fraction,
-        total_steps=total_steps(cfg.trainer, len(stream)),
+        total_steps=steps,
         max_bad_steps=cfg.train.max_bad_steps,
         model=model,
         hook_point=hook_point,
+        resume_key={
+            "activation_store": store.path.name,
+            "d_sae": d_sae,
+            "seed": cfg.seed,
+            "train.batch_size": cfg.train.batch_size,
+            "store.buffer_tokens": cfg.store.buffer_tokens,
+            "total_steps": steps,
+        },
     )
 
     pin = device.type == "cuda"

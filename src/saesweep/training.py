@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from saesweep.errors import TrainingDivergedError
+from saesweep.errors import CheckpointError, TrainingDivergedError
 from saesweep.io import atomic_write_bytes
 from saesweep.metrics import EvalResult, MetricAccumulator
 from saesweep.sae import ReluSae
@@ -45,6 +45,7 @@ class SaeTrainingModule(L.LightningModule):
         max_bad_steps: int,
         model,
         hook_point: str,
+        resume_key: dict[str, object],
     ):
         super().__init__()
         self.sae = sae
@@ -60,6 +61,8 @@ class SaeTrainingModule(L.LightningModule):
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
         self._consecutive_bad_steps = 0
         self.hook_point = hook_point
+        # what must be unchanged for a checkpoint of this job to be resumed (data, shapes, schedule)
+        self.resume_key = resume_key
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_eval: EvalResult | None = None
@@ -122,8 +125,17 @@ class SaeTrainingModule(L.LightningModule):
         # Lightning does not save the global RNGs; nothing in training draws from them today, but a
         # resumed job must continue any that a future step uses exactly where they stood.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        checkpoint["saesweep_resume_key"] = self.resume_key
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("saesweep_resume_key", {})
+        changed = sorted(k for k in saved.keys() | self.resume_key.keys() if saved.get(k) != self.resume_key.get(k))
+        if changed:
+            differences = ", ".join(f"{k}: {saved.get(k)!r} then, {self.resume_key.get(k)!r} now" for k in changed)
+            raise CheckpointError(
+                f"checkpoints/last.ckpt of this run directory belongs to a job with other settings ({differences}); "
+                "rerun with the original settings to resume, or use a new output directory to start afresh"
+            )
         if states := checkpoint.get("rng_states"):
             torch.set_rng_state(states["torch"])
             random.setstate(states["python"])
