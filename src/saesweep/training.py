@@ -128,7 +128,8 @@ class SaeTrainingModule(L.LightningModule):
         checkpoint["saesweep_resume_key"] = self.resume_key
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("saesweep_resume_key", {})
+        # checkpoints written before the key existed carry none and are resumed unchecked
+        saved = checkpoint.get("saesweep_resume_key", self.resume_key)
         changed = sorted(k for k in saved.keys() | self.resume_key.keys() if saved.get(k) != self.resume_key.get(k))
         if changed:
             differences = ", ".join(f"{k}: {saved.get(k)!r} then, {self.resume_key.get(k)!r} now" for k in changed)
