@@ -61,3 +61,36 @@ def test_not_a_run_directory(tmp_path):
     (tmp_path / "cfg.json").write_text('{"architecture": "topk", "d_in": 2, "d_sae": 4}')
     with pytest.raises(CheckpointError, match="'topk' is unknown"):
         load_sae(tmp_path)
+
+
+def _pickle_run(tmp_path):
+    sae = make_run(tmp_path)
+    (tmp_path / "sae.safetensors").unlink()
+    torch.save(sae.tensors(), tmp_path / "sae.pt")
+    return sae
+
+
+def test_pickle_weights_are_refused_without_the_trust_flag(tmp_path):
+    _pickle_run(tmp_path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*sae.pt: it is a pickle file.*trust_pickle=True"):
+        load_sae(tmp_path)
+
+
+def test_pickle_weights_load_with_the_trust_flag_and_are_shape_checked(tmp_path):
+    sae = _pickle_run(tmp_path)
+    torch.testing.assert_close(load_sae(tmp_path, trust_pickle=True).W_dec, sae.W_dec)
+    torch.save({"W_enc": torch.zeros(8, 24)}, tmp_path / "sae.pt")
+    with pytest.raises(CheckpointError, match=r"sae.pt does not match cfg.json .* found \{'W_enc': \(8, 24\)\}"):
+        load_sae(tmp_path, trust_pickle=True)
+    (tmp_path / "sae.pt").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(CheckpointError, match="sae.pt is not a readable torch pickle file"):
+        load_sae(tmp_path, trust_pickle=True)
+
+
+def test_cfg_claiming_a_huge_dictionary_is_an_error_not_an_allocation(tmp_path):
+    make_run(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["d_sae"] = 10**13  # ReluSae(8, 10**13) would try to allocate petabytes
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"d_sae=10000000000000"):
+        load_sae(tmp_path)

@@ -235,3 +235,24 @@ def test_held_out_set_is_built_once_and_checked(tmp_path, tiny_model):
     path.write_bytes(path.read_bytes()[:-8])  # truncated: detected, rebuilt
     rebuilt = store.held_out(lambda: {k: v + 1 for k, v in made.items()})
     assert torch.equal(rebuilt["tokens"], made["tokens"] + 1)
+
+def test_stream_position_restored_in_a_new_stream_continues_with_the_next_batch(tmp_path, tiny_model):
+    store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
+    store.ensure(tiny_model, train_batches(tiny_model), 8)
+    uninterrupted = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    epoch_0, epoch_1 = torch.cat(list(uninterrupted)), torch.cat(list(uninterrupted))
+    stream = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    list(stream)
+    partial = iter(stream)  # epoch 1, interrupted after 5 batches
+    consumed = [next(partial) for _ in range(5)]
+    assert stream.state_dict() == {"epoch": 1, "batches": 5}
+
+    resumed = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    resumed.load_state_dict(stream.state_dict())
+    rest = list(resumed)
+    assert len(rest) == 24 - 5 and torch.equal(torch.cat(consumed + rest), epoch_1)
+    # a position at the end of an epoch resumes with the next epoch from its start
+    after_epoch = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    after_epoch.load_state_dict({"epoch": 0, "batches": 24})
+    second = torch.cat(list(after_epoch))
+    assert torch.equal(second, epoch_1) and not torch.equal(second, epoch_0)

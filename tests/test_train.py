@@ -82,6 +82,10 @@ def test_training_beats_the_initial_dictionary(tmp_path, tiny_model_dir, corpus_
         ("n_tokens=10", "less than one batch"),
         ("hook=resid_mid_typo", "is not a hook of this model"),
         ("layer=7", "layer 7 .* out of range"),
+        ("train.max_bad_steps=0", "train.max_bad_steps=0 must be a positive integer"),
+        ("store.dir=/proc/saesweep-store", r"store.dir='/proc/saesweep-store' is not writable"),
+        ("n_tokens=100000000000", r"store.dir=.* has .* free, but the activation store needs up to 11920.93 GiB more "
+                                  r"\(n_tokens=100000000000 × d_in=32 × 4 bytes of float32\)"),
     ],
 )
 def test_bad_config_fails_before_training_with_a_clear_message(tmp_path, tiny_model_dir, corpus_path, override, message):
@@ -147,3 +151,17 @@ def test_runs_of_a_sweep_start_from_unrelated_dictionaries(tiny_model_dir, corpu
     again = ReluSae(32, 64, generator=init_generator(cfg, 64))
     assert torch.equal(small.W_dec, again.W_dec)  # reproducible from the seed
     assert mcs(small.W_dec, large.W_dec).max() < 0.99
+
+def test_output_directory_under_a_file_is_a_clear_error(tmp_path, tiny_model_dir, corpus_path):
+    (tmp_path / "file").write_text("")
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=none")
+    with pytest.raises(ConfigError, match=r"output directory .*'.*/file/run' cannot be a directory: .*/file is a file"):
+        train(cfg, tmp_path / "file" / "run")
+
+
+def test_unknown_model_name_lists_close_matches():
+    from saesweep.lm import load_model
+
+    with pytest.raises(ConfigError, match=r"model.name='EleutherAI/pythia-70m-dedupd' is not a model .*"
+                                          r"close matches: EleutherAI/pythia-70m-deduped"):
+        load_model("EleutherAI/pythia-70m-dedupd", None, torch.device("cpu"))

@@ -3,6 +3,10 @@ value and what is allowed."""
 
 from __future__ import annotations
 
+import math
+import tempfile
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from saesweep.errors import ConfigError
@@ -11,24 +15,38 @@ from saesweep.sae import ARCHITECTURES
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that need no model."""
-    if not cfg.dict_ratio > 0:
+    if not _number(cfg, "dict_ratio") > 0:
         raise ConfigError(f"dict_ratio={cfg.dict_ratio} must be > 0 (d_sae = dict_ratio × d_in)")
-    if cfg.l1_coef < 0:
+    if _number(cfg, "l1_coef") < 0:
         raise ConfigError(f"l1_coef={cfg.l1_coef} must be ≥ 0")
-    if cfg.ctx_len < 2:
+    if _number(cfg, "ctx_len", integer=True) < 2:
         raise ConfigError(f"ctx_len={cfg.ctx_len} must be ≥ 2 (a context needs a next token to predict)")
-    if cfg.sae.architecture not in ARCHITECTURES:
-        raise ConfigError(f"sae.architecture={cfg.sae.architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
-    for key in ("train.batch_size", "eval.batch_contexts", "harvest_batch_contexts"):
-        value = OmegaConf.select(cfg, key)
-        if not (isinstance(value, int) and value > 0):
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    if cfg.n_tokens < cfg.train.batch_size:
+    architecture = cfg.sae.architecture
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
+        raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
+    for key in (
+        "train.batch_size", "train.checkpoint_every_n_steps", "train.max_bad_steps", "eval.batch_contexts",
+        "harvest_batch_contexts",
+    ):
+        if _number(cfg, key, integer=True) <= 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")
+    if _number(cfg, "n_tokens", integer=True) < cfg.train.batch_size:
         raise ConfigError(
             f"n_tokens={cfg.n_tokens} is less than one batch (train.batch_size={cfg.train.batch_size})"
         )
-    if cfg.eval.n_tokens < cfg.ctx_len:
+    if _number(cfg, "eval.n_tokens", integer=True) < cfg.ctx_len:
         raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
+
+
+def _number(cfg: DictConfig, key: str, integer: bool = False) -> float:
+    """The value at `key`, which must be a finite number (an integer when `integer`): a mistyped
+    override such as `l1_coef=1e-3x` arrives as a string and would otherwise fail deep inside."""
+    value = OmegaConf.select(cfg, key)
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        allowed = "an integer" if integer else "a finite number"
+        raise ConfigError(f"{key}={value!r} is not {allowed}")
+    return value
 
 
 def check_with_model(cfg: DictConfig, n_ctx: int, d_in: int) -> int:
@@ -36,10 +54,25 @@ def check_with_model(cfg: DictConfig, n_ctx: int, d_in: int) -> int:
     if cfg.ctx_len > n_ctx:
         raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's context length n_ctx={n_ctx}")
     d_sae = cfg.dict_ratio * d_in
-    if abs(d_sae - round(d_sae)) > 1e-9:
+    if not math.isfinite(d_sae) or abs(d_sae - round(d_sae)) > 1e-9:
         raise ConfigError(
             f"dict_ratio={cfg.dict_ratio} gives a non-integer d_sae={d_sae} for d_in={d_in}; "
             "choose a ratio whose product with d_in is a whole number"
         )
     return int(round(d_sae))
 
+
+def check_writable_dir(key: str, path: Path) -> None:
+    """`path` is, or can be created as, a directory this process can write files in."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} cannot be a directory: {existing} is a file; allowed: a writable directory")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts too
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"{key}={str(path)!r} is not writable ({existing}: {e.strerror}); allowed: a writable directory"
+        ) from None

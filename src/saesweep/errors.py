@@ -20,3 +20,7 @@ class DataError(SaesweepError):
 
 class CheckpointError(SaesweepError):
     """A saved SAE, run directory or checkpoint is missing, corrupt or inconsistent."""
+
+
+class TrainingDivergedError(SaesweepError):
+    """Too many consecutive training steps had NaN/Inf activations or loss."""

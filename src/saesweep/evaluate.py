@@ -31,6 +31,7 @@ from saesweep.rundir import (
     RUN_MARKERS,
     find_run_dirs,
     load_feature_stats,
+    load_job_error,
     load_metrics,
     load_run_config,
     load_sae,
@@ -224,6 +225,8 @@ def evaluation_dir(sweep_dir: str | Path) -> Path:
 
 def load_run(run_dir: Path, name: str) -> Run | FailedRun:
     overrides = _hydra_overrides(run_dir)
+    if (job_error := load_job_error(run_dir)) is not None:
+        return FailedRun(name, run_dir, overrides, {}, f"job failed: {job_error}")
     try:
         cfg = load_run_config(run_dir)
     except CheckpointError as e:

@@ -35,6 +35,7 @@ def load_model(name: str | None, path: str | None, device: torch.device, dtype: 
             )
         source = str(local.resolve())
     elif name:
+        check_model_name(name)
         require_hub(
             f"model {name!r}",
             hint="point model.path at a local Hugging Face model directory: python train.py model.path=DIR",
@@ -54,6 +55,22 @@ def load_model(name: str | None, path: str | None, device: torch.device, dtype: 
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def check_model_name(name: str) -> None:
+    """A hub name must be one TransformerLens supports (the bridge's registry or its official names)."""
+    from transformer_lens.model_bridge.sources.transformers.helpers import list_supported_models
+    from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
+
+    known = set(list_supported_models()) | set(OFFICIAL_MODEL_NAMES)
+    if not known or name in known:  # an empty registry (it failed to load) must not block every name
+        return
+    close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ConfigError(
+        f"model.name={name!r} is not a model TransformerLens supports{hint}. "
+        "For any other Hugging Face model of a supported architecture, download it and set model.path=DIR"
+    )
 
 
 def hook_point_for(layer: int, hook: str, hook_point: str | None) -> str:

@@ -90,8 +90,11 @@ class ReluSae(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_parameters()}
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(p.shape) for name, p in self.named_parameters()}
+    @staticmethod
+    def parameter_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        """The shapes `ReluSae(d_in, d_sae)` has, known before allocating it (a corrupt cfg.json may
+        claim sizes too large to allocate)."""
+        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
 
 
 ARCHITECTURES: dict[str, type[ReluSae]] = {ReluSae.architecture: ReluSae}

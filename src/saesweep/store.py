@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 import saesweep
@@ -175,6 +175,25 @@ class ActivationStore:
         return bool(manifest and manifest["complete"])
 
     # -- harvesting -----------------------------------------------------------------------------
+    def check_room(self, d_in: int) -> None:
+        """Fail before harvesting when the disk cannot hold the rest of the store."""
+        manifest = self.manifest() if self.path.is_dir() else None
+        if manifest and manifest["complete"]:
+            return
+        itemsize = STORE_DTYPES[self.spec.dtype].itemsize
+        needed = self.spec.n_tokens * d_in * itemsize - sum(s["bytes"] for s in (manifest or {}).get("shards", []))
+        existing = self.path
+        while not existing.exists():
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        if needed > free:
+            raise ConfigError(
+                f"store.dir={str(self.path.parent)!r} has {_gib(free)} free, but the activation store needs up to "
+                f"{_gib(needed)} more (n_tokens={self.spec.n_tokens} × d_in={d_in} × {itemsize} bytes of "
+                f"{self.spec.dtype}); free space, set store.dir to a disk with room, lower n_tokens, or use "
+                "store.dtype=bfloat16 (half the bytes)"
+            )
+
     def ensure(self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int) -> dict:
         """Harvest the store unless it is complete; concurrent callers wait for the harvester.
 
@@ -362,7 +381,12 @@ def _regroup(batches: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tenso
 
 class StoreStream(IterableDataset):
     """Training batches streamed from a complete store: shards in a random order, rows mixed in a
-    shuffle buffer of `buffer_tokens` rows. Memory: the buffer plus one shard, whatever n_tokens is."""
+    shuffle buffer of `buffer_tokens` rows. Memory: the buffer plus one shard, whatever n_tokens is.
+
+    The order of an epoch depends only on (seed, epoch), so a position is two numbers: `state_dict()`
+    gives them and `load_state_dict()` makes the next iteration replay that epoch and skip the batches
+    already consumed, which is how a resumed job sees exactly the batches an uninterrupted one would.
+    """
 
     def __init__(self, store: ActivationStore, batch_size: int, buffer_tokens: int, seed: int):
         manifest = store.manifest()
@@ -374,14 +398,34 @@ class StoreStream(IterableDataset):
         self.batch_size = batch_size
         self.buffer_tokens = max(buffer_tokens, batch_size)
         self.seed = seed
-        self.epoch = 0
+        self.epoch = 0  # the epoch the next iteration streams
+        self._skip = 0  # batches of that epoch to skip (already consumed before a resume)
+        self._position = {"epoch": 0, "batches": 0}  # of the iteration in progress
 
     def __len__(self) -> int:
         return math.ceil(self.n_rows / self.batch_size)
 
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # the epoch was finished: the next one starts from its beginning
+            epoch, batches = epoch + 1, 0
+        self.epoch, self._skip = epoch, batches
+
     def __iter__(self) -> Iterator[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
+        epoch, skip = self.epoch, self._skip
+        self.epoch, self._skip = epoch + 1, 0
+        self._position = {"epoch": epoch, "batches": 0}
+        for i, batch in enumerate(self._epoch_batches(epoch)):
+            if i < skip:
+                continue
+            self._position["batches"] = i + 1
+            yield batch
+
+    def _epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         capacity = self.buffer_tokens
         # emit a random half of a full buffer (whole batches), keep the rest to mix with later shards
         n_emit = max(capacity // 2 // self.batch_size, 1) * self.batch_size
@@ -409,6 +453,28 @@ class StoreStream(IterableDataset):
             del rows
         if filled:
             yield from buffer[:filled][torch.randperm(filled, generator=generator)].split(self.batch_size)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a StoreStream that Lightning checkpoints: Lightning saves the `state_dict` of
+    any stateful train loader with the fit loop and hands it back on resume, before iterating.
+
+    The stream's position counts the batches it has handed out. That equals the steps taken because
+    Lightning prefetches nothing from a loader whose length is known (StoreStream has `__len__`).
+    """
+
+    def __init__(self, stream: StoreStream, pin_memory: bool = False):
+        super().__init__(stream, batch_size=None, pin_memory=pin_memory)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
 
 
 def list_stores(root: Path) -> list[dict]:

@@ -21,21 +21,22 @@ from torch.utils.data import DataLoader
 
 import saesweep
 from saesweep.activations import harvest
-from saesweep.config import check_config, check_with_model
+from saesweep.config import check_config, check_with_model, check_writable_dir
 from saesweep.data import ContextSource, load_texts
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
-from saesweep.rundir import CHECKPOINT_DIR, write_run_dir
+from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, write_run_dir
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import (
     ActivationStore,
+    ResumableLoader,
     StoreSpec,
     StoreStream,
     TokenFilter,
     default_store_dir,
     model_fingerprint,
 )
-from saesweep.training import SaeTrainingModule, activation_scale
+from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, StopOnInterrupt, activation_scale
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ _INIT_SAMPLE = 8192  # activations used for the scale and the b_dec geometric me
 def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> EvalResult:
     run_dir = Path(run_dir)
     check_config(cfg)
+    store_root = Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
+    check_writable_dir("output directory (hydra.run.dir or hydra.sweep.dir)", run_dir)
+    check_writable_dir("store.dir", store_root)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     device = resolve_device(cfg.model.device)
@@ -58,11 +63,8 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     texts = load_texts(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.text_field)
     contexts = ContextSource(texts, model.tokenizer, cfg.ctx_len, cfg.data.prepend_bos, cfg.data.seed)
     eval_contexts, n_eval_docs = contexts.eval_contexts(-(-cfg.eval.n_tokens // cfg.ctx_len))
-    store = ActivationStore(
-        Path(cfg.store.dir) if cfg.store.dir else default_store_dir(),
-        store_spec(cfg, model, hook_point),
-        shard_tokens=cfg.store.shard_tokens,
-    )
+    store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
+    store.check_room(d_in)
     manifest = store.ensure(
         model, contexts.train_batches(n_eval_docs, cfg.harvest_batch_contexts), cfg.harvest_batch_contexts
     )
@@ -76,6 +78,8 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     scale = activation_scale(sample)
     sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae, generator=init_generator(cfg, d_sae))
     sae.init_b_dec(sample / scale)
+    stream = StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed)
+    steps = total_steps(cfg.trainer, len(stream))
     module = SaeTrainingModule(
         sae,
         act_scale=scale,
@@ -84,17 +88,27 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_steps=cfg.train.lr_warmup_steps,
         lr_decay_fraction=cfg.train.lr_decay_fraction,
+        total_steps=steps,
+        max_bad_steps=cfg.train.max_bad_steps,
         model=model,
         hook_point=hook_point,
+        resume_key={
+            "activation_store": store.path.name,
+            "d_sae": d_sae,
+            "seed": cfg.seed,
+            "train.batch_size": cfg.train.batch_size,
+            "store.buffer_tokens": cfg.store.buffer_tokens,
+            "total_steps": steps,
+        },
     )
 
     pin = device.type == "cuda"
-    train_loader = DataLoader(
-        StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed), batch_size=None, pin_memory=pin
-    )
+    train_loader = ResumableLoader(stream, pin_memory=pin)
     eval_loader = DataLoader(held_out, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
     logger = make_logger(cfg, run_dir, sweep_dir)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
+    last = checkpoint_dir / "last.ckpt"
+    stop_on_interrupt = StopOnInterrupt(last)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
@@ -105,16 +119,22 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
                 save_last=True,
                 save_top_k=0,
                 every_n_train_steps=cfg.train.checkpoint_every_n_steps,
-            )
+            ),
+            stop_on_interrupt,
         ],
+        plugins=[AtomicCheckpointIO()],
         val_check_interval=cfg.eval.every_n_steps,
         check_val_every_n_epoch=None,
     )
-    last = checkpoint_dir / "last.ckpt"
     resume_from = str(last) if last.is_file() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from)
+    # weights_only: a checkpoint holds tensors and plain values, so nothing in it needs unpickling
+    trainer.fit(
+        module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from, weights_only=True
+    )
+    if stop_on_interrupt.interrupted:
+        raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {last} written")
     trainer.save_checkpoint(last)
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
     result = module.last_eval
@@ -142,6 +162,13 @@ def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
     """
     identity = json.dumps([cfg.seed, cfg.sae.architecture, d_sae, cfg.l1_coef])
     return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest()))
+
+
+def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole job: max_epochs passes, cut short by trainer.max_steps when set."""
+    steps = steps_per_epoch * trainer_cfg.get("max_epochs", 1)
+    max_steps = trainer_cfg.get("max_steps", -1)
+    return min(steps, max_steps) if max_steps is not None and max_steps >= 0 else steps
 
 
 def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:

@@ -7,11 +7,23 @@ evaluation and saving.
 
 from __future__ import annotations
 
+import io
+import logging
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from saesweep.errors import CheckpointError, TrainingDivergedError
+from saesweep.io import atomic_write_bytes
 from saesweep.metrics import EvalResult, MetricAccumulator
 from saesweep.sae import ReluSae
+
+log = logging.getLogger(__name__)
 
 
 def activation_scale(sample: torch.Tensor) -> float:
@@ -29,8 +41,11 @@ class SaeTrainingModule(L.LightningModule):
         adam_betas: tuple[float, float],
         lr_warmup_steps: int,
         lr_decay_fraction: float,
+        total_steps: int,
+        max_bad_steps: int,
         model,
         hook_point: str,
+        resume_key: dict[str, object],
     ):
         super().__init__()
         self.sae = sae
@@ -41,7 +56,13 @@ class SaeTrainingModule(L.LightningModule):
         self.adam_betas = tuple(adam_betas)
         self.lr_warmup_steps = lr_warmup_steps
         self.lr_decay_fraction = lr_decay_fraction
+        self.total_steps = total_steps
+        self.max_bad_steps = max_bad_steps
+        self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
+        self._consecutive_bad_steps = 0
         self.hook_point = hook_point
+        # what must be unchanged for a checkpoint of this job to be resumed (data, shapes, schedule)
+        self.resume_key = resume_key
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_eval: EvalResult | None = None
@@ -52,13 +73,18 @@ class SaeTrainingModule(L.LightningModule):
         """The SAE in raw activation units (what is saved and evaluated)."""
         return self.sae.rescaled(float(self.act_scale))
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self.tokens_seen += batch.shape[0]
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         x = batch / self.act_scale
         x_hat, feature_acts = self.sae(x)
         mse = (x_hat - x).pow(2).sum(dim=-1).mean()
         l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
         loss = mse + self.l1_coef * l1
+        # one host sync per step: the price of never letting a NaN into the weights or the optimizer
+        if not torch.isfinite(loss):
+            self._skip_bad_step("activations" if not torch.isfinite(batch).all() else "loss")
+            return None  # Lightning skips backward and the optimizer step
+        self._consecutive_bad_steps = 0
+        self.tokens_seen += batch.shape[0]
         self.log_dict(
             {
                 "train/loss": loss,
@@ -66,6 +92,7 @@ class SaeTrainingModule(L.LightningModule):
                 "train/mse": mse * self.act_scale**2,
                 "train/l1": l1 * self.act_scale,
                 "train/l0": (feature_acts > 0).sum(dim=-1).float().mean(),
+                "train/skipped_steps": self.skipped_steps.float(),
             },
             on_step=True,
             on_epoch=False,
@@ -73,15 +100,52 @@ class SaeTrainingModule(L.LightningModule):
         )
         return loss
 
+    def _skip_bad_step(self, what: str) -> None:
+        self.skipped_steps += 1
+        self._consecutive_bad_steps += 1
+        log.warning("step %d skipped: NaN/Inf in the %s (%d in a row)", self.global_step, what, self._consecutive_bad_steps)
+        if self._consecutive_bad_steps >= self.max_bad_steps:
+            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise TrainingDivergedError(
+                f"{self._consecutive_bad_steps} consecutive steps up to step {self.global_step} had NaN/Inf "
+                f"{what} (train.max_bad_steps={self.max_bad_steps}); last good checkpoint: {checkpoint}. "
+                "Check the activations, or lower train.lr and resume from the checkpoint."
+            )
+
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_decoder_grad()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here and not in on_train_batch_end: callbacks (the periodic checkpoint) run before the
+        # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
         self.sae.normalize_decoder()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not save the global RNGs; nothing in training draws from them today, but a
+        # resumed job must continue any that a future step uses exactly where they stood.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        checkpoint["saesweep_resume_key"] = self.resume_key
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written before the key existed carry none and are resumed unchecked
+        saved = checkpoint.get("saesweep_resume_key", self.resume_key)
+        changed = sorted(k for k in saved.keys() | self.resume_key.keys() if saved.get(k) != self.resume_key.get(k))
+        if changed:
+            differences = ", ".join(f"{k}: {saved.get(k)!r} then, {self.resume_key.get(k)!r} now" for k in changed)
+            raise CheckpointError(
+                f"checkpoints/last.ckpt of this run directory belongs to a job with other settings ({differences}); "
+                "rerun with the original settings to resume, or use a new output directory to start afresh"
+            )
+        if states := checkpoint.get("rng_states"):
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.adam_betas)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # total_steps is given, not read from trainer.estimated_stepping_batches: that property sets the
+        # train loader up before a resumed job restores the loader's position, which is then lost.
+        total = max(self.total_steps, 1)
         decay_start = int(total * (1 - self.lr_decay_fraction))
         warmup = max(self.lr_warmup_steps, 1)
 
@@ -107,3 +171,56 @@ class SaeTrainingModule(L.LightningModule):
         self.last_eval = self._accumulator.compute()
         self.log_dict({f"eval/{k}": v for k, v in self.last_eval.metrics.items()})
         self._accumulator = self._eval_sae = None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, fsynced, then renamed over the old one: a job killed
+    mid-write leaves the previous last.ckpt intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+
+class StopOnInterrupt(L.Callback):
+    """Ctrl-C (SIGINT) during training: finish the current step, write `checkpoint_path`, stop.
+
+    Lightning's own handling of KeyboardInterrupt exits without a checkpoint, and an interrupt that
+    lands between the optimizer and scheduler steps would leave them inconsistent; waiting for the
+    step boundary avoids both. A second Ctrl-C interrupts at once. `interrupted` tells the caller.
+    """
+
+    def __init__(self, checkpoint_path: Path):
+        self.checkpoint_path = Path(checkpoint_path)
+        self.interrupted = False
+        self._previous_handler = None
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("interrupted: stopping after this step and writing %s (Ctrl-C again to abort)", self.checkpoint_path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # not on_fit_start: Lightning records the signal handlers after that hook and puts them back
+        # when fit ends, which would reinstall this one after a failed job
+        self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.interrupted and not trainer.should_stop:
+            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()  # Lightning skips the teardown hooks when fit raises
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None

@@ -1,0 +1,109 @@
+"""Resume after a kill: a job killed with SIGKILL and started again with the same command continues
+from checkpoints/last.ckpt and ends where an uninterrupted job of the same seed ends."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from saesweep.errors import CheckpointError
+from saesweep.train import train
+from test_train import tiny_cfg
+
+# The real Hydra app, with each training step slowed down so that the test can kill it mid-training.
+_SLOW_TRAIN_PY = """
+import os, runpy, sys, time
+from saesweep.training import SaeTrainingModule
+step, pause = SaeTrainingModule.training_step, float(os.environ["STEP_SLEEP_S"])
+SaeTrainingModule.training_step = lambda self, *a: (time.sleep(pause), step(self, *a))[1]
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+_STEPS = 32  # ceil(n_tokens 8000 / batch_size 256)
+
+
+def _overrides(tiny_model_dir, corpus_path, store_dir):
+    return [
+        f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}", "layer=1",
+        "ctx_len=16", "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256",
+        "eval.every_n_steps=10", "train.checkpoint_every_n_steps=4", "dict_ratio=2",
+        "trainer.enable_progress_bar=false", f"store.dir={store_dir}", "store.shard_tokens=1000",
+        "store.buffer_tokens=2048", "logger=none",
+    ]
+
+
+def _start(overrides, run_dir, step_sleep_s):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "STEP_SLEEP_S": str(step_sleep_s)}
+    return subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TRAIN_PY, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _checkpoint_step(path) -> int:
+    try:  # written atomically, so a file that exists is complete
+        return torch.load(path, weights_only=True)["global_step"]
+    except FileNotFoundError:
+        return -1
+
+
+def test_sigkilled_job_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, tiny_model_dir, corpus_path):
+    overrides = _overrides(tiny_model_dir, corpus_path, tmp_path / "store")
+    reference = tmp_path / "uninterrupted"
+    with_hydra = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", *overrides)
+    train(with_hydra, reference)  # also harvests the store the killed job then reuses
+
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    job = _start(overrides, run_dir, step_sleep_s=0.15)
+    deadline = time.monotonic() + 240
+    while _checkpoint_step(last) < 8:
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint at step ≥ 8 in time"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    killed_at = _checkpoint_step(last)
+    assert 8 <= killed_at < _STEPS and not (run_dir / "metrics.json").exists()
+
+    rerun = _start(overrides, run_dir, step_sleep_s=0)  # the same command again
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resuming from" in (run_dir / "train.log").read_text()
+    assert _checkpoint_step(last) == _STEPS
+
+    # Bit-identical: the stream replays the killed epoch from (seed, epoch) and skips the consumed
+    # batches, the optimizer/scheduler/step come from the checkpoint, and CPU float ops of the same
+    # shapes in the same order give the same bits.
+    resumed_weights, reference_weights = load_file(run_dir / "sae.safetensors"), load_file(reference / "sae.safetensors")
+    for name, tensor in reference_weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
+    assert json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_intact(tmp_path):
+    from saesweep.training import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint_io = AtomicCheckpointIO()
+    checkpoint_io.save_checkpoint({"global_step": 4, "w": torch.ones(3)}, path)
+    with pytest.raises((AttributeError, pickle.PicklingError), match="lambda"):
+        checkpoint_io.save_checkpoint({"global_step": 8, "w": lambda: None}, path)  # a lambda cannot be pickled
+    assert torch.load(path, weights_only=True)["global_step"] == 4
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_resuming_with_other_settings_is_a_clear_error(tmp_path, tiny_model_dir, corpus_path):
+    store = tmp_path / "store"
+    train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none"), tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"other settings \(seed: 0 then, 1 now\); rerun with the original"):
+        train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "seed=1"), tmp_path / "run")
