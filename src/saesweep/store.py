@@ -204,7 +204,7 @@ class ActivationStore:
         if self.is_complete():
             self._log("reused")
             return self.manifest()
-        with self._lock():
+        with self._lock("harvested"):
             if self.is_complete():  # another job finished it while we waited
                 self._log("reused")
                 return self.manifest()
@@ -220,12 +220,13 @@ class ActivationStore:
         )
 
     @contextmanager
-    def _lock(self):
+    def _lock(self, work: str):
+        """The store's file lock; `work` says in the log what a waiting process waits for."""
         with open(self.path / ".lock", "w") as lock_file:
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("activation store %s is being harvested by another process; waiting", self.path)
+                log.info("activation store %s is being %s by another process; waiting", self.path, work)
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield
@@ -294,18 +295,26 @@ class ActivationStore:
     def held_out(self, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The held-out evaluation tensors of this store's key, made once by `build` and kept beside
         the shards (the evaluation documents are part of the key)."""
-        entry = self.manifest().get("held_out")
-        if entry:
-            try:
-                return _read_verified(self.path, entry, *entry["tensors"])
-            except StoreCorruptError as e:
-                log.warning("%s; computing the held-out set again", e)
-        with self._lock():
+        if (tensors := self._read_held_out()) is not None:
+            return tensors
+        with self._lock("given its held-out set"):
+            if (tensors := self._read_held_out()) is not None:  # another job built it while we waited
+                return tensors
             tensors = build()
             manifest = self.manifest()
             manifest["held_out"] = {**self._write_file(_HELD_OUT_FILE, tensors), "tensors": sorted(tensors)}
             atomic_write_json(self.path / MANIFEST, manifest)
         return tensors
+
+    def _read_held_out(self) -> dict[str, torch.Tensor] | None:
+        entry = self.manifest().get("held_out")
+        if not entry:
+            return None
+        try:
+            return _read_verified(self.path, entry, *entry["tensors"])
+        except StoreCorruptError as e:
+            log.warning("%s; computing the held-out set again", e)
+            return None
 
     def _verified_shards(self, shards: list[dict]) -> list[dict]:
         """The leading shards whose files are intact; harvesting resumes after them."""
