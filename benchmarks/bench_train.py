@@ -78,9 +78,11 @@ class _StepTimer(L.Callback):
 
 def saesweep_lightning(store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str) -> float:
     """Activations/s of saesweep's training module under Lightning, fed from the store."""
+    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0)
     module = SaeTrainingModule(
-        ReluSae(d_in, d_sae), act_scale=1.0, l1_coef=2.0, lr=1e-3, adam_betas=(0.9, 0.999),
-        lr_warmup_steps=1, lr_decay_fraction=0.0, model=None, hook_point="",
+        [ReluSae(d_in, d_sae)], l1_coefs=[2.0], metric_prefixes=[""], act_scale=1.0, lr=1e-3,
+        adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream),
+        max_bad_steps=10, model=None, hook_point="", resume_key={},
     )
     timer = _StepTimer(warmup=3)
     trainer = L.Trainer(
@@ -88,7 +90,7 @@ def saesweep_lightning(store: ActivationStore, d_in: int, d_sae: int, batch: int
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, callbacks=[timer], log_every_n_steps=10,
     )
-    loader = torch.utils.data.DataLoader(StoreStream(store, batch, buffer_tokens=4 * batch, seed=0), batch_size=None)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return timer.rows / (timer.end - timer.start)
 

@@ -76,3 +76,39 @@ def check_writable_dir(key: str, path: Path) -> None:
         raise ConfigError(
             f"{key}={str(path)!r} is not writable ({existing}: {e.strerror}); allowed: a writable directory"
         ) from None
+
+
+# What may differ between the dictionaries of one ensemble (train.ensemble=true): they read one
+# activation stream with one schedule, so everything else must be the same.
+ENSEMBLE_KEYS = ("dict_ratio", "l1_coef", "target_l0")
+
+
+def check_ensemble(cfgs: list[DictConfig]) -> None:
+    """The configs can be trained together in one pass: they differ only in ENSEMBLE_KEYS."""
+    if not cfgs:
+        raise ConfigError("an ensemble needs at least one job")
+
+    def shared(cfg: DictConfig) -> dict:
+        return {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items() if k not in ENSEMBLE_KEYS}
+
+    first = shared(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = shared(cfg)
+        differing = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differing:
+            raise ConfigError(
+                f"train.ensemble=true trains dictionaries that differ only in {', '.join(ENSEMBLE_KEYS)}; "
+                f"these jobs also differ in: {', '.join(differing)}. Sweep those in separate runs, or drop "
+                "train.ensemble"
+            )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"lr": 1}} → {"train.lr": 1}: leaves under their dotted override names."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

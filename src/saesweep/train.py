@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import platform
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from torch.utils.data import DataLoader
 
 import saesweep
 from saesweep.activations import harvest
-from saesweep.config import check_config, check_with_model, check_writable_dir
+from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
 from saesweep.data import ContextSource, load_texts
+from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoint
+from saesweep.errors import ConfigError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, write_run_dir
@@ -44,12 +47,34 @@ _INIT_SAMPLE = 8192  # activations used for the scale and the b_dec geometric me
 
 
 def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> EvalResult:
-    run_dir = Path(run_dir)
-    check_config(cfg)
+    """One job: one SAE into `run_dir`."""
+    return train_ensemble([cfg], [run_dir], sweep_dir)[0]
+
+
+def train_ensemble(
+    cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None = None
+) -> list[EvalResult]:
+    """Several jobs in one pass: the SAE of `cfgs[i]` into `run_dirs[i]`, all fed by the same batches.
+
+    The configs may differ only in dict_ratio, l1_coef and target_l0 (checked). The LM, the activation
+    store and the held-out set are loaded once. Each run directory is written to the same contract as a
+    lone job's, with its own W&B run; a lone job is an ensemble of one. An ensemble of several
+    checkpoints into `<sweep dir>/.ensemble/checkpoints/last.ckpt` while it trains (rerunning the same
+    command resumes from it), and each run directory gets its own SAE's part of the final checkpoint.
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    if len(cfgs) != len(run_dirs):
+        raise ValueError(f"{len(cfgs)} configs for {len(run_dirs)} run directories")
+    for cfg in cfgs:
+        check_config(cfg)
+    check_ensemble(list(cfgs))
+    cfg = cfgs[0]  # every setting but the dictionary's own is the same in all
     store_root = Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
-    check_writable_dir("output directory (hydra.run.dir or hydra.sweep.dir)", run_dir)
+    for run_dir in run_dirs:
+        check_writable_dir("output directory (hydra.run.dir or hydra.sweep.dir)", run_dir)
     check_writable_dir("store.dir", store_root)
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
+    for run_dir in run_dirs:
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     device = resolve_device(cfg.model.device)
@@ -58,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     validate_hook_point(model, hook_point)
     probe = harvest(model, torch.full((1, 2), model.tokenizer.eos_token_id or 0), hook_point, 1)
     d_in = probe.shape[-1]
-    d_sae = check_with_model(cfg, model.cfg.n_ctx, d_in)
+    d_saes = [check_with_model(c, model.cfg.n_ctx, d_in) for c in cfgs]
 
     texts = load_texts(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.text_field)
     contexts = ContextSource(texts, model.tokenizer, cfg.ctx_len, cfg.data.prepend_bos, cfg.data.seed)
@@ -76,14 +101,30 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
 
     sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
     scale = activation_scale(sample)
-    sae = ARCHITECTURES[cfg.sae.architecture](d_in, d_sae, generator=init_generator(cfg, d_sae))
-    sae.init_b_dec(sample / scale)
+    saes = []
+    for c, d_sae in zip(cfgs, d_saes):
+        sae = ARCHITECTURES[c.sae.architecture](d_in, d_sae, generator=init_generator(c, d_sae))
+        sae.init_b_dec(sample / scale)
+        saes.append(sae)
     stream = StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed)
     steps = total_steps(cfg.trainer, len(stream))
+    lone = len(cfgs) == 1
+    l1_coefs = [c.l1_coef for c in cfgs]
+    prefixes = [""] if lone else [f"{run_dir.name}/" for run_dir in run_dirs]
+    if len(set(prefixes)) != len(prefixes):
+        raise ConfigError(f"the run directories of an ensemble need distinct names: {[str(d) for d in run_dirs]}")
+    resume_key = {
+        "activation_store": store.path.name,
+        "seed": cfg.seed,
+        "train.batch_size": cfg.train.batch_size,
+        "store.buffer_tokens": cfg.store.buffer_tokens,
+        "total_steps": steps,
+    }
     module = SaeTrainingModule(
-        sae,
+        saes,
+        l1_coefs=l1_coefs,
+        metric_prefixes=prefixes,
         act_scale=scale,
-        l1_coef=cfg.l1_coef,
         lr=cfg.train.lr,
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_steps=cfg.train.lr_warmup_steps,
@@ -92,26 +133,24 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
         max_bad_steps=cfg.train.max_bad_steps,
         model=model,
         hook_point=hook_point,
-        resume_key={
-            "activation_store": store.path.name,
-            "d_sae": d_sae,
-            "seed": cfg.seed,
-            "train.batch_size": cfg.train.batch_size,
-            "store.buffer_tokens": cfg.store.buffer_tokens,
-            "total_steps": steps,
-        },
+        resume_key=resume_key | ({"d_sae": d_saes[0]} if lone else {"d_sae": d_saes, "l1_coef": l1_coefs}),
+        compile=cfg.train.compile,
     )
 
     pin = device.type == "cuda"
     train_loader = ResumableLoader(stream, pin_memory=pin)
     eval_loader = DataLoader(held_out, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
-    logger = make_logger(cfg, run_dir, sweep_dir)
-    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    run_loggers = [make_logger(c, run_dir, sweep_dir, concurrent=not lone) for c, run_dir in zip(cfgs, run_dirs)]
+    if lone:
+        logger = run_loggers[0]
+    else:
+        logger = [RunLogger(lg, prefix, prefixes) for lg, prefix in zip(run_loggers, prefixes) if lg] or False
+    checkpoint_dir = (run_dirs[0] if lone else Path(sweep_dir or run_dirs[0].parent) / ENSEMBLE_DIR) / CHECKPOINT_DIR
     last = checkpoint_dir / "last.ckpt"
     stop_on_interrupt = StopOnInterrupt(last)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run_dirs[0]),
         logger=logger,
         callbacks=[
             ModelCheckpoint(
@@ -137,21 +176,25 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
         raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {last} written")
     trainer.save_checkpoint(last)
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
-    result = module.last_eval
 
     train_contexts = sum(shard["contexts"] for shard in manifest["shards"])
-    run_cfg = describe_run(cfg, hook_point, d_in, d_sae, int(module.tokens_seen), train_contexts)
-    write_run_dir(run_dir, module.raw_sae(), run_cfg, result)
-    if logger:
-        final = {f"final/{k}": v for k, v in result.metrics.items()}
-        if cfg.target_l0 is not None:  # the objective of sweeps/bayes_l1_target_l0.yaml
-            final["final/abs_l0_error"] = abs(result.metrics["l0"] - cfg.target_l0)
-        logger.log_metrics(final, step=trainer.global_step)
-        if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
-            logger.experiment.summary.update(result.metrics)
-            logger.experiment.finish()
-    log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
-    return result
+    for i, (c, run_dir, sae, result, run_logger) in enumerate(
+        zip(cfgs, run_dirs, module.raw_saes(), module.last_evals, run_loggers)
+    ):
+        if not lone:
+            write_member_checkpoint(last, i, run_dir / CHECKPOINT_DIR / "last.ckpt", resume_key | {"d_sae": d_saes[i]})
+        run_cfg = describe_run(c, hook_point, d_in, d_saes[i], int(module.tokens_seen), train_contexts)
+        write_run_dir(run_dir, sae, run_cfg, result)
+        if run_logger:
+            final = {f"final/{k}": v for k, v in result.metrics.items()}
+            if c.target_l0 is not None:  # the objective of sweeps/bayes_l1_target_l0.yaml
+                final["final/abs_l0_error"] = abs(result.metrics["l0"] - c.target_l0)
+            run_logger.log_metrics(final, step=trainer.global_step)
+            if hasattr(run_logger, "experiment") and hasattr(run_logger.experiment, "summary"):
+                run_logger.experiment.summary.update(result.metrics)
+                run_logger.experiment.finish()
+        log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
+    return module.last_evals
 
 
 def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
@@ -199,13 +242,16 @@ def dataset_description(cfg: DictConfig) -> dict:
     }
 
 
-def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None):
-    """The configured Lightning logger; a W&B run is grouped by its sweep directory."""
+def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None, concurrent: bool = False):
+    """The configured Lightning logger; a W&B run is grouped by its sweep directory. `concurrent`:
+    other runs of this process (an ensemble's) are open at the same time."""
     if cfg.logger is None or cfg.logger.get("_target_") is None:
         return False
     extra: dict = {"save_dir": str(run_dir)}
     if cfg.logger._target_.endswith("WandbLogger"):
         extra |= {"name": run_dir.name if sweep_dir else None, "group": str(sweep_dir or run_dir), "job_type": "train"}
+        if concurrent:
+            extra["reinit"] = "create_new"
     logger = instantiate(cfg.logger, **extra)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger

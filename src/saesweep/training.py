@@ -11,12 +11,14 @@ import io
 import logging
 import random
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 
 from saesweep.errors import CheckpointError, TrainingDivergedError
 from saesweep.io import atomic_write_bytes
@@ -32,11 +34,20 @@ def activation_scale(sample: torch.Tensor) -> float:
 
 
 class SaeTrainingModule(L.LightningModule):
+    """Fits one SAE, or several at once (an ensemble), to one stream of activations.
+
+    Every batch feeds every SAE. Their losses are summed into one backward pass; the SAEs share no
+    parameter, so each gets exactly the gradient and the Adam update it would get trained alone, and
+    the data path, the LM and the process are paid for once. `metric_prefixes[i]` names SAE i's
+    metrics ("" for a lone SAE: `train/loss`; "dict3/" in an ensemble: `dict3/train/loss`).
+    """
+
     def __init__(
         self,
-        sae: ReluSae,
+        saes: Sequence[ReluSae],
+        l1_coefs: Sequence[float],
+        metric_prefixes: Sequence[str],
         act_scale: float,
-        l1_coef: float,
         lr: float,
         adam_betas: tuple[float, float],
         lr_warmup_steps: int,
@@ -46,12 +57,16 @@ class SaeTrainingModule(L.LightningModule):
         model,
         hook_point: str,
         resume_key: dict[str, object],
+        compile: bool = False,
     ):
         super().__init__()
-        self.sae = sae
+        if not len(saes) == len(l1_coefs) == len(metric_prefixes):
+            raise ValueError(f"{len(saes)} SAEs, {len(l1_coefs)} l1_coefs and {len(metric_prefixes)} metric prefixes")
+        self.saes = nn.ModuleList(saes)
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
-        self.l1_coef = l1_coef
+        self.l1_coefs = list(l1_coefs)
+        self.metric_prefixes = list(metric_prefixes)
         self.lr = lr
         self.adam_betas = tuple(adam_betas)
         self.lr_warmup_steps = lr_warmup_steps
@@ -63,41 +78,40 @@ class SaeTrainingModule(L.LightningModule):
         self.hook_point = hook_point
         # what must be unchanged for a checkpoint of this job to be resumed (data, shapes, schedule)
         self.resume_key = resume_key
+        # fuses each SAE's forward pass and loss into fewer kernels; the first steps pay the compilation
+        self._losses = torch.compile(sae_losses) if compile else sae_losses
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
-        self.last_eval: EvalResult | None = None
-        self._accumulator: MetricAccumulator | None = None
-        self._eval_sae: ReluSae | None = None
+        self.last_evals: list[EvalResult] = []
+        self._accumulators: list[MetricAccumulator] = []
+        self._eval_saes: list[ReluSae] = []
 
-    def raw_sae(self) -> ReluSae:
-        """The SAE in raw activation units (what is saved and evaluated)."""
-        return self.sae.rescaled(float(self.act_scale))
+    def raw_saes(self) -> list[ReluSae]:
+        """The SAEs in raw activation units (what is saved and evaluated)."""
+        return [sae.rescaled(float(self.act_scale)) for sae in self.saes]
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         x = batch / self.act_scale
-        x_hat, feature_acts = self.sae(x)
-        mse = (x_hat - x).pow(2).sum(dim=-1).mean()
-        l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
-        loss = mse + self.l1_coef * l1
+        losses, logged = [], {}
+        for sae, l1_coef, prefix in zip(self.saes, self.l1_coefs, self.metric_prefixes):
+            loss, mse, l1, l0 = self._losses(sae, x, l1_coef)
+            losses.append(loss)
+            logged |= {
+                f"{prefix}train/loss": loss,
+                # reported in raw activation units, comparable with eval/mse and metrics.json
+                f"{prefix}train/mse": mse * self.act_scale**2,
+                f"{prefix}train/l1": l1 * self.act_scale,
+                f"{prefix}train/l0": l0,
+                f"{prefix}train/skipped_steps": self.skipped_steps.float(),
+            }
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         # one host sync per step: the price of never letting a NaN into the weights or the optimizer
         if not torch.isfinite(loss):
             self._skip_bad_step("activations" if not torch.isfinite(batch).all() else "loss")
             return None  # Lightning skips backward and the optimizer step
         self._consecutive_bad_steps = 0
         self.tokens_seen += batch.shape[0]
-        self.log_dict(
-            {
-                "train/loss": loss,
-                # reported in raw activation units, comparable with eval/mse and metrics.json
-                "train/mse": mse * self.act_scale**2,
-                "train/l1": l1 * self.act_scale,
-                "train/l0": (feature_acts > 0).sum(dim=-1).float().mean(),
-                "train/skipped_steps": self.skipped_steps.float(),
-            },
-            on_step=True,
-            on_epoch=False,
-            prog_bar=True,
-        )
+        self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1)
         return loss
 
     def _skip_bad_step(self, what: str) -> None:
@@ -113,13 +127,15 @@ class SaeTrainingModule(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.sae.remove_parallel_decoder_grad()
+        for sae in self.saes:
+            sae.remove_parallel_decoder_grad()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here and not in on_train_batch_end: callbacks (the periodic checkpoint) run before the
         # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
-        self.sae.normalize_decoder()
+        for sae in self.saes:
+            sae.normalize_decoder()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not save the global RNGs; nothing in training draws from them today, but a
@@ -142,7 +158,7 @@ class SaeTrainingModule(L.LightningModule):
             random.setstate(states["python"])
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.adam_betas)
+        optimizer = torch.optim.Adam(self.saes.parameters(), lr=self.lr, betas=self.adam_betas)
         # total_steps is given, not read from trainer.estimated_stepping_batches: that property sets the
         # train loader up before a resumed job restores the loader's position, which is then lost.
         total = max(self.total_steps, 1)
@@ -161,16 +177,27 @@ class SaeTrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_sae = self.raw_sae()
-        self._accumulator = MetricAccumulator(self.sae.d_in, self.sae.d_sae, self.device)
+        self._eval_saes = self.raw_saes()
+        self._accumulators = [MetricAccumulator(sae.d_in, sae.d_sae, self.device) for sae in self._eval_saes]
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._accumulator.update(self._eval_sae, self.lm, self.hook_point, batch)
+        for sae, accumulator in zip(self._eval_saes, self._accumulators):
+            accumulator.update(sae, self.lm, self.hook_point, batch)
 
     def on_validation_epoch_end(self) -> None:
-        self.last_eval = self._accumulator.compute()
-        self.log_dict({f"eval/{k}": v for k, v in self.last_eval.metrics.items()})
-        self._accumulator = self._eval_sae = None
+        self.last_evals = [accumulator.compute() for accumulator in self._accumulators]
+        for prefix, result in zip(self.metric_prefixes, self.last_evals):
+            self.log_dict({f"{prefix}eval/{k}": v for k, v in result.metrics.items()})
+        self._accumulators, self._eval_saes = [], []
+
+
+def sae_losses(sae: ReluSae, x: torch.Tensor, l1_coef: float) -> tuple[torch.Tensor, ...]:
+    """The training loss of `sae` on the batch `x` [batch, d_in] and its parts: loss, mse, l1, l0."""
+    x_hat, feature_acts = sae(x)
+    mse = (x_hat - x).pow(2).sum(dim=-1).mean()
+    l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
+    l0 = (feature_acts > 0).sum(dim=-1).float().mean()
+    return mse + l1_coef * l1, mse, l1, l0
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

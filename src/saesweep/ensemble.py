@@ -1,0 +1,79 @@
+"""What an ensemble (several dictionaries trained in one pass, `train.ensemble=true`) needs beyond a
+lone job: one logger per dictionary, and one checkpoint per run directory cut from the shared one."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers.logger import Logger
+
+from saesweep.io import atomic_write_bytes
+
+ENSEMBLE_DIR = ".ensemble"  # in the sweep directory: the shared checkpoint while the ensemble trains
+_SAE_PARAMETERS = 4  # W_enc, b_enc, W_dec, b_dec: each SAE's share of the optimizer's parameter list
+
+
+class RunLogger(Logger):
+    """One dictionary's own logger (its W&B run): gets the metrics logged under its `prefix`, with the
+    prefix taken off, and those under no dictionary's prefix (Lightning's `epoch`)."""
+
+    def __init__(self, inner: Logger, prefix: str, all_prefixes: Sequence[str]):
+        super().__init__()
+        self.inner = inner
+        self.prefix = prefix
+        self.others = tuple(p for p in all_prefixes if p != prefix)
+
+    @property
+    def name(self) -> str | None:
+        return self.inner.name
+
+    @property
+    def version(self) -> int | str | None:
+        return self.inner.version
+
+    @property
+    def save_dir(self) -> str | None:
+        return self.inner.save_dir
+
+    @property
+    def experiment(self) -> Any:
+        return self.inner.experiment
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        # each run was given its own job's config when it was made; the module's are the ensemble's
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        own = {k[len(self.prefix):]: v for k, v in metrics.items() if k.startswith(self.prefix)}
+        unowned = {k: v for k, v in metrics.items() if not k.startswith((self.prefix, *self.others))}
+        if own:
+            self.inner.log_metrics(own | unowned, step)
+
+    def finalize(self, status: str) -> None:
+        self.inner.finalize(status)
+
+
+def write_member_checkpoint(ensemble_ckpt: Path, index: int, path: Path, resume_key: dict[str, object]) -> None:
+    """The ensemble checkpoint cut down to SAE `index`: what a lone job of that SAE trained on the same
+    batches would have written (its weights, its Adam moments, the shared schedule and stream
+    position), so its run directory has a checkpoint of its own like every other."""
+    checkpoint = torch.load(ensemble_ckpt, map_location="cpu", weights_only=True)
+    prefix = f"saes.{index}."
+    checkpoint["state_dict"] = {
+        (f"saes.0.{k[len(prefix):]}" if k.startswith(prefix) else k): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(prefix) or not k.startswith("saes.")
+    }
+    own = range(index * _SAE_PARAMETERS, (index + 1) * _SAE_PARAMETERS)
+    for optimizer in checkpoint["optimizer_states"]:
+        optimizer["state"] = {i - own.start: optimizer["state"][i] for i in own if i in optimizer["state"]}
+        for group in optimizer["param_groups"]:
+            group["params"] = list(range(_SAE_PARAMETERS))
+    checkpoint["saesweep_resume_key"] = resume_key
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

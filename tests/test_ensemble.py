@@ -1,0 +1,98 @@
+"""Ensemble training (train.ensemble=true): several dictionaries fed by the same batches in one
+process give the run directories that separate jobs would give."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from saesweep.config import check_ensemble
+from saesweep.errors import ConfigError
+from saesweep.train import train, train_ensemble
+from test_train import tiny_cfg
+
+RUN_FILES = {"sae.safetensors", "cfg.json", "metrics.json", "feature_stats.safetensors"}
+
+
+def test_an_ensemble_trains_each_dictionary_as_a_lone_job_would(tmp_path, tiny_model_dir, corpus_path):
+    store = tmp_path / "store"
+    cfgs = [
+        tiny_cfg(tiny_model_dir, corpus_path, store, "dict_ratio=1", "l1_coef=1", "logger=none"),
+        tiny_cfg(tiny_model_dir, corpus_path, store, "dict_ratio=2", "l1_coef=3", "logger=none"),
+    ]
+    together = train_ensemble(cfgs, [tmp_path / "ensemble" / "0", tmp_path / "ensemble" / "1"], tmp_path / "ensemble")
+    alone = [train(cfg, tmp_path / "alone" / str(i)) for i, cfg in enumerate(cfgs)]
+
+    for i, (ensemble_result, lone_result) in enumerate(zip(together, alone)):
+        run = tmp_path / "ensemble" / str(i)
+        assert {p.name for p in run.iterdir()} >= RUN_FILES
+        ensemble_weights = load_file(run / "sae.safetensors")
+        lone_weights = load_file(tmp_path / "alone" / str(i) / "sae.safetensors")
+        assert ensemble_weights["W_dec"].shape == (32 * (i + 1), 32)
+        for name, tensor in lone_weights.items():
+            # the same gradients and Adam steps; only the summation order of float ops may differ
+            torch.testing.assert_close(ensemble_weights[name], tensor, rtol=1e-4, atol=1e-5)
+        assert ensemble_result.metrics == pytest.approx(lone_result.metrics, rel=1e-4, abs=1e-6)
+        cfg_json = json.loads((run / "cfg.json").read_text())
+        assert (cfg_json["d_sae"], cfg_json["l1_coef"], cfg_json["tokens_trained"]) == (32 * (i + 1), [1, 3][i], 8000)
+
+    # each run directory's checkpoint is its own SAE's part: resuming it as a lone job finds training
+    # done and re-evaluates to the same metrics
+    resumed = train(cfgs[1], tmp_path / "ensemble" / "1")
+    assert resumed.metrics == pytest.approx(together[1].metrics, rel=1e-6)
+
+
+def test_ensemble_members_may_differ_only_in_their_dictionary(tmp_path, tiny_model_dir, corpus_path):
+    base = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=1")
+    check_ensemble([base, tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=4", "l1_coef=0.5")])
+    other_lr = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=2", "train.lr=0.01")
+    with pytest.raises(ConfigError, match=r"also differ in: train\.lr\b"):
+        check_ensemble([base, other_lr])
+
+
+def test_train_ensemble_true_on_the_command_line_trains_the_sweep_in_one_pass(tmp_path, tiny_model_dir, corpus_path):
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "train.py", f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}",
+        "layer=1", "ctx_len=16", "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256",
+        "trainer.enable_progress_bar=false", f"store.dir={tmp_path / 'store'}", "store.shard_tokens=1000",
+        "dict_ratio=1,2", "l1_coef=1,3", "train.ensemble=true", f"hydra.sweep.dir={sweep}",
+    ]
+    env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    runs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1", "2", "3"]
+    logs = [(run / "train.log").read_text() for run in runs]
+    assert all("activation store harvested" in text for text in logs)  # one harvest, in every job's log
+    assert all("Training 4 jobs as one ensemble" not in text for text in logs)  # the launcher's lines stay out
+    shapes = []
+    for run in runs:
+        assert {p.name for p in run.iterdir()} >= RUN_FILES and (run / "checkpoints" / "last.ckpt").is_file()
+        assert (run / ".hydra" / "overrides.yaml").is_file()
+        wandb_runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(wandb_runs) == 1 and wandb_runs[0].stat().st_size > 0
+        cfg_json = json.loads((run / "cfg.json").read_text())
+        shapes.append((cfg_json["dict_ratio"], cfg_json["l1_coef"], cfg_json["d_sae"]))
+    assert shapes == [(1, 1, 32), (1, 3, 32), (2, 1, 64), (2, 3, 64)]
+    first = json.loads((runs[2] / "metrics.json").read_text())
+
+    # rerunning the same command resumes the finished ensemble: nothing is trained again
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in (runs[0] / "train.log").read_text()
+    assert json.loads((runs[2] / "metrics.json").read_text()) == pytest.approx(first, rel=1e-6)
+
+
+def test_ensemble_flag_with_another_launcher_is_refused(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "train.py", "train.ensemble=true", "hydra/launcher=submitit_local"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0 and "cannot run under hydra/launcher=submitit_local" in done.stderr
