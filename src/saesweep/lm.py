@@ -59,7 +59,8 @@ def load_model(name: str | None, path: str | None, device: torch.device, dtype: 
 
 def check_model_name(name: str) -> None:
     """A hub name must be one TransformerLens supports (the bridge's registry or its official names)."""
-    from transformer_lens.model_bridge.sources.transformers.helpers import list_supported_models
+    # a module in transformer_lens 3.9, a package re-exporting it in 4.x: this path works in both
+    from transformer_lens.model_bridge.sources.transformers import list_supported_models
     from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
 
     known = set(list_supported_models()) | set(OFFICIAL_MODEL_NAMES)
