@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, synthetic_documents
 from saesweep.activations import harvest
 from saesweep.data import ContextSource
+from saesweep.errors import ConfigError
 from saesweep.store import (
     ActivationStore,
     StoreCorruptError,
@@ -183,6 +184,23 @@ def test_stream_yields_every_row_once_in_a_new_order_each_epoch(tmp_path, tiny_m
     assert not torch.equal(epochs[0], epochs[1])
 
 
+
+
+def test_data_parallel_ranks_stream_disjoint_shards_in_equal_numbers_of_half_batches(tmp_path, tiny_model):
+    store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    ranks = [StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])
+    batches = [list(stream) for stream in ranks]
+    assert all(len(b) == len(ranks[0]) and all(len(x) <= 64 for x in b) for b in batches)
+    parts = [torch.cat([store.read_shard(s) for s in manifest["shards"][rank::2]]) for rank in (0, 1)]
+    for rows, own in zip((torch.cat(b) for b in batches), parts):  # each rank reads its own shards only
+        assert {tuple(r) for r in rows.tolist()} <= {tuple(r) for r in own.tolist()}
+    # the rank with fewer rows streams all of them; the other stops after as many batches
+    smaller = min((0, 1), key=lambda r: len(parts[r]))
+    torch.testing.assert_close(torch.cat(batches[smaller]).sum(0), parts[smaller].sum(0), rtol=1e-4, atol=1e-2)
+    with pytest.raises(ConfigError, match="train.batch_size=127 does not split evenly over 2 processes"):
+        StoreStream(store, batch_size=127, buffer_tokens=1000, seed=0, rank=0, world_size=2)
 
 
 def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):

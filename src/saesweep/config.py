@@ -4,6 +4,7 @@ value and what is allowed."""
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -112,3 +113,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def check_distributed(cfg: DictConfig, multirun: bool) -> None:
+    """DDP with several processes per job needs a job that runs alone (or one Slurm task per device):
+    Lightning starts the other ranks by rerunning this command line, which in a local multirun
+    would rerun the whole sweep."""
+    trainer = cfg.trainer
+    strategy, devices = str(trainer.get("strategy", "auto")), trainer.get("devices", 1)
+    several = not isinstance(devices, int) or devices > 1 or trainer.get("num_nodes", 1) > 1
+    if multirun and strategy.startswith("ddp") and several and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError(
+            f"trainer.strategy={strategy} with trainer.devices={devices} cannot run inside a local sweep (-m or "
+            "train.ensemble=true): Lightning would start each extra process by rerunning the whole sweep. "
+            "Run the job on its own (python train.py trainer=ddp ...), or sweep with hydra/launcher=slurm "
+            "and hydra.launcher.tasks_per_node=<devices>"
+        )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from saesweep.config import check_distributed
 from saesweep.metrics import EvalResult
 from saesweep.rundir import ERROR_FILE, write_job_error
 from saesweep.train import train_ensemble
@@ -41,6 +42,7 @@ def run_jobs(
     )
     log.info("to resume this job after a crash or a kill: %s", resume_command)
     try:
+        check_distributed(cfgs[0], multirun=sweep_dir is not None)
         return train_ensemble(cfgs, run_dirs, sweep_dir)
     except Exception as error:
         log.exception("job failed; error recorded in %s", ", ".join(str(Path(d) / ERROR_FILE) for d in run_dirs))

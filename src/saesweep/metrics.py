@@ -108,6 +108,14 @@ class MetricAccumulator:
         s["ce_spliced"] += ce_spliced.sum(dtype=torch.float64)
         s["ce_zero"] += ce_zero.sum(dtype=torch.float64)
 
+    def all_reduce(self) -> None:
+        """Combine the sums of every process of a torch.distributed group (each evaluated a part)."""
+        import torch.distributed as dist
+
+        for tensor in (*self.sums.values(), self.x_sum, self.x_sq_sum, self.fire_count, self.act_sum):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(self.act_max, op=dist.ReduceOp.MAX)
+
     def compute(self) -> EvalResult:
         s = {name: v.item() for name, v in self.sums.items()}
         n = s["tokens"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -395,24 +396,45 @@ class StoreStream(IterableDataset):
     The order of an epoch depends only on (seed, epoch), so a position is two numbers: `state_dict()`
     gives them and `load_state_dict()` makes the next iteration replay that epoch and skip the batches
     already consumed, which is how a resumed job sees exactly the batches an uninterrupted one would.
+
+    Under data parallelism (`world_size` processes) rank r reads only the shards r, r + world_size, …
+    in batches of batch_size / world_size rows, so the ranks' batches together make one batch of
+    batch_size; every rank stops after the same number of batches (the smallest part's), as DDP needs.
     """
 
-    def __init__(self, store: ActivationStore, batch_size: int, buffer_tokens: int, seed: int):
+    def __init__(
+        self, store: ActivationStore, batch_size: int, buffer_tokens: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         manifest = store.manifest()
         if not (manifest and manifest["complete"]):
             raise CheckpointError(f"activation store {store.path} is not complete; harvest it first")
+        if batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size={batch_size} does not split evenly over {world_size} processes; "
+                f"allowed: a multiple of {world_size}"
+            )
+        if len(manifest["shards"]) < world_size:
+            raise ConfigError(
+                f"the activation store has {len(manifest['shards'])} shards, fewer than the {world_size} processes "
+                "that each need their own; lower store.shard_tokens"
+            )
         self.store = store
-        self.shards = manifest["shards"]
-        self.n_rows = manifest["n_rows"]
-        self.batch_size = batch_size
-        self.buffer_tokens = max(buffer_tokens, batch_size)
+        self.shards = manifest["shards"][rank::world_size]
+        self.n_rows = sum(s["rows"] for s in self.shards)
+        self.batch_size = batch_size // world_size
+        self.buffer_tokens = max(buffer_tokens // world_size, self.batch_size)
         self.seed = seed
+        # the part with the fewest rows sets every rank's batch count
+        self._n_batches = min(
+            math.ceil(sum(s["rows"] for s in manifest["shards"][r::world_size]) / self.batch_size)
+            for r in range(world_size)
+        )
         self.epoch = 0  # the epoch the next iteration streams
         self._skip = 0  # batches of that epoch to skip (already consumed before a resume)
         self._position = {"epoch": 0, "batches": 0}  # of the iteration in progress
 
     def __len__(self) -> int:
-        return math.ceil(self.n_rows / self.batch_size)
+        return self._n_batches
 
     def state_dict(self) -> dict[str, int]:
         return dict(self._position)
@@ -427,7 +449,7 @@ class StoreStream(IterableDataset):
         epoch, skip = self.epoch, self._skip
         self.epoch, self._skip = epoch + 1, 0
         self._position = {"epoch": epoch, "batches": 0}
-        for i, batch in enumerate(self._epoch_batches(epoch)):
+        for i, batch in enumerate(itertools.islice(self._epoch_batches(epoch), len(self))):
             if i < skip:
                 continue
             self._position["batches"] = i + 1

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import saesweep
 from saesweep.activations import harvest
@@ -106,40 +106,10 @@ def train_ensemble(
         sae = ARCHITECTURES[c.sae.architecture](d_in, d_sae, generator=init_generator(c, d_sae))
         sae.init_b_dec(sample / scale)
         saes.append(sae)
-    stream = StoreStream(store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed)
-    steps = total_steps(cfg.trainer, len(stream))
     lone = len(cfgs) == 1
-    l1_coefs = [c.l1_coef for c in cfgs]
     prefixes = [""] if lone else [f"{run_dir.name}/" for run_dir in run_dirs]
     if len(set(prefixes)) != len(prefixes):
         raise ConfigError(f"the run directories of an ensemble need distinct names: {[str(d) for d in run_dirs]}")
-    resume_key = {
-        "activation_store": store.path.name,
-        "seed": cfg.seed,
-        "train.batch_size": cfg.train.batch_size,
-        "store.buffer_tokens": cfg.store.buffer_tokens,
-        "total_steps": steps,
-    }
-    module = SaeTrainingModule(
-        saes,
-        l1_coefs=l1_coefs,
-        metric_prefixes=prefixes,
-        act_scale=scale,
-        lr=cfg.train.lr,
-        adam_betas=tuple(cfg.train.adam_betas),
-        lr_warmup_steps=cfg.train.lr_warmup_steps,
-        lr_decay_fraction=cfg.train.lr_decay_fraction,
-        total_steps=steps,
-        max_bad_steps=cfg.train.max_bad_steps,
-        model=model,
-        hook_point=hook_point,
-        resume_key=resume_key | ({"d_sae": d_saes[0]} if lone else {"d_sae": d_saes, "l1_coef": l1_coefs}),
-        compile=cfg.train.compile,
-    )
-
-    pin = device.type == "cuda"
-    train_loader = ResumableLoader(stream, pin_memory=pin)
-    eval_loader = DataLoader(held_out, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
     run_loggers = [make_logger(c, run_dir, sweep_dir, concurrent=not lone) for c, run_dir in zip(cfgs, run_dirs)]
     if lone:
         logger = run_loggers[0]
@@ -164,7 +134,43 @@ def train_ensemble(
         plugins=[AtomicCheckpointIO()],
         val_check_interval=cfg.eval.every_n_steps,
         check_val_every_n_epoch=None,
+        use_distributed_sampler=False,  # the stream and the held-out set are split over ranks here
     )
+    stream = StoreStream(
+        store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size
+    )
+    steps = total_steps(cfg.trainer, len(stream))
+    l1_coefs = [c.l1_coef for c in cfgs]
+    resume_key = {
+        "activation_store": store.path.name,
+        "seed": cfg.seed,
+        "train.batch_size": cfg.train.batch_size,
+        "store.buffer_tokens": cfg.store.buffer_tokens,
+        "total_steps": steps,
+        "world_size": trainer.world_size,  # a stream position counts one rank's batches
+    }
+    module = SaeTrainingModule(
+        saes,
+        l1_coefs=l1_coefs,
+        metric_prefixes=prefixes,
+        act_scale=scale,
+        lr=cfg.train.lr,
+        adam_betas=tuple(cfg.train.adam_betas),
+        lr_warmup_steps=cfg.train.lr_warmup_steps,
+        lr_decay_fraction=cfg.train.lr_decay_fraction,
+        total_steps=steps,
+        max_bad_steps=cfg.train.max_bad_steps,
+        model=model,
+        hook_point=hook_point,
+        resume_key=resume_key | ({"d_sae": d_saes[0]} if lone else {"d_sae": d_saes, "l1_coef": l1_coefs}),
+        compile=cfg.train.compile,
+    )
+
+    pin = device.type == "cuda"
+    train_loader = ResumableLoader(stream, pin_memory=pin)
+    # under DDP each rank evaluates every world_size-th context; the module adds the ranks' sums up
+    eval_part = Subset(held_out, range(trainer.global_rank, len(held_out), trainer.world_size))
+    eval_loader = DataLoader(eval_part, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
     resume_from = str(last) if last.is_file() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -176,6 +182,8 @@ def train_ensemble(
         raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {last} written")
     trainer.save_checkpoint(last)
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
+    if not trainer.is_global_zero:  # under DDP the run directory and the W&B run are rank 0's
+        return module.last_evals
 
     train_contexts = sum(shard["contexts"] for shard in manifest["shards"])
     for i, (c, run_dir, sae, result, run_logger) in enumerate(

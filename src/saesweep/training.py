@@ -105,13 +105,18 @@ class SaeTrainingModule(L.LightningModule):
                 f"{prefix}train/skipped_steps": self.skipped_steps.float(),
             }
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        # one host sync per step: the price of never letting a NaN into the weights or the optimizer
-        if not torch.isfinite(loss):
+        distributed = self.trainer.world_size > 1
+        # one host sync per step: the price of never letting a NaN into the weights or the optimizer;
+        # under DDP every rank must skip the same steps, or their gradient all-reduces fall out of step
+        finite = bool(torch.isfinite(loss))
+        if distributed:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             self._skip_bad_step("activations" if not torch.isfinite(batch).all() else "loss")
             return None  # Lightning skips backward and the optimizer step
         self._consecutive_bad_steps = 0
-        self.tokens_seen += batch.shape[0]
-        self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1)
+        self.tokens_seen += batch.shape[0] * self.trainer.world_size
+        self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
         return loss
 
     def _skip_bad_step(self, what: str) -> None:
@@ -185,6 +190,9 @@ class SaeTrainingModule(L.LightningModule):
             accumulator.update(sae, self.lm, self.hook_point, batch)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.world_size > 1:  # each rank evaluated its own part of the held-out set
+            for accumulator in self._accumulators:
+                accumulator.all_reduce()
         self.last_evals = [accumulator.compute() for accumulator in self._accumulators]
         for prefix, result in zip(self.metric_prefixes, self.last_evals):
             self.log_dict({f"{prefix}eval/{k}": v for k, v in result.metrics.items()})
