@@ -36,11 +36,14 @@ evaluate:
 report:
 	$(PYTHON) report.py run_dir=$(RUN) $(ARGS)
 
-# Benchmarks print measured figures and a RESULT line; they assert nothing.
+# Benchmarks print measured figures and a RESULT line; they assert nothing. The SAELens comparisons need
+# `$(PYTHON) -m pip install -c constraints.txt -e '.[bench]'` (it moves transformer-lens to 3.9, which saesweep supports).
 bench:
 	$(PYTHON) benchmarks/harvest.py
 	$(PYTHON) benchmarks/mcs.py
 	$(PYTHON) benchmarks/report.py
+	$(PYTHON) benchmarks/bench_train.py
+	$(PYTHON) benchmarks/bench_sweep.py
 
 test:
 	$(PYTHON) -m pytest -q -m "not browser" tests

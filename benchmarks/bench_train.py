@@ -1,11 +1,12 @@
-"""SAE training throughput of one dictionary: saesweep's Lightning path vs a bare PyTorch loop, and
-FLOP utilisation against this machine's float32 matmul peak, measured in the same run.
+"""SAE training throughput of one dictionary: saesweep's Lightning path vs SAELens's trainer (when the
+`bench` extra is installed) and a bare PyTorch loop, and FLOP utilisation against this machine's float32
+matmul peak, measured in the same run.
 
 Prints its figures and ends with one `RESULT key=value ...` line; asserts nothing.
 
     python benchmarks/bench_train.py [--d-in 512] [--d-sae 2048] [--batch 4096] [--steps 30]
 
-ReLU/L1 SAE, same shapes and batch for every contender. One step costs about 12·B·d_in·d_sae FLOPs
+ReLU/L1 SAE, same shapes, batch, steps and threads for every contender. One step costs about 12·B·d_in·d_sae FLOPs
 (encoder and decoder matmuls: 4·B·d·m forward, twice that backward). The saesweep figure includes
 its data path: batches streamed from an on-disk activation store through the shuffle buffer.
 """
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from machine import describe_machine  # benchmarks/machine.py
 
@@ -76,13 +78,16 @@ class _StepTimer(L.Callback):
             self.end = time.perf_counter()
 
 
-def saesweep_lightning(store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str) -> float:
-    """Activations/s of saesweep's training module under Lightning, fed from the store."""
+def saesweep_lightning(
+    store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str, compile: bool = False
+) -> tuple[float, float]:
+    """Activations/s of saesweep's training module under Lightning, fed from the store: in the steady
+    state (after 3 warm-up steps), and over the whole `fit` (start-up included)."""
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0)
     module = SaeTrainingModule(
         [ReluSae(d_in, d_sae)], l1_coefs=[2.0], metric_prefixes=[""], act_scale=1.0, lr=1e-3,
         adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream),
-        max_bad_steps=10, model=None, hook_point="", resume_key={},
+        max_bad_steps=10, model=None, hook_point="", resume_key={}, compile=compile,
     )
     timer = _StepTimer(warmup=3)
     trainer = L.Trainer(
@@ -91,8 +96,10 @@ def saesweep_lightning(store: ActivationStore, d_in: int, d_sae: int, batch: int
         limit_val_batches=0, callbacks=[timer], log_every_n_steps=10,
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None)
+    start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
-    return timer.rows / (timer.end - timer.start)
+    whole = len(stream) * batch / (time.perf_counter() - start)
+    return timer.rows / (timer.end - timer.start), whole
 
 
 def main() -> None:
@@ -116,14 +123,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = StoreSpec("bench", "0", "hook", {}, "train", 16, n_rows, "float32", TokenFilter())
         store = write_store(Path(tmp), spec, x, shard_tokens=args.batch * 4)
-        fp32 = saesweep_lightning(store, args.d_in, args.d_sae, args.batch, "32-true")
+        fp32, fp32_whole = saesweep_lightning(store, args.d_in, args.d_sae, args.batch, "32-true")
         print(f"saesweep (Lightning, fp32, store stream): {fp32:9.0f} activations/s, "
-              f"{fp32 * flops_per_row / peak:6.1%} of peak, {fp32 / bare:.2f}× the bare loop")
-        bf16 = saesweep_lightning(store, args.d_in, args.d_sae, args.batch, "bf16-mixed")
+              f"{fp32 * flops_per_row / peak:6.1%} of peak, {fp32 / bare:.2f}× the bare loop; "
+              f"whole fit {fp32_whole:.0f}/s")
+        bf16, _ = saesweep_lightning(store, args.d_in, args.d_sae, args.batch, "bf16-mixed")
         print(f"saesweep (Lightning, bf16-mixed):         {bf16:9.0f} activations/s, {bf16 / fp32:.2f}× fp32")
-    print(f"RESULT peak_gflops={peak / 1e9:.1f} bare_act_per_s={bare:.0f} saesweep_fp32_act_per_s={fp32:.0f} "
-          f"saesweep_bf16_act_per_s={bf16:.0f} saesweep_vs_bare={fp32 / bare:.3f} "
-          f"saesweep_fp32_util={fp32 * flops_per_row / peak:.3f} bare_util={bare * flops_per_row / peak:.3f}")
+        compiled, _ = saesweep_lightning(store, args.d_in, args.d_sae, args.batch, "32-true", compile=True)
+        print(f"saesweep (Lightning, fp32, compiled):     {compiled:9.0f} activations/s, {compiled / fp32:.2f}× eager")
+    result = (
+        f"RESULT peak_gflops={peak / 1e9:.1f} bare_act_per_s={bare:.0f} saesweep_fp32_act_per_s={fp32:.0f} "
+        f"saesweep_bf16_act_per_s={bf16:.0f} saesweep_compiled_act_per_s={compiled:.0f} "
+        f"saesweep_vs_bare={fp32 / bare:.3f} saesweep_fp32_util={fp32 * flops_per_row / peak:.3f} "
+        f"bare_util={bare * flops_per_row / peak:.3f}"
+    )
+    if saelens_contender.available():
+        seconds = saelens_contender.train_saelens(x, args.d_sae, args.batch, args.steps + 3)
+        saelens = (args.steps + 3) * args.batch / seconds
+        print(f"SAELens (SAETrainer, fp32, whole fit):     {saelens:9.0f} activations/s, "
+              f"{saelens * flops_per_row / peak:6.1%} of peak")
+        print(f"saesweep / SAELens, whole fit of the same steps: {fp32_whole / saelens:.2f}")
+        result += f" saelens_act_per_s={saelens:.0f} saesweep_vs_saelens={fp32_whole / saelens:.3f}"
+    else:
+        print("SAELens: not installed (pip install -e '.[bench]'), not measured")
+    print(result)
 
 
 if __name__ == "__main__":

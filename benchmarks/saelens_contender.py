@@ -1,0 +1,76 @@
+"""SAELens (the `sae-lens` package, `pip install -e '.[bench]'`) as a contender in the benchmarks: its own
+trainer (`SAETrainer`) and ReLU/L1 SAE (`StandardTrainingSAE`), fed the very activations saesweep trains
+on. Its ActivationsStore is not used: it loads models through HookedTransformer, which the offline
+reference model is not registered for, so the harvest is timed as the same LM forward pass saesweep's
+harvest makes (`run_with_cache` with `stop_at_layer`), a lower bound on SAELens's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+try:
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+except ImportError:  # the `bench` extra is not installed
+    SAETrainer = None
+
+
+def available() -> bool:
+    return SAETrainer is not None
+
+
+def _batches(x: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
+    """Shuffled batches forever, like SAELens's mixing buffer hands them out."""
+    while True:
+        order = torch.randperm(len(x))
+        for start in range(0, len(x) - batch + 1, batch):
+            yield x[order[start : start + batch]]
+
+
+def train_saelens(x: torch.Tensor, d_sae: int, batch: int, steps: int, l1_coef: float = 2.0) -> float:
+    """Trains one SAELens ReLU/L1 SAE for `steps` steps on `x` [n, d_in]; returns the wall seconds of
+    its `fit` (the trainer's whole loop, start-up included)."""
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1_coef))
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-3, lr_end=3e-3,
+        n_checkpoints=0, device="cpu" if not torch.cuda.is_available() else "cuda",
+    )
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(x, batch))
+    start = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - start
+
+
+def saelens_job(model_dir: str, corpus: str, hook_point: str, ctx_len: int, n_tokens: int, d_sae_ratio: int,
+                batch: int) -> None:
+    """One SAELens training job as a researcher would run it, in its own process: load the model,
+    harvest `n_tokens` activations at the hook (the forward pass SAELens's ActivationsStore makes),
+    train one SAE on them. The same documents and contexts as saesweep's training stream."""
+    from saesweep.activations import harvest
+    from saesweep.data import ContextSource, load_texts
+    from saesweep.lm import load_model
+
+    model = load_model(None, model_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    contexts = ContextSource(load_texts(corpus, None, "train", "text"), model.tokenizer, ctx_len, True, 0)
+    _, n_eval_docs = contexts.eval_contexts(-(-25_000 // ctx_len))
+    chunks, rows = [], 0
+    for batch_contexts in contexts.train_batches(n_eval_docs, 256):
+        acts = harvest(model, batch_contexts, hook_point, 256)
+        chunks.append(acts.reshape(-1, acts.shape[-1]))
+        rows += chunks[-1].shape[0]
+        if rows >= n_tokens:
+            break
+    x = torch.cat(chunks)[:n_tokens]
+    train_saelens(x, d_sae_ratio * x.shape[1], batch, n_tokens // batch)
+
+
+if __name__ == "__main__":
+    import sys
+
+    model_dir, corpus, hook, ctx, n, ratio, batch = sys.argv[1:]
+    saelens_job(model_dir, corpus, hook, int(ctx), int(n), int(ratio), int(batch))
