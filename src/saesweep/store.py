@@ -23,7 +23,9 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,6 +391,21 @@ def _regroup(batches: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tenso
         yield torch.cat(pending)
 
 
+_PREFETCH = 2  # batches read ahead while the training step runs
+
+
+def _prefetched(batches: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
+    """`batches`, each made `depth` ahead of its use in a background thread, so that reading, checking
+    and shuffling shards overlaps the training step (file reads, hashing and torch ops release the GIL;
+    on a GPU the step's kernels are queued and the host would otherwise wait on the data path). One
+    worker calls `next` on the generator, so it never runs twice at once; its errors reach the caller."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saesweep-prefetch") as pool:
+        pending = deque(pool.submit(next, batches, None) for _ in range(depth))
+        while (batch := pending.popleft().result()) is not None:
+            pending.append(pool.submit(next, batches, None))
+            yield batch
+
+
 class StoreStream(IterableDataset):
     """Training batches streamed from a complete store: shards in a random order, rows mixed in a
     shuffle buffer of `buffer_tokens` rows. Memory: the buffer plus one shard, whatever n_tokens is.
@@ -449,7 +466,7 @@ class StoreStream(IterableDataset):
         epoch, skip = self.epoch, self._skip
         self.epoch, self._skip = epoch + 1, 0
         self._position = {"epoch": epoch, "batches": 0}
-        for i, batch in enumerate(itertools.islice(self._epoch_batches(epoch), len(self))):
+        for i, batch in enumerate(_prefetched(itertools.islice(self._epoch_batches(epoch), len(self)), _PREFETCH)):
             if i < skip:
                 continue
             self._position["batches"] = i + 1
