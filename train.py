@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> float:
 def command_line(args: list[str]) -> list[str]:
     """Hydra's arguments for what the user typed: `-m` anywhere on the line (Hydra's argparse takes
     overrides only before it), and `train.ensemble=true` as a sweep under the ensemble launcher."""
-    if _ENSEMBLE_FLAG in args:
+    if any(a.lower() == _ENSEMBLE_FLAG for a in args):
         launchers = [a for a in args if a.startswith("hydra/launcher=")]
         if launchers and launchers != ["hydra/launcher=ensemble"]:
             sys.exit(f"error: {_ENSEMBLE_FLAG} trains every job of the sweep in this process; it cannot run "

@@ -4,8 +4,9 @@ vs saesweep's four sequential jobs (-m, one harvest reused) vs four sequential S
 own process, harvest and SAETrainer; needs the `bench` extra).
 
 Every contender starts from a cold activation store and is run as a command, as a researcher runs it.
-saesweep's runs include their final evaluation on 25k held-out tokens (metrics.json); SAELens's do not
-(it has no such step without W&B), which favours SAELens. Prints its figures and a `RESULT` line.
+saesweep's runs include their final evaluation on 25k held-out tokens (metrics.json), but not the periodic
+one (eval.every_n_steps is set past the end); SAELens's runs have no evaluation (it runs one only when
+logging to W&B), which favours SAELens. Prints its figures and a `RESULT` line.
 
     python benchmarks/bench_sweep.py [--n-tokens 200000] [--batch 1024]
 """
@@ -54,6 +55,7 @@ def main() -> None:
                 f"data.path={REFERENCE / 'corpus' / 'train.jsonl.gz'}", f"n_tokens={args.n_tokens}",
                 f"train.batch_size={args.batch}", f"dict_ratio={','.join(map(str, RATIOS))}",
                 f"store.dir={tmp}/{name}-store", f"hydra.sweep.dir={tmp}/{name}", "trainer.enable_progress_bar=false",
+                f"eval.every_n_steps={args.n_tokens}",
                 *extra,
             ]
 
@@ -73,7 +75,7 @@ def main() -> None:
             print(f"SAELens, four sequential jobs:          {saelens:7.1f} s, ensemble {ensemble / saelens:.2f}×")
             result += f" saelens_sequential_s={saelens:.1f} ensemble_vs_saelens={ensemble / saelens:.3f}"
         else:
-            print("SAELens: not installed (pip install -e '.[bench]'), not measured")
+            print(saelens_contender.NOT_INSTALLED)
     print(result)
 
 

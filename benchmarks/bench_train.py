@@ -145,7 +145,7 @@ def main() -> None:
         print(f"saesweep / SAELens, whole fit of the same steps: {fp32_whole / saelens:.2f}")
         result += f" saelens_act_per_s={saelens:.0f} saesweep_vs_saelens={fp32_whole / saelens:.3f}"
     else:
-        print("SAELens: not installed (pip install -e '.[bench]'), not measured")
+        print(saelens_contender.NOT_INSTALLED)
     print(result)
 
 

@@ -20,6 +20,9 @@ except ImportError:  # the `bench` extra is not installed
     SAETrainer = None
 
 
+NOT_INSTALLED = "SAELens: not installed (pip install -c constraints.txt -e '.[bench]'), not measured"
+
+
 def available() -> bool:
     return SAETrainer is not None
 
