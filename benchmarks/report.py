@@ -30,7 +30,7 @@ def train_reference_run(run_dir: Path, n_tokens: int) -> None:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"model.path={REFERENCE / 'model'}", "data=jsonl", f"data.path={REFERENCE / 'corpus' / 'train.jsonl.gz'}",
-            "dict_ratio=2", f"n_tokens={n_tokens}", "logger=none", "+trainer.enable_progress_bar=false",
+            "dict_ratio=2", f"n_tokens={n_tokens}", "logger=none", "trainer.enable_progress_bar=false",
         ])
     train(cfg, run_dir)
 
