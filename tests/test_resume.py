@@ -40,12 +40,24 @@ def _overrides(tiny_model_dir, corpus_path, store_dir):
     ]
 
 
-def _start(overrides, run_dir, step_sleep_s):
+def _start(overrides, run_dir, step_sleep_s, dir_key="hydra.run.dir"):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "STEP_SLEEP_S": str(step_sleep_s)}
     return subprocess.Popen(
-        [sys.executable, "-c", _SLOW_TRAIN_PY, *overrides, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-c", _SLOW_TRAIN_PY, *overrides, f"{dir_key}={run_dir}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+
+
+def _kill_after_checkpoint(job, last, step: int) -> int:
+    """SIGKILL `job` once `last` holds a checkpoint at `step` or later; the step it holds then."""
+    deadline = time.monotonic() + 240
+    while _checkpoint_step(last) < step:
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint at step ≥ {step} in time"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    return _checkpoint_step(last)
 
 
 def _checkpoint_step(path) -> int:
@@ -63,15 +75,7 @@ def test_sigkilled_job_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_pa
 
     run_dir = tmp_path / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
-    job = _start(overrides, run_dir, step_sleep_s=0.15)
-    deadline = time.monotonic() + 240
-    while _checkpoint_step(last) < 8:
-        assert job.poll() is None, job.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint at step ≥ 8 in time"
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    killed_at = _checkpoint_step(last)
+    killed_at = _kill_after_checkpoint(_start(overrides, run_dir, step_sleep_s=0.15), last, 8)
     assert 8 <= killed_at < _STEPS and not (run_dir / "metrics.json").exists()
 
     rerun = _start(overrides, run_dir, step_sleep_s=0)  # the same command again
@@ -88,6 +92,33 @@ def test_sigkilled_job_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_pa
         assert torch.equal(resumed_weights[name], tensor), name
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
     assert json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
+
+
+def test_sigkilled_ensemble_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, tiny_model_dir, corpus_path):
+    overrides = [
+        *(o for o in _overrides(tiny_model_dir, corpus_path, tmp_path / "store") if not o.startswith("dict_ratio=")),
+        "dict_ratio=1,2", "train.ensemble=true",
+    ]
+    reference = tmp_path / "uninterrupted"
+    done = _start(overrides, reference, step_sleep_s=0, dir_key="hydra.sweep.dir")
+    output, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, output[-3000:]
+
+    sweep = tmp_path / "killed"
+    last = sweep / ".ensemble" / "checkpoints" / "last.ckpt"
+    killed_at = _kill_after_checkpoint(_start(overrides, sweep, 0.15, "hydra.sweep.dir"), last, 8)
+    assert 8 <= killed_at < _STEPS and not (sweep / "0" / "metrics.json").exists()
+    rerun = _start(overrides, sweep, step_sleep_s=0, dir_key="hydra.sweep.dir")  # the same command again
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resuming from" in (sweep / "0" / "train.log").read_text()
+
+    for job in ("0", "1"):  # bit-identical, as for a lone job
+        resumed, uninterrupted = load_file(sweep / job / "sae.safetensors"), load_file(reference / job / "sae.safetensors")
+        assert resumed.keys() == uninterrupted.keys()
+        for name, tensor in uninterrupted.items():
+            assert torch.equal(resumed[name], tensor), (job, name)
+        assert _checkpoint_step(sweep / job / "checkpoints" / "last.ckpt") == _STEPS
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_intact(tmp_path):
