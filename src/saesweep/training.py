@@ -97,7 +97,7 @@ class SaeTrainingModule(L.LightningModule):
         log_now = self.trainer._logger_connector.should_update_logs
         losses, logged = [], {}
         for sae, l1_coef, prefix in zip(self.saes, self.l1_coefs, self.metric_prefixes):
-            loss, mse, l1, feature_acts = self._losses(sae, x, l1_coef)
+            loss, mse, l1, l0 = self._losses(sae, x, l1_coef, log_now)
             losses.append(loss)
             if log_now:
                 logged |= {
@@ -105,7 +105,7 @@ class SaeTrainingModule(L.LightningModule):
                     # reported in raw activation units, comparable with eval/mse and metrics.json
                     f"{prefix}train/mse": mse * self.act_scale**2,
                     f"{prefix}train/l1": l1 * self.act_scale,
-                    f"{prefix}train/l0": (feature_acts > 0).sum(dim=-1).float().mean(),
+                    f"{prefix}train/l0": l0,
                     f"{prefix}train/skipped_steps": self.skipped_steps.float(),
                 }
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
@@ -204,13 +204,16 @@ class SaeTrainingModule(L.LightningModule):
         self._accumulators, self._eval_saes = [], []
 
 
-def sae_losses(sae: ReluSae, x: torch.Tensor, l1_coef: float) -> tuple[torch.Tensor, ...]:
-    """The training loss of `sae` on the batch `x` [batch, d_in], its parts mse and l1, and the feature
-    activations."""
+def sae_losses(
+    sae: ReluSae, x: torch.Tensor, l1_coef: float, with_l0: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The training loss of `sae` on the batch `x` [batch, d_in] and its parts: loss, mse, l1, and l0
+    when `with_l0` (torch.compile makes one graph for each value)."""
     x_hat, feature_acts = sae(x)
     mse = (x_hat - x).pow(2).sum(dim=-1).mean()
     l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
-    return mse + l1_coef * l1, mse, l1, feature_acts
+    l0 = (feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
+    return mse + l1_coef * l1, mse, l1, l0
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
