@@ -3,7 +3,6 @@ lone job: one logger per dictionary, and one checkpoint per run directory cut fr
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
-from saesweep.io import atomic_write_bytes
+from saesweep.training import AtomicCheckpointIO
 
 ENSEMBLE_DIR = ".ensemble"  # in the sweep directory: the shared checkpoint while the ensemble trains
 _SAE_PARAMETERS = 4  # W_enc, b_enc, W_dec, b_dec: each SAE's share of the optimizer's parameter list
@@ -57,23 +56,31 @@ class RunLogger(Logger):
         self.inner.finalize(status)
 
 
-def write_member_checkpoint(ensemble_ckpt: Path, index: int, path: Path, resume_key: dict[str, object]) -> None:
-    """The ensemble checkpoint cut down to SAE `index`: what a lone job of that SAE trained on the same
-    batches would have written (its weights, its Adam moments, the shared schedule and stream
-    position), so its run directory has a checkpoint of its own like every other."""
-    checkpoint = torch.load(ensemble_ckpt, map_location="cpu", weights_only=True)
-    prefix = f"saes.{index}."
-    checkpoint["state_dict"] = {
-        (f"saes.0.{k[len(prefix):]}" if k.startswith(prefix) else k): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith(prefix) or not k.startswith("saes.")
-    }
-    own = range(index * _SAE_PARAMETERS, (index + 1) * _SAE_PARAMETERS)
-    for optimizer in checkpoint["optimizer_states"]:
-        optimizer["state"] = {i - own.start: optimizer["state"][i] for i in own if i in optimizer["state"]}
-        for group in optimizer["param_groups"]:
-            group["params"] = list(range(_SAE_PARAMETERS))
-    checkpoint["saesweep_resume_key"] = resume_key
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+def write_member_checkpoints(ensemble_ckpt: Path, paths: Sequence[Path], resume_keys: Sequence[dict]) -> None:
+    """The ensemble checkpoint cut down to each SAE i, written to `paths[i]`: what a lone job of that SAE
+    trained on the same batches would have written (its weights, its Adam moments, the shared schedule
+    and stream position), so each run directory has a checkpoint of its own like every other."""
+    checkpoint = torch.load(ensemble_ckpt, map_location="cpu", weights_only=True)  # read once for all
+    for index, (path, resume_key) in enumerate(zip(paths, resume_keys)):
+        prefix = f"saes.{index}."
+        own = range(index * _SAE_PARAMETERS, (index + 1) * _SAE_PARAMETERS)
+        member = {
+            **checkpoint,
+            "state_dict": {
+                (f"saes.0.{k[len(prefix):]}" if k.startswith(prefix) else k): v
+                for k, v in checkpoint["state_dict"].items()
+                if k.startswith(prefix) or not k.startswith("saes.")
+            },
+            "optimizer_states": [
+                {
+                    **optimizer,
+                    "state": {i - own.start: optimizer["state"][i] for i in own if i in optimizer["state"]},
+                    "param_groups": [
+                        {**group, "params": list(range(_SAE_PARAMETERS))} for group in optimizer["param_groups"]
+                    ],
+                }
+                for optimizer in checkpoint["optimizer_states"]
+            ],
+            "saesweep_resume_key": resume_key,
+        }
+        AtomicCheckpointIO().save_checkpoint(member, path)

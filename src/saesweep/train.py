@@ -24,7 +24,7 @@ import saesweep
 from saesweep.activations import harvest
 from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
 from saesweep.data import ContextSource, load_texts
-from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoint
+from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
@@ -186,12 +186,14 @@ def train_ensemble(
         return module.last_evals
 
     train_contexts = sum(shard["contexts"] for shard in manifest["shards"])
-    for i, (c, run_dir, sae, result, run_logger) in enumerate(
-        zip(cfgs, run_dirs, module.raw_saes(), module.last_evals, run_loggers)
+    if not lone:
+        write_member_checkpoints(
+            last, [d / CHECKPOINT_DIR / "last.ckpt" for d in run_dirs], [resume_key | {"d_sae": d} for d in d_saes]
+        )
+    for c, run_dir, d_sae, sae, result, run_logger in zip(
+        cfgs, run_dirs, d_saes, module.raw_saes(), module.last_evals, run_loggers
     ):
-        if not lone:
-            write_member_checkpoint(last, i, run_dir / CHECKPOINT_DIR / "last.ckpt", resume_key | {"d_sae": d_saes[i]})
-        run_cfg = describe_run(c, hook_point, d_in, d_saes[i], int(module.tokens_seen), train_contexts)
+        run_cfg = describe_run(c, hook_point, d_in, d_sae, int(module.tokens_seen), train_contexts)
         write_run_dir(run_dir, sae, run_cfg, result)
         if run_logger:
             final = {f"final/{k}": v for k, v in result.metrics.items()}
