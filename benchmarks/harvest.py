@@ -43,7 +43,7 @@ def main() -> None:
     texts = load_texts(args.corpus, None, "train", "text")
     source = ContextSource(texts, model.tokenizer, 25, True, seed=0)
     n_contexts = -(-args.n_tokens // 25)
-    contexts = torch.cat(list(_take(source.train_batches(0, args.batch_contexts), n_contexts)))
+    contexts = torch.cat(list(_take(source.train_batches(args.batch_contexts), n_contexts)))
     n_tokens = contexts.numel()
     print(f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; hook {HOOK}; {n_tokens} tokens")
 

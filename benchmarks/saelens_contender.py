@@ -60,9 +60,8 @@ def saelens_job(model_dir: str, corpus: str, hook_point: str, ctx_len: int, n_to
 
     model = load_model(None, model_dir, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     contexts = ContextSource(load_texts(corpus, None, "train", "text"), model.tokenizer, ctx_len, True, 0)
-    _, n_eval_docs = contexts.eval_contexts(-(-25_000 // ctx_len))
     chunks, rows = [], 0
-    for batch_contexts in contexts.train_batches(n_eval_docs, 256):
+    for batch_contexts in contexts.train_batches(256):
         acts = harvest(model, batch_contexts, hook_point, 256)
         chunks.append(acts.reshape(-1, acts.shape[-1]))
         rows += chunks[-1].shape[0]

@@ -4,9 +4,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from conftest import synthetic_documents
-from saesweep.data import load_texts, make_contexts
+from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference, synthetic_documents
+from saesweep.data import ContextSource, load_texts, make_contexts
 from saesweep.errors import DataError
 
 
@@ -73,8 +74,73 @@ def test_same_seed_same_split_and_no_bos_option(tiny_model):
 
 
 def test_too_little_text_says_how_many_tokens_there_are(tiny_model):
-    with pytest.raises(DataError, match=r"only 0 evaluation tokens .* but 250 are needed"):
+    with pytest.raises(DataError, match=r"only 0 evaluation tokens .* but 250 are asked for"):
         make_contexts(["a few words only"] * 3, tiny_model.tokenizer, 25, 90, 10, True, seed=0)
     docs = synthetic_documents(20)
     with pytest.raises(DataError, match=r"only \d+ training tokens .* but 250000 are needed"):
         make_contexts(docs, tiny_model.tokenizer, 25, 10_000, 10, True, seed=0)
+
+
+def document_of_piece(source: ContextSource, doc_indices) -> dict[tuple[int, ...], int]:
+    """Each piece (tokens after BOS) of these documents → its document (random word sequences: unique)."""
+    return {
+        tuple(piece.tolist()): doc
+        for doc, pieces in zip(doc_indices, source._pieces(doc_indices), strict=True)
+        for piece in pieces
+    }
+
+
+def test_training_contexts_are_mixed_across_documents_in_a_seeded_order(tiny_model):
+    # about 14 pieces per document: the pool holds those of about 70 documents
+    source = ContextSource(synthetic_documents(300), tiny_model.tokenizer, 16, True, seed=0, mix_pool_contexts=1024)
+    owner = document_of_piece(source, source.train_docs)
+    batches = list(source.train_batches(batch_contexts=64))
+    first = [owner[tuple(row[1:].tolist())] for row in batches[0]]
+    # 64 adjacent contexts from ≥ 30 documents (document after document: 5)
+    assert len(set(first)) >= 30
+    every = torch.cat(batches)
+    assert len(every) == len(owner)  # every piece of every training document, once
+    assert not set(owner.values()) & set(source.heldout_docs)
+    again = torch.cat(list(ContextSource(synthetic_documents(300), tiny_model.tokenizer, 16, True, seed=0,
+                                         mix_pool_contexts=1024).train_batches(batch_contexts=50)))
+    assert torch.equal(every, again)  # same seed, same order, whatever the batch size
+
+
+def test_held_out_contexts_are_spread_over_documents_a_few_each(tiny_model):
+    source = ContextSource(synthetic_documents(300), tiny_model.tokenizer, 16, True, seed=0)
+    owner = document_of_piece(source, source.heldout_docs)
+    held = source.held_out_contexts(45)
+    docs = [owner[tuple(row[1:].tolist())] for row in held.tokens]
+    assert held.n_documents == len(set(docs)) == 30  # every held-out document, before any gives a second
+    assert max(docs.count(d) for d in set(docs)) == 2
+    assert len({tuple(r) for r in held.tokens.tolist()}) == 45
+
+
+def test_one_context_per_document_is_each_documents_first_piece(tiny_model):
+    texts = synthetic_documents(100)
+    tok = tiny_model.tokenizer
+    source = ContextSource(texts, tok, 16, True, seed=0, contexts_per_document=1, mix_pool_contexts=32)
+    firsts = {i: tuple(tok(texts[i], add_special_tokens=False)["input_ids"][:15]) for i in range(len(texts))}
+    trained = torch.cat(list(source.train_batches(batch_contexts=16)))
+    assert sorted(tuple(r[1:].tolist()) for r in trained) == sorted(firsts[i] for i in source.train_docs)
+    held = source.held_out_contexts(10)
+    assert sorted(tuple(r[1:].tolist()) for r in held.tokens) == sorted(firsts[i] for i in source.heldout_docs)
+    with pytest.raises(DataError, match="the 10 held-out documents give only 160 evaluation tokens"):
+        source.held_out_contexts(11, "evaluation")
+
+
+@requires_reference()
+def test_reference_default_eval_set_spans_hundreds_of_held_out_documents():
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from saesweep.data import context_source
+
+    data = OmegaConf.load(REPO / "conf" / "data" / "jsonl.yaml")
+    config = OmegaConf.load(REPO / "conf" / "config.yaml")
+    data.path = str(REFERENCE_CORPUS)
+    source = context_source(data, AutoTokenizer.from_pretrained(REFERENCE_MODEL), config.ctx_len)
+    held = source.held_out_contexts(-(-config.eval.n_tokens // config.ctx_len))
+    assert held.n_documents >= 500
+    assert not set(source.heldout_docs) & set(source.train_docs)
+    assert len(source.heldout_docs) + len(source.train_docs) == len(source.texts)

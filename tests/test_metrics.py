@@ -73,3 +73,63 @@ def test_random_sae_metrics_match_brute_force(tiny_model, held_out):
     assert m["dense_fraction"] == pytest.approx((freq > 0.1).float().mean().item())
     assert m["ppl_delta"] == pytest.approx(math.exp(m["ce_spliced"]) - math.exp(m["ce_clean"]))
     assert m["ce_delta"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])
+
+
+def shrinking_sae(d: int, threshold: float) -> ReluSae:
+    """The identity SAE with encoder thresholds: x̂_d = sign(x_d)·max(|x_d| − threshold, 0). Its error,
+    L0 and loss vary from context to context, so the error bars are not small."""
+    sae = identity_sae(d)
+    with torch.no_grad():
+        sae.b_enc.fill_(-threshold)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def reference_held_out():
+    """160 held-out contexts of the reference model at layer 2: a real model, whose zero-ablation loss
+    is far above its clean loss (a random tiny model's are close, and ce_recovered is then meaningless)."""
+    from conftest import REFERENCE_CORPUS, REFERENCE_MODEL
+    from saesweep.data import ContextSource, load_texts
+    from saesweep.lm import load_model
+
+    if not REFERENCE_MODEL.is_dir():
+        pytest.skip(f"no reference model at {REFERENCE_MODEL}")
+    model = load_model(None, str(REFERENCE_MODEL), torch.device("cpu"))
+    texts = load_texts(str(REFERENCE_CORPUS), None, "train", "text")
+    contexts = ContextSource(texts, model.tokenizer, 25, True, seed=0).held_out_contexts(160).tokens
+    return model, HeldOutSet.build(model, contexts, REFERENCE_HOOK, batch_contexts=80)
+
+
+REFERENCE_HOOK = "blocks.2.hook_resid_post"
+HEADLINE = ("fvu", "l0", "ce_delta", "ce_recovered")
+
+
+def test_standard_errors_match_a_brute_force_bootstrap_over_contexts(reference_held_out):
+    """The delta-method standard errors against the spread of the metrics re-evaluated on contexts
+    resampled with replacement (each replicate a full evaluation: model, SAE and all)."""
+    model, held_out = reference_held_out
+    sae = shrinking_sae(256, threshold=3.0)
+    small = HeldOutSet(*(t[:40] for t in held_out.tensors))
+    m = evaluate(sae, model, REFERENCE_HOOK, small, batch_contexts=40).metrics
+    assert 0.2 < m["ce_recovered"] < 0.95 and 0.05 < m["fvu"] < 0.9  # a partial reconstruction
+    generator = torch.Generator().manual_seed(0)
+    replicates = []
+    for _ in range(100):  # the spread of 100 replicates is known to about ±7 %
+        rows = torch.randint(0, 40, (40,), generator=generator)
+        resampled = HeldOutSet(*(t[rows] for t in small.tensors))
+        replicates.append(evaluate(sae, model, REFERENCE_HOOK, resampled, batch_contexts=40).metrics)
+    for key in HEADLINE:
+        spread = torch.tensor([r[key] for r in replicates], dtype=torch.float64).std().item()
+        assert m[f"{key}_se"] == pytest.approx(spread, rel=0.25), key
+
+
+def test_standard_errors_shrink_as_the_held_out_set_grows(reference_held_out):
+    model, held_out = reference_held_out
+    sae = shrinking_sae(256, threshold=3.0)
+    small = evaluate(sae, model, REFERENCE_HOOK, HeldOutSet(*(t[:40] for t in held_out.tensors)), 40).metrics
+    large = evaluate(sae, model, REFERENCE_HOOK, held_out, 40).metrics
+    assert large["n_eval_contexts"] == 4 * small["n_eval_contexts"] == 160
+    for key in HEADLINE:
+        # 4× the contexts: about half the standard error
+        assert 0.3 < large[f"{key}_se"] / small[f"{key}_se"] < 0.75, key
+    assert large["dead_window_tokens"] == large["n_eval_tokens"] == 160 * 25

@@ -24,7 +24,7 @@ from saesweep.sae import ReluSae
 CTX_LEN = 16
 EVAL_TOKENS = 800  # 50 contexts: the run's evaluation set
 TRAIN_TOKENS = 1600  # 100 contexts
-REPORT_TOKENS = 1200  # 75 contexts: all 50 evaluation ones and 25 from after the training documents
+REPORT_TOKENS = 1200  # 75 contexts of the held-out order: the 50 evaluation ones first
 LAST_HOOK = "blocks.1.hook_resid_post"  # the last block: the residual goes straight to ln_final and W_U
 
 
@@ -41,7 +41,8 @@ def write_run(run_dir: Path, sae: ReluSae, model_dir: Path, corpus: Path, hook_p
         "architecture": "relu_l1", "d_in": sae.d_in, "d_sae": sae.d_sae, "dict_ratio": sae.d_sae / sae.d_in,
         "l1_coef": 1.0, "hook_point": hook_point, "model_name": None, "model_path": str(model_dir),
         "dataset": {"name": None, "path": str(corpus), "split": "train", "text_field": "text",
-                    "prepend_bos": True, "seed": 0},
+                    "prepend_bos": True, "seed": 0, "heldout_fraction": 0.1, "contexts_per_document": None,
+                    "mix_pool_contexts": 1024},
         "ctx_len": CTX_LEN, "eval_n_tokens": EVAL_TOKENS, "n_tokens": TRAIN_TOKENS, "seed": 0,
     })
     return run_dir
@@ -69,27 +70,26 @@ def single_token(model, text: str) -> int:
 # --- held-out tokens ------------------------------------------------------------------------------
 
 
-def test_held_out_contexts_are_the_eval_set_then_never_trained_documents(tiny_model):
+def test_held_out_contexts_begin_with_the_eval_set_and_are_never_trained_on(tiny_model):
     texts = synthetic_documents(300)
-    args = {"ctx_len": CTX_LEN, "prepend_bos": True, "seed": 0}
-    splits = make_contexts(texts, tiny_model.tokenizer, n_train_contexts=100, n_eval_contexts=50, **args)
+    args = {"ctx_len": CTX_LEN, "prepend_bos": True, "seed": 0, "mix_pool_contexts": 256}
     source = ContextSource(texts, tiny_model.tokenizer, **args)
-    held = source.held_out_contexts(n_eval_contexts=50, n_train_contexts=100, n_contexts=120)
-    assert held.shape == (120, CTX_LEN)
-    assert torch.equal(held[:50], splits.eval)
-    trained = {tuple(row) for row in splits.train.tolist()}
-    assert not trained & {tuple(row) for row in held.tolist()}
-    # fewer than the evaluation set: its first contexts
-    assert torch.equal(source.held_out_contexts(n_eval_contexts=50, n_train_contexts=100, n_contexts=20),
-                       splits.eval[:20])
+    every_training_context = torch.cat(list(source.train_batches(batch_contexts=500)))
+    splits = make_contexts(texts, tiny_model.tokenizer, n_train_contexts=100, n_eval_contexts=50, **args)
+    held = source.held_out_contexts(120)
+    assert held.tokens.shape == (120, CTX_LEN)
+    assert held.n_documents == 30  # 10 % of 300 documents, every one of them used
+    assert torch.equal(held.tokens[:50], splits.eval)  # a report's held-out tokens begin with the run's eval set
+    trained = {tuple(row) for row in every_training_context.tolist()}
+    assert not trained & {tuple(row) for row in held.tokens.tolist()}
 
 
 def test_held_out_contexts_too_many_is_a_data_error(tiny_model):
     from saesweep.errors import DataError
 
-    with pytest.raises(DataError, match="never trained on"):
-        source = ContextSource(synthetic_documents(20), tiny_model.tokenizer, CTX_LEN, prepend_bos=True, seed=0)
-        source.held_out_contexts(n_eval_contexts=10, n_train_contexts=10, n_contexts=10_000)
+    source = ContextSource(synthetic_documents(20), tiny_model.tokenizer, CTX_LEN, prepend_bos=True, seed=0)
+    with pytest.raises(DataError, match=r"the 2 held-out documents give only \d+ report tokens .* raise data.heldout_fraction"):
+        source.held_out_contexts(10_000, "report")
 
 
 # --- examples and histograms ----------------------------------------------------------------------
@@ -144,7 +144,9 @@ def lens_and_direction_run(tmp_path_factory, tiny_model, tiny_model_dir, corpus_
 @pytest.fixture(scope="module")
 def lens_report(lens_and_direction_run, tiny_model):
     run, _ = lens_and_direction_run
-    return build_report(run, fast_settings(features=(0, 1, 2), use_ln_final=False), model=tiny_model)
+    # every held-out context in the dataset-wide effect, so " dog" is a next token there (9 times)
+    settings = fast_settings(features=(0, 1, 2), use_ln_final=False, direction_contexts=REPORT_TOKENS // CTX_LEN)
+    return build_report(run, settings, model=tiny_model)
 
 
 def test_logit_lens_of_an_unembedding_column_puts_its_token_first(lens_report, lens_and_direction_run):
@@ -173,7 +175,7 @@ def test_direction_ablation_lowers_the_log_prob_of_the_promoted_token(lens_repor
     feature = next(f for f in lens_report.data["features"] if f["id"] == 0)
     assert feature["frequency"] == 1.0 and feature["max_activation"] == pytest.approx(4.0)
     dataset = feature["direction_ablation"]["dataset"]
-    assert dataset["n_contexts"] == 16 and dataset["n_positions"] == 16 * (CTX_LEN - 1)
+    assert dataset["n_contexts"] == 75 and dataset["n_positions"] == 75 * (CTX_LEN - 1)
     falls = dataset["falls"]
     assert falls[0]["id"] == t and falls[0]["mean_delta"] < min(-0.3, 1.5 * falls[1]["mean_delta"])
     assert t not in [e["id"] for e in dataset["rises"]]
@@ -350,7 +352,7 @@ def test_report_files_and_contents(tiny_report, tiny_run):
     data = json.loads((report / "features.json").read_text())
     assert data["selection"] == {"method": "frequent", "n_features": 5}
     assert data["held_out"]["n_tokens"] == REPORT_TOKENS and data["held_out"]["n_eval_tokens"] == EVAL_TOKENS
-    assert "from the documents after the last one training read" in data["held_out"]["description"]
+    assert "from 30 held-out documents (never trained on)" in data["held_out"]["description"]
     frequencies = [f["frequency"] for f in data["features"]]
     assert frequencies == sorted(frequencies, reverse=True) and frequencies[0] > 0
     assert sum(data["density"]["counts"]) + data["density"]["dead"] == 16

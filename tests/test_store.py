@@ -42,7 +42,7 @@ def spec_for(model, n_tokens=3000, dtype="float32", token_filter=NO_FILTER):
 
 def train_batches(model, n_docs=200):
     source = ContextSource(synthetic_documents(n_docs), model.tokenizer, CTX, True, seed=0)
-    return source.train_batches(0, batch_contexts=32)
+    return source.train_batches(batch_contexts=32)
 
 
 def test_store_holds_exactly_the_harvested_activations(tmp_path, tiny_model):
@@ -246,12 +246,15 @@ def test_held_out_set_is_built_once_and_checked(tmp_path, tiny_model):
     store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
     store.ensure(tiny_model, train_batches(tiny_model), 8)
     made = {"tokens": torch.arange(12).reshape(3, 4), "ce": torch.rand(3, 3)}
-    assert store.held_out(lambda: made) is made
-    again = store.held_out(lambda: pytest.fail("a stored held-out set must not be rebuilt"))
+    assert store.held_out(3, lambda: made) is made
+    again = store.held_out(3, lambda: pytest.fail("a stored held-out set must not be rebuilt"))
     assert torch.equal(again["tokens"], made["tokens"]) and torch.equal(again["ce"], made["ce"])
-    path = store.path / store.manifest()["held_out"]["file"]
+    # another eval.n_tokens is another held-out set beside it; the first stays
+    bigger = store.held_out(5, lambda: {"tokens": torch.arange(20).reshape(5, 4)})
+    assert bigger["tokens"].shape == (5, 4) and store.held_out(3, lambda: pytest.fail("kept"))["tokens"].shape == (3, 4)
+    path = store.path / store.manifest()["held_out"]["3"]["file"]
     path.write_bytes(path.read_bytes()[:-8])  # truncated: detected, rebuilt
-    rebuilt = store.held_out(lambda: {k: v + 1 for k, v in made.items()})
+    rebuilt = store.held_out(3, lambda: {k: v + 1 for k, v in made.items()})
     assert torch.equal(rebuilt["tokens"], made["tokens"] + 1)
 
 def test_stream_position_restored_in_a_new_stream_continues_with_the_next_batch(tmp_path, tiny_model):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from saesweep.train import train
 METRIC_KEYS = {
     "mse", "fvu", "l0", "l1", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",
     "ce_zero_ablation", "ce_delta", "ppl_clean", "ppl_spliced", "ppl_delta", "ce_recovered", "n_eval_tokens",
+    "fvu_se", "l0_se", "ce_clean_se", "ce_delta_se", "ce_recovered_se", "n_eval_contexts", "dead_window_tokens",
 }
 
 
@@ -176,3 +178,42 @@ def test_unknown_model_name_lists_close_matches():
     with pytest.raises(ConfigError, match=r"model.name='EleutherAI/pythia-70m-dedupd' is not a model .*"
                                           r"close matches: EleutherAI/pythia-70m-deduped"):
         load_model("EleutherAI/pythia-70m-dedupd", None, torch.device("cpu"))
+
+
+def test_train_dead_fraction_counts_features_silent_over_the_window(tmp_path):
+    """train/dead_fraction: features that did not fire on the last dead_window_tokens training tokens
+    (all tokens so far while fewer were seen). Constructed: feature 0 fires on every batch, feature 1
+    on the first batch only, feature 2 never; batches of 4 tokens, a window of 8."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from saesweep.sae import ReluSae
+    from saesweep.training import SaeTrainingModule
+
+    first = torch.tensor([[1.0, 1.0]] * 4)  # features 0 and 1 fire
+    later = torch.tensor([[1.0, -1.0]] * 4)  # feature 0 only
+
+    def dead_fractions(window: int) -> list[float]:
+        sae = ReluSae(2, 3)
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+            sae.b_enc.copy_(torch.tensor([0.0, 0.0, -1e6]))
+            sae.b_dec.zero_()
+        module = SaeTrainingModule(
+            [sae], l1_coefs=[0.0], metric_prefixes=[""], act_scale=1.0, lr=1e-12, adam_betas=(0.9, 0.999),
+            lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=5, max_bad_steps=1, model=None, hook_point="h",
+            resume_key={}, dead_window_tokens=window,
+        )
+        logger = CSVLogger(tmp_path, name=f"window_{window}")
+        trainer = L.Trainer(max_epochs=1, logger=logger, log_every_n_steps=1, limit_val_batches=0,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        batches = torch.stack([first, later, later, later, later])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        rows = csv.DictReader((Path(logger.log_dir) / "metrics.csv").open())
+        return [float(r["train/dead_fraction"]) for r in rows if r.get("train/dead_fraction")]
+
+    # tokens since fired after steps 1..5: feature 1: 0, 4, 8, 12, 16; feature 2: 4, 8, 12, 16, 20
+    assert dead_fractions(8) == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3])
+    assert dead_fractions(10**9) == pytest.approx([1 / 3] * 5)  # the whole run: feature 1 fired once, alive

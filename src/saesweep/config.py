@@ -27,13 +27,23 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
     for key in (
         "train.batch_size", "train.checkpoint_every_n_steps", "train.max_bad_steps", "eval.batch_contexts",
-        "harvest_batch_contexts",
+        "harvest_batch_contexts", "train.dead_window_tokens", "data.mix_pool_contexts",
     ):
         if _number(cfg, key, integer=True) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")
     if _number(cfg, "n_tokens", integer=True) < cfg.train.batch_size:
         raise ConfigError(
             f"n_tokens={cfg.n_tokens} is less than one batch (train.batch_size={cfg.train.batch_size})"
+        )
+    if not 0 < _number(cfg, "data.heldout_fraction") < 1:
+        raise ConfigError(
+            f"data.heldout_fraction={cfg.data.heldout_fraction} must be in (0, 1): the fraction of documents held out "
+            "for evaluation, the rest trained on"
+        )
+    per_document = cfg.data.contexts_per_document
+    if per_document is not None and _number(cfg, "data.contexts_per_document", integer=True) <= 0:
+        raise ConfigError(
+            f"data.contexts_per_document={per_document} must be a positive integer, or null for every piece of a document"
         )
     if _number(cfg, "eval.n_tokens", integer=True) < cfg.ctx_len:
         raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")

@@ -1,13 +1,21 @@
-"""Text datasets → fixed-length token contexts, split into training and held-out evaluation contexts.
+"""Text datasets → fixed-length token contexts, split into training and held-out contexts.
 
-How documents become contexts: documents are shuffled with `data.seed` (the same for every run of
-a sweep, so all runs share one split), tokenized without special tokens, and each document is cut
-into consecutive pieces of `ctx_len - 1` tokens; every piece gets the BOS token in front, giving
-`ctx_len` tokens. A context never spans two documents; the tail of a document shorter than a piece
-is dropped. With `prepend_bos: false` pieces are `ctx_len` tokens long and have no BOS. The first
-documents of the shuffled order go to the held-out evaluation set until it has `eval_contexts`
-contexts; training contexts come from the remaining documents only, so no evaluation token is ever
-trained on.
+How documents become contexts (the data rules of docs/METHODS.md):
+- Documents are shuffled with `data.seed` (the same for every run of a sweep, so all runs share one
+  split). The first `heldout_fraction` of them are held out: never trained on, the source of every
+  evaluation and report token. The rest are training documents.
+- A document is tokenized without special tokens and cut into consecutive pieces of `ctx_len - 1`
+  tokens, each given the BOS token in front (`ctx_len` tokens; with `prepend_bos: false`, pieces
+  of `ctx_len` and no BOS). A context never spans two documents; a tail shorter than a piece is
+  dropped. `contexts_per_document=k` keeps only each document's first k pieces (k=1 is the seed's
+  setting: the first ctx_len tokens of each document).
+- Held-out contexts are spread over documents: a seeded random piece of every held-out document,
+  then a second random piece of every document that has one, and so on. Any prefix of that order
+  is as spread as it can be, so the evaluation set (the first eval.n_tokens) is part of every
+  report's held-out set.
+- Training contexts are mixed across documents as they are made: pieces pass through a pool of
+  `mix_pool_contexts` and leave it in a seeded random order, so any window of the activation store
+  is close to a sample of the training corpus (and a small store is not a few documents).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,77 +126,123 @@ def _text_of(record: object, text_field: str, where: str) -> str:
     return value
 
 
-class ContextSource:
-    """The contexts of a document collection in the fixed order of `seed`: evaluation first, then training."""
+@dataclass(frozen=True)
+class HeldOutContexts:
+    tokens: torch.Tensor  # [n_contexts, ctx_len] int64
+    n_documents: int  # distinct held-out documents they come from
 
-    def __init__(self, texts: Sequence[str], tokenizer, ctx_len: int, prepend_bos: bool, seed: int):
+
+class ContextSource:
+    """The contexts of a document collection under the data rules above: held-out and training."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        tokenizer,
+        ctx_len: int,
+        prepend_bos: bool,
+        seed: int,
+        heldout_fraction: float = 0.1,
+        contexts_per_document: int | None = None,
+        mix_pool_contexts: int = 65536,
+    ):
+        if not 0 < heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
         self.texts = texts
         self.tokenizer = tokenizer
         self.ctx_len = ctx_len
+        self.seed = seed
         self.bos = _bos_token_id(tokenizer) if prepend_bos else None
         self.piece_len = ctx_len - 1 if prepend_bos else ctx_len
-        self.order = list(range(len(texts)))
-        random.Random(seed).shuffle(self.order)
+        self.contexts_per_document = contexts_per_document
+        self.mix_pool_contexts = mix_pool_contexts
+        order = list(range(len(texts)))
+        random.Random(seed).shuffle(order)
+        n_heldout = min(max(1, round(heldout_fraction * len(texts))), len(texts) - 1)
+        self.heldout_docs = order[:n_heldout]
+        self.train_docs = order[n_heldout:]
 
-    def eval_contexts(self, n_contexts: int) -> tuple[torch.Tensor, int]:
-        """The first `n_contexts` contexts [n, ctx_len], and how many documents they used."""
-        pieces: list[list[int]] = []
-        for n_docs, doc_pieces in enumerate(self._pieces_by_document(0), 1):
-            pieces.extend(doc_pieces[: n_contexts - len(pieces)])
-            if len(pieces) == n_contexts:
-                return self._to_tensor(pieces), n_docs
-        raise not_enough_text(self.ctx_len, len(pieces), n_contexts, "evaluation")
+    def held_out_contexts(self, n_contexts: int, purpose: str = "held-out") -> HeldOutContexts:
+        """The first `n_contexts` held-out contexts: round r takes the r-th piece of each held-out
+        document in a per-document random order, documents in the shuffled order."""
+        generator = torch.Generator().manual_seed(self.seed)
+        docs = [d[torch.randperm(len(d), generator=generator)] for d in self._pieces(self.heldout_docs)]
+        docs = [d for d in docs if len(d)]
+        available = sum(len(d) for d in docs)
+        if available < n_contexts:
+            raise DataError(
+                f"the {len(self.heldout_docs)} held-out documents give only {available * self.ctx_len} {purpose} "
+                f"tokens in {self.ctx_len}-token contexts, but {n_contexts * self.ctx_len} are asked for: raise "
+                "data.heldout_fraction, lower eval.n_tokens (or report.n_tokens), or use a larger dataset"
+            )
+        chosen: list[torch.Tensor] = []
+        have = 0
+        for round_index in range(max(len(d) for d in docs)):
+            round_pieces = [d[round_index] for d in docs if len(d) > round_index][: n_contexts - have]
+            chosen.extend(round_pieces)
+            have += len(round_pieces)
+            if have == n_contexts:
+                break
+        # round 0 takes one piece from each document, so the first len(docs) contexts are all distinct
+        return HeldOutContexts(self._to_tensor(torch.stack(chosen)), min(n_contexts, len(docs)))
 
-    def train_batches(self, n_eval_docs: int, batch_contexts: int) -> Iterator[torch.Tensor]:
-        """Training contexts in batches of `batch_contexts`, from the documents after the `n_eval_docs`
-        evaluation documents (see `eval_contexts`)."""
-        batch: list[list[int]] = []
-        for doc_pieces in self._pieces_by_document(n_eval_docs):
+    def train_batches(self, batch_contexts: int) -> Iterator[torch.Tensor]:
+        """Training contexts in batches of `batch_contexts`, in a seeded order that mixes documents: each
+        new piece enters a pool of `mix_pool_contexts`, and once the pool is full it takes the place
+        of a random piece, which is emitted."""
+        rng = random.Random(self.seed)
+        pool: list[torch.Tensor] = []
+        batch: list[torch.Tensor] = []
+        for doc_pieces in self._pieces(self.train_docs):
             for piece in doc_pieces:
-                batch.append(piece)
+                if len(pool) < self.mix_pool_contexts:
+                    pool.append(piece)
+                    continue
+                slot = rng.randrange(len(pool))
+                batch.append(pool[slot])
+                pool[slot] = piece
                 if len(batch) == batch_contexts:
-                    yield self._to_tensor(batch)
+                    yield self._to_tensor(torch.stack(batch))
                     batch = []
+        rng.shuffle(pool)
+        for piece in pool:
+            batch.append(piece)
+            if len(batch) == batch_contexts:
+                yield self._to_tensor(torch.stack(batch))
+                batch = []
         if batch:
-            yield self._to_tensor(batch)
+            yield self._to_tensor(torch.stack(batch))
 
-    def held_out_contexts(self, n_eval_contexts: int, n_train_contexts: int, n_contexts: int) -> torch.Tensor:
-        """`n_contexts` contexts that a run with these evaluation and training context counts never
-        trained on: its evaluation contexts first, then contexts of the documents after the last one
-        its training read (a partly read document is skipped whole)."""
-        eval_contexts, n_eval_docs = self.eval_contexts(n_eval_contexts)
-        if n_contexts <= n_eval_contexts:
-            return eval_contexts[:n_contexts]
-        n_more = n_contexts - n_eval_contexts
-        pieces: list[list[int]] = []
-        n_train_seen = 0
-        for doc_pieces in self._pieces_by_document(n_eval_docs):
-            if n_train_seen < n_train_contexts:  # a training document
-                n_train_seen += len(doc_pieces)
-                continue
-            pieces.extend(doc_pieces[: n_more - len(pieces)])
-            if len(pieces) == n_more:
-                return torch.cat([eval_contexts, self._to_tensor(pieces)])
-        raise DataError(
-            f"the dataset holds only {(n_eval_contexts + len(pieces)) * self.ctx_len} tokens in {self.ctx_len}-token "
-            f"contexts that the run never trained on, but {n_contexts * self.ctx_len} are asked for: "
-            "lower the number of held-out tokens"
-        )
-
-    def _pieces_by_document(self, first_doc: int) -> Iterator[list[list[int]]]:
-        piece_len = self.piece_len
-        for start in range(first_doc, len(self.order), _TOKENIZE_BATCH):
-            batch = [self.texts[i] for i in self.order[start : start + _TOKENIZE_BATCH]]
+    def _pieces(self, doc_indices: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Each document's pieces [n_pieces, piece_len], tokenized a batch of documents at a time."""
+        piece_len, limit = self.piece_len, self.contexts_per_document
+        for start in range(0, len(doc_indices), _TOKENIZE_BATCH):
+            batch = [self.texts[i] for i in doc_indices[start : start + _TOKENIZE_BATCH]]
             # verbose=False: documents are longer than the model's context on purpose, we cut them ourselves
             ids = self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
             for doc in ids:
-                yield [doc[i : i + piece_len] for i in range(0, len(doc) - piece_len + 1, piece_len)]
+                n_pieces = len(doc) // piece_len if limit is None else min(len(doc) // piece_len, limit)
+                yield torch.tensor(doc[: n_pieces * piece_len], dtype=torch.long).reshape(n_pieces, piece_len)
 
-    def _to_tensor(self, pieces: list[list[int]]) -> torch.Tensor:
-        tokens = torch.tensor(pieces, dtype=torch.long).reshape(len(pieces), self.piece_len)
+    def _to_tensor(self, pieces: torch.Tensor) -> torch.Tensor:
         if self.bos is None:
-            return tokens
-        return torch.cat([torch.full((len(pieces), 1), self.bos, dtype=torch.long), tokens], dim=1)
+            return pieces
+        return torch.cat([torch.full((len(pieces), 1), self.bos, dtype=torch.long), pieces], dim=1)
+
+
+def context_source(dataset: Mapping, tokenizer, ctx_len: int) -> ContextSource:
+    """The ContextSource of a dataset description (`data.*` of a config, or `dataset` of a cfg.json)."""
+    texts = load_texts(dataset["path"], dataset["name"], dataset["split"], dataset["text_field"])
+    return ContextSource(
+        texts,
+        tokenizer,
+        ctx_len,
+        prepend_bos=dataset["prepend_bos"],
+        seed=dataset["seed"],
+        heldout_fraction=dataset["heldout_fraction"],
+        contexts_per_document=dataset["contexts_per_document"],
+        mix_pool_contexts=dataset["mix_pool_contexts"],
+    )
 
 
 def not_enough_text(ctx_len: int, have_contexts: int, want_contexts: int, purpose: str) -> DataError:
@@ -206,13 +260,14 @@ def make_contexts(
     n_eval_contexts: int,
     prepend_bos: bool,
     seed: int,
+    **source_options,
 ) -> TokenSplits:
-    """Cut shuffled documents into contexts: first the evaluation contexts, then the training ones."""
-    source = ContextSource(texts, tokenizer, ctx_len, prepend_bos, seed)
-    eval_contexts, n_eval_docs = source.eval_contexts(n_eval_contexts)
+    """Training and evaluation contexts in memory (`source_options`: those of ContextSource)."""
+    source = ContextSource(texts, tokenizer, ctx_len, prepend_bos, seed, **source_options)
+    eval_contexts = source.held_out_contexts(n_eval_contexts, "evaluation").tokens
     train: list[torch.Tensor] = []
     have = 0
-    for batch in source.train_batches(n_eval_docs, batch_contexts=max(n_train_contexts, 1)):
+    for batch in source.train_batches(batch_contexts=max(n_train_contexts, 1)):
         train.append(batch[: n_train_contexts - have])
         have += len(train[-1])
         if have == n_train_contexts:

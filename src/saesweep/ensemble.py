@@ -83,4 +83,6 @@ def write_member_checkpoints(ensemble_ckpt: Path, paths: Sequence[Path], resume_
             ],
             "saesweep_resume_key": resume_key,
         }
+        if "saesweep_tokens_since_fired" in checkpoint:
+            member["saesweep_tokens_since_fired"] = [checkpoint["saesweep_tokens_since_fired"][index]]
         AtomicCheckpointIO().save_checkpoint(member, path)

@@ -68,80 +68,103 @@ class EvalResult:
     feature_stats: dict[str, torch.Tensor]  # per feature: frequency, mean_activation, max_activation
 
 
+# Per-context sums kept by MetricAccumulator: the contexts are the units of the standard errors.
+_CONTEXT_SUMS = ("tokens", "sq_err", "l0", "l1", "x_sq", "ce_tokens", "ce_clean", "ce_spliced", "ce_zero")
+
+
 class MetricAccumulator:
-    """Sums over held-out batches for one SAE (working on raw activations)."""
+    """Sums over held-out batches for one SAE (working on raw activations): per context, for the
+    metrics and their standard errors, and per feature, for the feature statistics."""
 
     def __init__(self, d_in: int, d_sae: int, device: torch.device):
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.float64, device=device)
-
-        self.sums = {
-            name: zeros()
-            for name in ("tokens", "sq_err", "l0", "l1", "ce_tokens", "ce_clean", "ce_spliced", "ce_zero")
-        }
-        self.x_sum = zeros(d_in)
-        self.x_sq_sum = zeros()
-        self.fire_count = zeros(d_sae)
-        self.act_sum = zeros(d_sae)
+        self.device = device
+        self.context_sums: list[torch.Tensor] = []  # [batch, len(_CONTEXT_SUMS)] float64 each
+        self.context_x_sums: list[torch.Tensor] = []  # [batch, d_in] float64: Σ x per context, for FVU's mean
+        self.fire_count = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.act_max = torch.zeros(d_sae, device=device)
 
     @torch.no_grad()
     def update(self, sae: ReluSae, model, hook_point: str, batch) -> None:
         tokens, acts, ce_clean, ce_zero = batch
-        x = acts.reshape(-1, acts.shape[-1]).float()
+        x = acts.float()  # [batch, ctx_len, d_in]
         x_hat, feature_acts = sae(x)
         firing = feature_acts > 0
-        s = self.sums
-        s["tokens"] += x.shape[0]
-        s["sq_err"] += (x - x_hat).pow(2).sum(dtype=torch.float64)
-        s["l0"] += firing.sum(dtype=torch.float64)
-        s["l1"] += feature_acts.sum(dtype=torch.float64)
-        self.x_sum += x.sum(dim=0, dtype=torch.float64)
-        self.x_sq_sum += x.pow(2).sum(dtype=torch.float64)
-        self.fire_count += firing.sum(dim=0, dtype=torch.float64)
-        self.act_sum += feature_acts.sum(dim=0, dtype=torch.float64)
-        self.act_max = torch.maximum(self.act_max, feature_acts.max(dim=0).values.float())
-
         ce_spliced = spliced_loss(model, tokens, hook_point, lambda act: sae(act.float()).x_hat)
-        s["ce_tokens"] += ce_clean.numel()
-        s["ce_clean"] += ce_clean.sum(dtype=torch.float64)
-        s["ce_spliced"] += ce_spliced.sum(dtype=torch.float64)
-        s["ce_zero"] += ce_zero.sum(dtype=torch.float64)
+
+        def per_context(values: torch.Tensor) -> torch.Tensor:
+            return values.reshape(len(values), -1).sum(dim=1, dtype=torch.float64)
+
+        self.context_sums.append(
+            torch.stack(
+                [
+                    torch.full((len(x),), x.shape[1], dtype=torch.float64, device=x.device),
+                    per_context((x - x_hat).pow(2)),
+                    per_context(firing),
+                    per_context(feature_acts),
+                    per_context(x.pow(2)),
+                    torch.full((len(x),), ce_clean.shape[1], dtype=torch.float64, device=x.device),
+                    per_context(ce_clean),
+                    per_context(ce_spliced),
+                    per_context(ce_zero),
+                ],
+                dim=1,
+            )
+        )
+        self.context_x_sums.append(x.sum(dim=1, dtype=torch.float64))
+        flat_acts = feature_acts.reshape(-1, feature_acts.shape[-1])
+        self.fire_count += firing.reshape(flat_acts.shape).sum(dim=0, dtype=torch.float64)
+        self.act_sum += flat_acts.sum(dim=0, dtype=torch.float64)
+        self.act_max = torch.maximum(self.act_max, flat_acts.max(dim=0).values.float())
 
     def all_reduce(self) -> None:
         """Combine the sums of every process of a torch.distributed group (each evaluated a part)."""
         import torch.distributed as dist
 
-        for tensor in (*self.sums.values(), self.x_sum, self.x_sq_sum, self.fire_count, self.act_sum):
+        for tensor in (self.fire_count, self.act_sum):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         dist.all_reduce(self.act_max, op=dist.ReduceOp.MAX)
+        self.context_sums = [_all_gather_rows(torch.cat(self.context_sums))]
+        self.context_x_sums = [_all_gather_rows(torch.cat(self.context_x_sums))]
 
     def compute(self) -> EvalResult:
-        s = {name: v.item() for name, v in self.sums.items()}
-        n = s["tokens"]
-        # Σ‖x − mean‖² = Σ‖x‖² − n‖mean‖², accumulated in float64
-        total_var = self.x_sq_sum.item() - (self.x_sum.pow(2).sum().item() / n)
+        sums = dict(zip(_CONTEXT_SUMS, torch.cat(self.context_sums).T, strict=True))
+        x_sums = torch.cat(self.context_x_sums)
+        n = sums["tokens"].sum().item()
+        mean = x_sums.sum(dim=0) / n
+        # Σ_t ‖x_t − mean‖² of each context, from its Σ‖x‖² and Σx
+        centred_sq = sums["x_sq"] - 2 * (x_sums @ mean) + sums["tokens"] * mean.pow(2).sum()
         frequency = (self.fire_count / n).float()
-        ce_clean = s["ce_clean"] / s["ce_tokens"]
-        ce_spliced = s["ce_spliced"] / s["ce_tokens"]
-        ce_zero = s["ce_zero"] / s["ce_tokens"]
-        zero_gap = ce_zero - ce_clean
+        ce_clean, ce_clean_se = ratio(sums["ce_clean"], sums["ce_tokens"])
+        ce_spliced, _ = ratio(sums["ce_spliced"], sums["ce_tokens"])
+        ce_zero, _ = ratio(sums["ce_zero"], sums["ce_tokens"])
+        ce_delta, ce_delta_se = ratio(sums["ce_spliced"] - sums["ce_clean"], sums["ce_tokens"])
+        ce_recovered, ce_recovered_se = ratio(sums["ce_zero"] - sums["ce_spliced"], sums["ce_zero"] - sums["ce_clean"])
+        fvu, fvu_se = ratio(sums["sq_err"], centred_sq)
+        l0, l0_se = ratio(sums["l0"], sums["tokens"])
         metrics = {
-            "mse": s["sq_err"] / n,
-            "fvu": s["sq_err"] / total_var,
-            "l0": s["l0"] / n,
-            "l1": s["l1"] / n,
+            "mse": sums["sq_err"].sum().item() / n,
+            "fvu": fvu,
+            "l0": l0,
+            "l1": sums["l1"].sum().item() / n,
             "dead_fraction": (frequency == 0).float().mean().item(),
             "dense_fraction": (frequency > DENSE_THRESHOLD).float().mean().item(),
             "ce_clean": ce_clean,
             "ce_spliced": ce_spliced,
             "ce_zero_ablation": ce_zero,
-            "ce_delta": ce_spliced - ce_clean,
+            "ce_delta": ce_delta,
             "ppl_clean": math.exp(ce_clean),
             "ppl_spliced": math.exp(ce_spliced),
             "ppl_delta": math.exp(ce_spliced) - math.exp(ce_clean),
-            "ce_recovered": (ce_zero - ce_spliced) / zero_gap if zero_gap != 0 else float("nan"),
+            "ce_recovered": ce_recovered,
+            "fvu_se": fvu_se,
+            "l0_se": l0_se,
+            "ce_clean_se": ce_clean_se,
+            "ce_delta_se": ce_delta_se,
+            "ce_recovered_se": ce_recovered_se,
             "n_eval_tokens": float(n),
+            "n_eval_contexts": float(len(x_sums)),
+            "dead_window_tokens": float(n),  # dead_fraction: features that never fired on these tokens
         }
         feature_stats = {
             "frequency": frequency.cpu(),
@@ -149,6 +172,39 @@ class MetricAccumulator:
             "max_activation": self.act_max.cpu(),
         }
         return EvalResult(metrics, feature_stats)
+
+
+def ratio(numerators: torch.Tensor, denominators: torch.Tensor) -> tuple[float, float]:
+    """Σ numerators / Σ denominators over contexts, and its standard error over contexts.
+
+    The delta method for a ratio of sums (contexts as independent units):
+    Var(R) ≈ n / (n − 1) · Σ (a_i − R b_i)² / (Σ b_i)². Contexts are spread over many documents
+    (a few per document at most), which is what makes them close to independent.
+    """
+    total = denominators.sum().item()
+    if total == 0:
+        return float("nan"), float("nan")
+    value = numerators.sum().item() / total
+    n = len(numerators)
+    if n < 2:
+        return value, float("nan")
+    residual_sq = (numerators - value * denominators).pow(2).sum().item()
+    return value, math.sqrt(n / (n - 1) * residual_sq) / abs(total)
+
+
+def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """The rows of `local` from every process, concatenated (ranks may hold different row counts)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[: int(c.item())] for rows, c in zip(gathered, counts, strict=True)])
 
 
 def evaluate(sae: ReluSae, model, hook_point: str, held_out: HeldOutSet, batch_contexts: int) -> EvalResult:

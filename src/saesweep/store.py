@@ -4,6 +4,7 @@ job of a sweep and by later sweeps, streamed from disk with bounded memory.
 Layout of one store, `<store.dir>/<key digest>/`:
   manifest.json            the key, dtype, d_in, shard list (rows, bytes, blake2b checksum), `complete`
   shard_00000.safetensors  one tensor "activations" [rows, d_in] per shard
+  held_out_<n>.safetensors the first n held-out contexts: tokens, activations, clean and zero-ablation losses
   .lock                    held (flock) while a process harvests; others wait on it
 
 A shard is written atomically and then recorded in the manifest (also atomic), so a harvest killed at
@@ -45,9 +46,8 @@ log = logging.getLogger(__name__)
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
-_FORMAT_VERSION = 2  # 2: shards record the training contexts they read
+_FORMAT_VERSION = 3  # 2: shards record the training contexts they read; 3: documents mixed, held-out documents
 _READ_CHUNK = 1 << 22
-_HELD_OUT_FILE = "held_out.safetensors"
 
 
 class StoreCorruptError(CheckpointError):
@@ -295,22 +295,23 @@ class ActivationStore:
         atomic_write_bytes(self.path / name, data)
         return {"file": name, "bytes": len(data), "blake2b": hashlib.blake2b(data).hexdigest()}
 
-    def held_out(self, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The held-out evaluation tensors of this store's key, made once by `build` and kept beside
-        the shards (the evaluation documents are part of the key)."""
-        if (tensors := self._read_held_out()) is not None:
+    def held_out(self, n_contexts: int, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors of the first `n_contexts` held-out contexts (see ContextSource.held_out_contexts),
+        made once by `build` and kept beside the shards: every job of a sweep reads them."""
+        if (tensors := self._read_held_out(n_contexts)) is not None:
             return tensors
         with self._lock("given its held-out set"):
-            if (tensors := self._read_held_out()) is not None:  # another job built it while we waited
+            if (tensors := self._read_held_out(n_contexts)) is not None:  # another job built it while we waited
                 return tensors
             tensors = build()
+            entry = {**self._write_file(f"held_out_{n_contexts}.safetensors", tensors), "tensors": sorted(tensors)}
             manifest = self.manifest()
-            manifest["held_out"] = {**self._write_file(_HELD_OUT_FILE, tensors), "tensors": sorted(tensors)}
+            manifest["held_out"] = {**manifest.get("held_out", {}), str(n_contexts): entry}
             atomic_write_json(self.path / MANIFEST, manifest)
         return tensors
 
-    def _read_held_out(self) -> dict[str, torch.Tensor] | None:
-        entry = self.manifest().get("held_out")
+    def _read_held_out(self, n_contexts: int) -> dict[str, torch.Tensor] | None:
+        entry = self.manifest().get("held_out", {}).get(str(n_contexts))
         if not entry:
             return None
         try:

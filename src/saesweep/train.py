@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 import saesweep
 from saesweep.activations import harvest
 from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
-from saesweep.data import ContextSource, load_texts
+from saesweep.data import context_source
 from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
@@ -85,19 +85,18 @@ def train_ensemble(
     d_in = probe.shape[-1]
     d_saes = [check_with_model(c, model.cfg.n_ctx, d_in) for c in cfgs]
 
-    texts = load_texts(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.text_field)
-    contexts = ContextSource(texts, model.tokenizer, cfg.ctx_len, cfg.data.prepend_bos, cfg.data.seed)
-    eval_contexts, n_eval_docs = contexts.eval_contexts(-(-cfg.eval.n_tokens // cfg.ctx_len))
+    contexts = context_source(cfg.data, model.tokenizer, cfg.ctx_len)
     store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
     store.check_room(d_in)
-    manifest = store.ensure(
-        model, contexts.train_batches(n_eval_docs, cfg.harvest_batch_contexts), cfg.harvest_batch_contexts
-    )
-    held_out = HeldOutSet.from_named_tensors(
-        store.held_out(
-            lambda: HeldOutSet.build(model, eval_contexts, hook_point, cfg.eval.batch_contexts).named_tensors()
-        )
-    )
+    manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
+    n_eval_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
+
+    def build_held_out() -> dict[str, torch.Tensor]:
+        eval_contexts = contexts.held_out_contexts(n_eval_contexts, "evaluation")
+        log.info("held-out set: %d contexts from %d documents", len(eval_contexts.tokens), eval_contexts.n_documents)
+        return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
+
+    held_out = HeldOutSet.from_named_tensors(store.held_out(n_eval_contexts, build_held_out))
 
     sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
     scale = activation_scale(sample)
@@ -164,6 +163,7 @@ def train_ensemble(
         hook_point=hook_point,
         resume_key=resume_key | ({"d_sae": d_saes[0]} if lone else {"d_sae": d_saes, "l1_coef": l1_coefs}),
         compile=cfg.train.compile,
+        dead_window_tokens=cfg.train.dead_window_tokens,
     )
 
     pin = device.type == "cuda"
@@ -230,8 +230,7 @@ def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
         model=str(Path(cfg.model.path).resolve()) if cfg.model.path else cfg.model.name,
         model_fingerprint=model_fingerprint(model),
         hook_point=hook_point,
-        # training documents start after the evaluation ones, so the eval size is part of the key
-        dataset={**dataset_description(cfg), "eval_n_tokens": cfg.eval.n_tokens},
+        dataset=dataset_description(cfg),
         split="train",
         ctx_len=cfg.ctx_len,
         n_tokens=cfg.n_tokens,
@@ -241,7 +240,8 @@ def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
 
 
 def dataset_description(cfg: DictConfig) -> dict:
-    """What decides the contexts: the dataset, its split and text field, BOS and the shuffle seed."""
+    """What decides the contexts: the dataset, its split and text field, BOS, the shuffle seed, the
+    held-out documents, the pieces taken per document and the mixing of training contexts."""
     return {
         "name": cfg.data.name,
         "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
@@ -249,6 +249,9 @@ def dataset_description(cfg: DictConfig) -> dict:
         "text_field": cfg.data.text_field,
         "prepend_bos": cfg.data.prepend_bos,
         "seed": cfg.data.seed,
+        "heldout_fraction": cfg.data.heldout_fraction,
+        "contexts_per_document": cfg.data.contexts_per_document,
+        "mix_pool_contexts": cfg.data.mix_pool_contexts,
     }
 
 
@@ -282,10 +285,10 @@ def describe_run(
         "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path else None,
         "dataset": dataset_description(cfg),
         "ctx_len": cfg.ctx_len,
-        "eval_n_tokens": cfg.eval.n_tokens,  # the held-out contexts are the first of the shuffled documents
+        "eval_n_tokens": cfg.eval.n_tokens,  # the first eval_n_tokens of the held-out order (ContextSource)
         "n_tokens": cfg.n_tokens,
         "tokens_trained": tokens_trained,
-        "train_contexts": train_contexts,  # contexts the harvest read; held-out reports skip them
+        "train_contexts": train_contexts,  # contexts the harvest read
         "seed": cfg.seed,
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "saesweep_version": saesweep.__version__,

@@ -13,7 +13,7 @@ import random
 import signal
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -58,6 +58,7 @@ class SaeTrainingModule(L.LightningModule):
         hook_point: str,
         resume_key: dict[str, object],
         compile: bool = False,
+        dead_window_tokens: int = 1_000_000,
     ):
         super().__init__()
         if not len(saes) == len(l1_coefs) == len(metric_prefixes):
@@ -74,6 +75,9 @@ class SaeTrainingModule(L.LightningModule):
         self.total_steps = total_steps
         self.max_bad_steps = max_bad_steps
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
+        # per SAE and feature: training tokens since it last fired (checkpointed, cut per member in an ensemble)
+        self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
+        self.dead_window_tokens = dead_window_tokens
         self._consecutive_bad_steps = 0
         self.hook_point = hook_point
         # what must be unchanged for a checkpoint of this job to be resumed (data, shapes, schedule)
@@ -95,21 +99,22 @@ class SaeTrainingModule(L.LightningModule):
         # Lightning's own test for "this step's metrics reach the loggers": L0 (a pass over the whole
         # batch × d_sae activations, ~6 % of a CPU step) is computed only then
         log_now = self.trainer._logger_connector.should_update_logs
-        losses, logged = [], {}
+        distributed = self.trainer.world_size > 1
+        losses, fired, logged = [], [], {}
         for sae, l1_coef, prefix in zip(self.saes, self.l1_coefs, self.metric_prefixes):
-            loss, mse, l1, l0 = self._losses(sae, x, l1_coef, log_now)
-            losses.append(loss)
+            step = self._losses(sae, x, l1_coef, log_now)
+            losses.append(step.loss)
+            fired.append(step.fired)
             if log_now:
                 logged |= {
-                    f"{prefix}train/loss": loss,
+                    f"{prefix}train/loss": step.loss,
                     # reported in raw activation units, comparable with eval/mse and metrics.json
-                    f"{prefix}train/mse": mse * self.act_scale**2,
-                    f"{prefix}train/l1": l1 * self.act_scale,
-                    f"{prefix}train/l0": l0,
+                    f"{prefix}train/mse": step.mse * self.act_scale**2,
+                    f"{prefix}train/l1": step.l1 * self.act_scale,
+                    f"{prefix}train/l0": step.l0,
                     f"{prefix}train/skipped_steps": self.skipped_steps.float(),
                 }
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        distributed = self.trainer.world_size > 1
         # one host sync per step: the price of never letting a NaN into the weights or the optimizer;
         # under DDP every rank must skip the same steps, or their gradient all-reduces fall out of step
         finite = bool(torch.isfinite(loss))
@@ -119,10 +124,25 @@ class SaeTrainingModule(L.LightningModule):
             self._skip_bad_step("activations" if not torch.isfinite(batch).all() else "loss")
             return None  # Lightning skips backward and the optimizer step
         self._consecutive_bad_steps = 0
-        self.tokens_seen += batch.shape[0] * self.trainer.world_size
+        step_tokens = batch.shape[0] * self.trainer.world_size
+        self.tokens_seen += step_tokens
+        self._count_firing(fired, step_tokens, distributed)
+        if log_now:
+            window = torch.clamp(self.tokens_seen, max=self.dead_window_tokens)
+            for since, prefix in zip(self.tokens_since_fired, self.metric_prefixes):
+                # dead: did not fire on the last `window` training tokens (the whole run while it is shorter)
+                logged[f"{prefix}train/dead_fraction"] = (since >= window).float().mean()
         if logged:
             self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
         return loss
+
+    @torch.no_grad()
+    def _count_firing(self, fired: list[torch.Tensor], step_tokens: int, distributed: bool) -> None:
+        if distributed:  # a feature fired when it fired on any rank's part of the batch
+            fired = [self.trainer.strategy.reduce(f.float(), reduce_op="max") > 0 for f in fired]
+        for i, f in enumerate(fired):
+            since = self.tokens_since_fired[i].to(f.device)
+            self.tokens_since_fired[i] = torch.where(f, 0, since + step_tokens)
 
     def _skip_bad_step(self, what: str) -> None:
         self.skipped_steps += 1
@@ -152,6 +172,7 @@ class SaeTrainingModule(L.LightningModule):
         # resumed job must continue any that a future step uses exactly where they stood.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         checkpoint["saesweep_resume_key"] = self.resume_key
+        checkpoint["saesweep_tokens_since_fired"] = [since.cpu() for since in self.tokens_since_fired]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written before the key existed carry none and are resumed unchecked
@@ -163,6 +184,8 @@ class SaeTrainingModule(L.LightningModule):
                 f"checkpoints/last.ckpt of this run directory belongs to a job with other settings ({differences}); "
                 "rerun with the original settings to resume, or use a new output directory to start afresh"
             )
+        if "saesweep_tokens_since_fired" in checkpoint:
+            self.tokens_since_fired = list(checkpoint["saesweep_tokens_since_fired"])
         if states := checkpoint.get("rng_states"):
             torch.set_rng_state(states["torch"])
             random.setstate(states["python"])
@@ -204,16 +227,23 @@ class SaeTrainingModule(L.LightningModule):
         self._accumulators, self._eval_saes = [], []
 
 
-def sae_losses(
-    sae: ReluSae, x: torch.Tensor, l1_coef: float, with_l0: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The training loss of `sae` on the batch `x` [batch, d_in] and its parts: loss, mse, l1, and l0
-    when `with_l0` (torch.compile makes one graph for each value)."""
+class StepLosses(NamedTuple):
+    loss: torch.Tensor  # what the optimizer minimises
+    mse: torch.Tensor
+    l1: torch.Tensor
+    l0: torch.Tensor | None  # only when asked for (logged steps)
+    fired: torch.Tensor  # [d_sae] bool: the feature fired on some token of the batch
+
+
+def sae_losses(sae: ReluSae, x: torch.Tensor, l1_coef: float, with_l0: bool) -> StepLosses:
+    """The training loss of `sae` on the batch `x` [batch, d_in] and its parts (torch.compile makes
+    one graph for each value of `with_l0`)."""
     x_hat, feature_acts = sae(x)
     mse = (x_hat - x).pow(2).sum(dim=-1).mean()
     l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
     l0 = (feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
-    return mse + l1_coef * l1, mse, l1, l0
+    fired = feature_acts.detach().amax(dim=0) > 0
+    return StepLosses(mse + l1_coef * l1, mse, l1, l0, fired)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

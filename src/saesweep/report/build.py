@@ -149,6 +149,7 @@ def build_report(
         "n_contexts": len(held_out.contexts),
         "ctx_len": held_out.contexts.shape[1],
         "n_eval_tokens": held_out.n_eval_tokens,
+        "n_documents": held_out.n_documents,
         "description": held_out.describe(),
     }
     data["selection"] = {"method": settings.resolved_selection, "n_features": len(features)}

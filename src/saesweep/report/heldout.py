@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.activations import harvest
-from saesweep.data import ContextSource, load_texts
+from saesweep.data import context_source
 from saesweep.errors import CheckpointError
 
 
@@ -16,6 +16,7 @@ class HeldOutTokens:
     contexts: torch.Tensor  # [n_ctx, ctx_len] token ids
     activations: torch.Tensor  # [n_ctx, ctx_len, d_in] at the run's hook point, float32 on the CPU
     n_eval_contexts: int  # the first contexts are the run's own evaluation set (metrics.json)
+    n_documents: int  # held-out documents they come from
 
     @property
     def n_tokens(self) -> int:
@@ -27,13 +28,11 @@ class HeldOutTokens:
         return min(self.n_eval_contexts, len(self.contexts)) * self.contexts.shape[1]
 
     def describe(self) -> str:
-        text = (
-            f"{self.n_tokens} tokens in {len(self.contexts)} contexts of {self.contexts.shape[1]}, none trained on: "
-            f"{self.n_eval_tokens} from the run's evaluation documents"
+        return (
+            f"{self.n_tokens} tokens in {len(self.contexts)} contexts of {self.contexts.shape[1]} from "
+            f"{self.n_documents} held-out documents (never trained on); the first {self.n_eval_tokens} are the "
+            "run's evaluation set"
         )
-        if self.n_tokens > self.n_eval_tokens:
-            text += f", {self.n_tokens - self.n_eval_tokens} from the documents after the last one training read"
-        return text
 
 
 def run_setting(run_cfg: dict, *keys: str):
@@ -49,27 +48,15 @@ def run_setting(run_cfg: dict, *keys: str):
 def rebuild_held_out(model, run_cfg: dict, n_tokens: int, batch_contexts: int) -> HeldOutTokens:
     """`n_tokens` (rounded up to whole contexts) held-out tokens of the run's dataset and their activations.
 
-    The first are the run's evaluation contexts (the first documents of the shuffled order); when more
-    are asked for, they come from the documents after the last one training read, so none of them
-    was ever trained on (see saesweep.data.ContextSource.held_out_contexts).
+    They are the first contexts of the held-out order (saesweep.data.ContextSource.held_out_contexts):
+    spread over the held-out documents, which no run of the sweep trained on, and beginning with the
+    run's own evaluation contexts.
     """
     ctx_len = run_setting(run_cfg, "ctx_len")
-    texts = load_texts(
-        run_setting(run_cfg, "dataset", "path"),
-        run_setting(run_cfg, "dataset", "name"),
-        run_setting(run_cfg, "dataset", "split"),
-        run_setting(run_cfg, "dataset", "text_field"),
-    )
+    dataset = run_setting(run_cfg, "dataset")
+    run_setting(run_cfg, "dataset", "heldout_fraction")  # runs before held-out documents cannot be rebuilt
+    n_contexts = -(-n_tokens // ctx_len)
+    held_out = context_source(dataset, model.tokenizer, ctx_len).held_out_contexts(n_contexts, "report")
+    activations = harvest(model, held_out.tokens, run_setting(run_cfg, "hook_point"), batch_contexts)
     n_eval_contexts = -(-run_setting(run_cfg, "eval_n_tokens") // ctx_len)
-    source = ContextSource(
-        texts,
-        model.tokenizer,
-        ctx_len,
-        prepend_bos=run_setting(run_cfg, "dataset", "prepend_bos"),
-        seed=run_setting(run_cfg, "dataset", "seed"),
-    )
-    # runs from before train_contexts was recorded harvested ceil(n_tokens / ctx_len) contexts
-    n_train_contexts = run_cfg.get("train_contexts") or -(-run_setting(run_cfg, "n_tokens") // ctx_len)
-    contexts = source.held_out_contexts(n_eval_contexts, n_train_contexts, -(-n_tokens // ctx_len))
-    activations = harvest(model, contexts, run_setting(run_cfg, "hook_point"), batch_contexts)
-    return HeldOutTokens(contexts, activations, n_eval_contexts)
+    return HeldOutTokens(held_out.tokens, activations, n_eval_contexts, held_out.n_documents)
