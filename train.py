@@ -27,14 +27,16 @@ _EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-terminated process
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    if cfg.train.ensemble:
-        raise ConfigError(
-            f"train.ensemble=true needs the ensemble launcher, which only the command line turns on: "
-            f"python train.py ... {_ENSEMBLE_FLAG} (this job ran under {hydra_cfg.runtime.choices.get('hydra/launcher')})"
-        )
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.train.ensemble:
+        raise job.JobError.of(ConfigError(
+            f"train.ensemble=true needs the ensemble launcher, which only the command line turns on: "
+            f"python train.py ... {_ENSEMBLE_FLAG} (this job ran under {hydra_cfg.runtime.choices.get('hydra/launcher')})"
+        ), [run_dir], recorded=False)
     (result,) = job.run_jobs([cfg], [run_dir], Path(hydra_cfg.sweep.dir) if multirun else None)
+    if isinstance(result, Exception):
+        raise result
     return result.metrics["fvu"]
 
 
@@ -59,5 +61,5 @@ if __name__ == "__main__":
         print(f"\nstopped by Ctrl-C: {interrupt}\nto resume, rerun: {job.resume_command}", file=sys.stderr)
         sys.exit(_EXIT_INTERRUPTED)
     finally:
-        if job.failed_jobs:
+        if job.failed_jobs and set(_MULTIRUN_FLAGS) & set(sys.argv):  # a lone job's error was printed above
             print(f"\n{len(job.failed_jobs)} job(s) failed:", *job.failed_jobs, sep="\n  ", file=sys.stderr)

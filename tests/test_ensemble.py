@@ -96,3 +96,29 @@ def test_ensemble_flag_with_another_launcher_is_refused(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode != 0 and "cannot run under hydra/launcher=submitit_local" in done.stderr
+
+
+def test_a_member_that_diverges_leaves_the_ensemble_and_the_others_finish(tmp_path, tiny_model_dir, corpus_path):
+    """l1_coef=1e39 is inf in float32: that dictionary's loss is never finite, so after
+    train.max_bad_steps steps it leaves the ensemble; its job fails alone."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "train.py", f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}",
+        "layer=1", "ctx_len=16", "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256", "logger=none",
+        "trainer.enable_progress_bar=false", f"store.dir={tmp_path / 'store'}", "train.max_bad_steps=3",
+        "train.checkpoint_every_n_steps=2", "l1_coef=1,1e39", "train.ensemble=true", f"hydra.sweep.dir={sweep}",
+    ]
+    env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": ""}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    console = done.stdout + done.stderr
+    assert done.returncode != 0 and "Traceback" not in console, console[-3000:]
+    assert f"1 job(s) failed:\n  {sweep / '1'}: TrainingDivergedError: 3 consecutive steps" in console
+    good, bad = sweep / "0", sweep / "1"
+    assert {p.name for p in good.iterdir()} >= RUN_FILES
+    assert json.loads((good / "cfg.json").read_text())["tokens_trained"] == 8000
+    error = json.loads((bad / "error.json").read_text())
+    assert error["type"] == "TrainingDivergedError" and "had NaN/Inf loss" in error["message"]
+    assert not (bad / "sae.safetensors").exists()
+    # its last good checkpoint stays: its own part of the ensemble's, weights untouched by the bad steps
+    state = torch.load(bad / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("saes.0."))

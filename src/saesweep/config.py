@@ -27,7 +27,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
     for key in (
         "train.batch_size", "train.checkpoint_every_n_steps", "train.max_bad_steps", "eval.batch_contexts",
-        "harvest_batch_contexts", "train.dead_window_tokens", "data.mix_pool_contexts",
+        "harvest_batch_contexts", "train.dead_window_tokens", "data.mix_pool_contexts", "eval.every_n_steps",
     ):
         if _number(cfg, key, integer=True) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")

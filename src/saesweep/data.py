@@ -1,6 +1,6 @@
 """Text datasets → fixed-length token contexts, split into training and held-out contexts.
 
-How documents become contexts (the data rules of docs/METHODS.md):
+How documents become contexts (docs/METHODS.md, "Data"):
 - Documents are shuffled with `data.seed` (the same for every run of a sweep, so all runs share one
   split). The first `heldout_fraction` of them are held out: never trained on, the source of every
   evaluation and report token. The rest are training documents.

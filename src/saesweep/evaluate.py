@@ -1,5 +1,5 @@
 """Post-hoc evaluation across the runs of a sweep: which features are real, in the sense that
-dictionaries of different sizes find them again (max cosine similarity, MCS; DESIGN.md).
+dictionaries of different sizes find them again (max cosine similarity, MCS; docs/METHODS.md).
 
 `evaluate_sweep(sweep_dir, ...)` reads every run directory of a sweep and writes, under
 <sweep_dir>/evaluation/: mcs.json (MCS between every ordered pair of comparable runs, against a
@@ -496,6 +496,9 @@ def write_plots(
                 ce_delta=run.metrics.get("ce_delta", math.nan),
                 l1_coef=run.cfg.get("l1_coef"),
                 dict_ratio=run.cfg.get("dict_ratio"),
+                l0_se=run.metrics.get("l0_se", math.nan),
+                fvu_se=run.metrics.get("fvu_se", math.nan),
+                ce_delta_se=run.metrics.get("ce_delta_se", math.nan),
             )
             for run in runs
         ],

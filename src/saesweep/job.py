@@ -12,9 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from saesweep.config import check_distributed
+from saesweep.errors import SaesweepError
 from saesweep.metrics import EvalResult
 from saesweep.rundir import ERROR_FILE, write_job_error
 from saesweep.train import train_ensemble
@@ -31,11 +33,34 @@ def pinned_command(output_dir_override: str) -> str:
     return " ".join(["python", "train.py", *args, output_dir_override])
 
 
+class JobError(CompactHydraException):
+    """A job stopped by a saesweep error, whose message says everything: Hydra prints only this text
+    (no traceback, which is in error.json and train.log; HYDRA_FULL_ERROR=1 shows it as well)."""
+
+    @classmethod
+    def of(cls, error: SaesweepError, run_dirs: Sequence[Path], recorded: bool = True) -> JobError:
+        where = f"run directory {', '.join(str(d) for d in run_dirs)}"
+        if recorded:
+            where += f"; traceback in {', '.join(str(Path(d) / ERROR_FILE) for d in run_dirs)} and train.log"
+        return cls(f"error: {error}\n  ({type(error).__name__}; {where})")
+
+
+def _traceback_to_log_files(error: BaseException) -> None:
+    """The traceback of `error` into the job's log files only (train.log), not onto the console."""
+    record = log.makeRecord(
+        log.name, logging.ERROR, __file__, 0, "traceback:", None, (type(error), error, error.__traceback__)
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def run_jobs(
     cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None
-) -> list[EvalResult]:
-    """Train the jobs' SAEs (one, or an ensemble); a failure is written to every run directory's
-    error.json and re-raised."""
+) -> list[EvalResult | JobError]:
+    """Train the jobs' SAEs (one, or an ensemble). A failure of all is written to every run
+    directory's error.json and raised; a member of an ensemble that failed alone gets its error.json
+    and a JobError in its place of the result."""
     global resume_command
     resume_command = pinned_command(
         f"hydra.sweep.dir={sweep_dir}" if sweep_dir is not None else f"hydra.run.dir={run_dirs[0]}"
@@ -43,10 +68,28 @@ def run_jobs(
     log.info("to resume this job after a crash or a kill: %s", resume_command)
     try:
         check_distributed(cfgs[0], multirun=sweep_dir is not None)
-        return train_ensemble(cfgs, run_dirs, sweep_dir)
+        outcomes = train_ensemble(cfgs, run_dirs, sweep_dir)
     except Exception as error:
-        log.exception("job failed; error recorded in %s", ", ".join(str(Path(d) / ERROR_FILE) for d in run_dirs))
-        for run_dir in run_dirs:
-            write_job_error(Path(run_dir), error)
-            failed_jobs.append(f"{run_dir}: {type(error).__name__}: {error}")
-        raise
+        failure = _failed(error, run_dirs)
+        if failure is error:
+            raise
+        raise failure from error
+    return [
+        outcome if isinstance(outcome, EvalResult) else _failed(outcome, [run_dir])
+        for outcome, run_dir in zip(outcomes, run_dirs, strict=True)
+    ]
+
+
+def _failed(error: Exception, run_dirs: Sequence[Path]) -> Exception:
+    """Record `error` as the failure of these jobs; what to raise for it (or to return, for one member
+    of an ensemble): a JobError for a saesweep error, whose message says everything, else the error."""
+    recorded = ", ".join(str(Path(d) / ERROR_FILE) for d in run_dirs)
+    for run_dir in run_dirs:
+        write_job_error(Path(run_dir), error)
+        failed_jobs.append(f"{run_dir}: {type(error).__name__}: {error}")
+    if not isinstance(error, SaesweepError):  # a bug: its traceback belongs on the console
+        log.error("job failed; error recorded in %s", recorded, exc_info=error)
+        return error
+    log.error("job failed with a %s (recorded in %s)", type(error).__name__, recorded)
+    _traceback_to_log_files(error)
+    return JobError.of(error, run_dirs)

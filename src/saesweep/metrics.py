@@ -1,4 +1,4 @@
-"""Evaluation metrics of an SAE on held-out tokens (definitions in DESIGN.md, one place for all).
+"""Evaluation metrics of an SAE on held-out tokens (definitions in docs/METHODS.md, one place for all).
 
 `HeldOutSet` runs the language model once over the evaluation contexts and keeps what does not
 depend on the SAE: the clean activations, the clean next-token loss and the zero-ablation loss.

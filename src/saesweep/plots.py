@@ -55,6 +55,10 @@ class ParetoPoint:
     ce_delta: float
     l1_coef: float | None
     dict_ratio: float | None
+    # standard errors over the held-out contexts (nan for runs from before they were recorded)
+    l0_se: float = math.nan
+    fvu_se: float = math.nan
+    ce_delta_se: float = math.nan
 
 
 def plot_mcs_histograms(path: Path, panels: list[HistogramPanel], found_threshold: float) -> None:
@@ -169,8 +173,12 @@ def plot_mcs_matrix(path: Path, labels: list[str], matrix: np.ndarray) -> None:
     _save(fig, path)
 
 
+def _bar(se: float) -> float:
+    return se if math.isfinite(se) else 0.0
+
+
 def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
-    """L0 against FVU and against ce_delta; colour = l1_coef, marker = dict_ratio."""
+    """L0 against FVU and against ce_delta with ±1 standard error bars; colour = l1_coef, marker = dict_ratio."""
     points = [p for p in points if math.isfinite(p.l0)]
     if not points:
         return _write_message(path, "Sparsity against reconstruction", "no finished run with metrics")
@@ -187,6 +195,17 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
     ):
         for ratio in ratios:
             group = [p for p in points if p.dict_ratio == ratio]
+            ax.errorbar(
+                [p.l0 for p in group],
+                [getattr(p, metric) for p in group],
+                xerr=[_bar(p.l0_se) for p in group],
+                yerr=[_bar(getattr(p, f"{metric}_se")) for p in group],
+                fmt="none",
+                ecolor="black",
+                elinewidth=0.8,
+                capsize=3,
+                zorder=1,
+            )
             ax.scatter(
                 [p.l0 for p in group],
                 [getattr(p, metric) for p in group],
@@ -195,6 +214,7 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
                 c=[cmap(norm(p.l1_coef)) if p.l1_coef is not None else "grey" for p in group],
                 edgecolors="black",
                 linewidths=0.6,
+                zorder=2,
             )
             for p in group:
                 ax.annotate(

@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md): what a training job leaves on disk, and loading it back.
+"""The run directory contract (README, "The run directory"): what a training job leaves on disk, and loading it back.
 
 Only safetensors and JSON are read back; SAE weights in a pickle file (sae.pt, from other tools) are
 refused unless the caller passes trust_pickle=True, since unpickling can run arbitrary code.

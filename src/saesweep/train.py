@@ -25,7 +25,7 @@ from saesweep.activations import harvest
 from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
 from saesweep.data import context_source
 from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
-from saesweep.errors import ConfigError
+from saesweep.errors import ConfigError, TrainingDivergedError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, write_run_dir
@@ -47,13 +47,15 @@ _INIT_SAMPLE = 8192  # activations used for the scale and the b_dec geometric me
 
 
 def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> EvalResult:
-    """One job: one SAE into `run_dir`."""
-    return train_ensemble([cfg], [run_dir], sweep_dir)[0]
+    """One job: one SAE into `run_dir` (a lone SAE that diverges raises TrainingDivergedError)."""
+    (result,) = train_ensemble([cfg], [run_dir], sweep_dir)
+    assert isinstance(result, EvalResult)
+    return result
 
 
 def train_ensemble(
     cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None = None
-) -> list[EvalResult]:
+) -> list[EvalResult | TrainingDivergedError]:
     """Several jobs in one pass: the SAE of `cfgs[i]` into `run_dirs[i]`, all fed by the same batches.
 
     The configs may differ only in dict_ratio, l1_coef and target_l0 (checked). The LM, the activation
@@ -61,6 +63,8 @@ def train_ensemble(
     lone job's, with its own W&B run; a lone job is an ensemble of one. An ensemble of several
     checkpoints into `<sweep dir>/.ensemble/checkpoints/last.ckpt` while it trains (rerunning the same
     command resumes from it), and each run directory gets its own SAE's part of the final checkpoint.
+    A member that diverges (train.max_bad_steps bad steps in a row) leaves the ensemble: its entry of
+    the result is the TrainingDivergedError, its run directory gets no SAE, the others train on.
     """
     run_dirs = [Path(d) for d in run_dirs]
     if len(cfgs) != len(run_dirs):
@@ -190,9 +194,16 @@ def train_ensemble(
         write_member_checkpoints(
             last, [d / CHECKPOINT_DIR / "last.ckpt" for d in run_dirs], [resume_key | {"d_sae": d} for d in d_saes]
         )
-    for c, run_dir, d_sae, sae, result, run_logger in zip(
+    outcomes: list[EvalResult | TrainingDivergedError] = []
+    for index, (c, run_dir, d_sae, sae, result, run_logger) in enumerate(zip(
         cfgs, run_dirs, d_saes, module.raw_saes(), module.last_evals, run_loggers
-    ):
+    )):
+        if index in module.dropped:  # diverged and left the ensemble: its checkpoint holds its last good step
+            outcomes.append(TrainingDivergedError(module.dropped[index]))
+            if run_logger and hasattr(run_logger, "experiment") and hasattr(run_logger.experiment, "finish"):
+                run_logger.experiment.finish(exit_code=1)
+            continue
+        outcomes.append(result)
         run_cfg = describe_run(c, hook_point, d_in, d_sae, int(module.tokens_seen), train_contexts)
         write_run_dir(run_dir, sae, run_cfg, result)
         if run_logger:
@@ -204,7 +215,7 @@ def train_ensemble(
                 run_logger.experiment.summary.update(result.metrics)
                 run_logger.experiment.finish()
         log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
-    return module.last_evals
+    return outcomes
 
 
 def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:

@@ -78,7 +78,9 @@ class SaeTrainingModule(L.LightningModule):
         # per SAE and feature: training tokens since it last fired (checkpointed, cut per member in an ensemble)
         self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
         self.dead_window_tokens = dead_window_tokens
-        self._consecutive_bad_steps = 0
+        self._bad_in_a_row = [0] * len(saes)
+        # SAEs that diverged, with why: they train no more, their jobs fail, the others go on
+        self.dropped: dict[int, str] = {}
         self.hook_point = hook_point
         # what must be unchanged for a checkpoint of this job to be resumed (data, shapes, schedule)
         self.resume_key = resume_key
@@ -100,11 +102,12 @@ class SaeTrainingModule(L.LightningModule):
         # batch × d_sae activations, ~6 % of a CPU step) is computed only then
         log_now = self.trainer._logger_connector.should_update_logs
         distributed = self.trainer.world_size > 1
-        losses, fired, logged = [], [], {}
-        for sae, l1_coef, prefix in zip(self.saes, self.l1_coefs, self.metric_prefixes):
-            step = self._losses(sae, x, l1_coef, log_now)
-            losses.append(step.loss)
-            fired.append(step.fired)
+        members = [i for i in range(len(self.saes)) if i not in self.dropped]
+        losses, fired, logged = {}, {}, {}
+        for i in members:
+            prefix = self.metric_prefixes[i]
+            step = self._losses(self.saes[i], x, self.l1_coefs[i], log_now)
+            losses[i], fired[i] = step.loss, step.fired
             if log_now:
                 logged |= {
                     f"{prefix}train/loss": step.loss,
@@ -114,47 +117,64 @@ class SaeTrainingModule(L.LightningModule):
                     f"{prefix}train/l0": step.l0,
                     f"{prefix}train/skipped_steps": self.skipped_steps.float(),
                 }
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         # one host sync per step: the price of never letting a NaN into the weights or the optimizer;
         # under DDP every rank must skip the same steps, or their gradient all-reduces fall out of step
-        finite = bool(torch.isfinite(loss))
+        finite = torch.stack([torch.isfinite(losses[i]) for i in members])
         if distributed:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            self._skip_bad_step("activations" if not torch.isfinite(batch).all() else "loss")
+            finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        bad = [i for i, ok in zip(members, finite.tolist()) if not ok]
+        if bad:
+            self._skip_bad_members(bad, "activations" if not torch.isfinite(batch).all() else "loss")
+        good = [i for i in members if i not in bad]
+        if not good:
             return None  # Lightning skips backward and the optimizer step
-        self._consecutive_bad_steps = 0
+        # a skipped member's loss is left out: its parameters get no gradient, and Adam leaves them be
+        loss = losses[good[0]] if len(good) == 1 else torch.stack([losses[i] for i in good]).sum()
+        fired = {i: fired[i] for i in good}
+        for i in good:
+            self._bad_in_a_row[i] = 0
         step_tokens = batch.shape[0] * self.trainer.world_size
         self.tokens_seen += step_tokens
         self._count_firing(fired, step_tokens, distributed)
         if log_now:
             window = torch.clamp(self.tokens_seen, max=self.dead_window_tokens)
-            for since, prefix in zip(self.tokens_since_fired, self.metric_prefixes):
+            for i in good:
                 # dead: did not fire on the last `window` training tokens (the whole run while it is shorter)
-                logged[f"{prefix}train/dead_fraction"] = (since >= window).float().mean()
+                logged[f"{self.metric_prefixes[i]}train/dead_fraction"] = (self.tokens_since_fired[i] >= window).float().mean()
         if logged:
             self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
         return loss
 
     @torch.no_grad()
-    def _count_firing(self, fired: list[torch.Tensor], step_tokens: int, distributed: bool) -> None:
-        if distributed:  # a feature fired when it fired on any rank's part of the batch
-            fired = [self.trainer.strategy.reduce(f.float(), reduce_op="max") > 0 for f in fired]
-        for i, f in enumerate(fired):
+    def _count_firing(self, fired: dict[int, torch.Tensor], step_tokens: int, distributed: bool) -> None:
+        for i, f in fired.items():
+            if distributed:  # a feature fired when it fired on any rank's part of the batch
+                f = self.trainer.strategy.reduce(f.float(), reduce_op="max") > 0
             since = self.tokens_since_fired[i].to(f.device)
             self.tokens_since_fired[i] = torch.where(f, 0, since + step_tokens)
 
-    def _skip_bad_step(self, what: str) -> None:
+    def _skip_bad_members(self, members: list[int], what: str) -> None:
+        """Skip the step for these SAEs; one that had train.max_bad_steps bad steps in a row stops the
+        job when it is alone, and leaves the ensemble (its job fails, the others go on) when it is not."""
         self.skipped_steps += 1
-        self._consecutive_bad_steps += 1
-        log.warning("step %d skipped: NaN/Inf in the %s (%d in a row)", self.global_step, what, self._consecutive_bad_steps)
-        if self._consecutive_bad_steps >= self.max_bad_steps:
+        for i in members:
+            self._bad_in_a_row[i] += 1
+            whose = f" for {self.metric_prefixes[i].rstrip('/')}" if len(self.saes) > 1 else ""
+            log.warning(
+                "step %d skipped%s: NaN/Inf in the %s (%d in a row)", self.global_step, whose, what, self._bad_in_a_row[i]
+            )
+            if self._bad_in_a_row[i] < self.max_bad_steps:
+                continue
             checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-            raise TrainingDivergedError(
-                f"{self._consecutive_bad_steps} consecutive steps up to step {self.global_step} had NaN/Inf "
+            error = TrainingDivergedError(
+                f"{self._bad_in_a_row[i]} consecutive steps up to step {self.global_step} had NaN/Inf "
                 f"{what} (train.max_bad_steps={self.max_bad_steps}); last good checkpoint: {checkpoint}. "
                 "Check the activations, or lower train.lr and resume from the checkpoint."
             )
+            self.dropped[i] = str(error)
+            if len(self.dropped) == len(self.saes):
+                raise error
+            log.error("%s leaves the ensemble: %s", self.metric_prefixes[i].rstrip("/"), error)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for sae in self.saes:
@@ -173,6 +193,7 @@ class SaeTrainingModule(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         checkpoint["saesweep_resume_key"] = self.resume_key
         checkpoint["saesweep_tokens_since_fired"] = [since.cpu() for since in self.tokens_since_fired]
+        checkpoint["saesweep_dropped"] = {str(i): why for i, why in self.dropped.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written before the key existed carry none and are resumed unchecked
@@ -186,6 +207,7 @@ class SaeTrainingModule(L.LightningModule):
             )
         if "saesweep_tokens_since_fired" in checkpoint:
             self.tokens_since_fired = list(checkpoint["saesweep_tokens_since_fired"])
+        self.dropped = {int(i): why for i, why in checkpoint.get("saesweep_dropped", {}).items()}
         if states := checkpoint.get("rng_states"):
             torch.set_rng_state(states["torch"])
             random.setstate(states["python"])

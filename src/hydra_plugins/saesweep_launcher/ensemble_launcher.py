@@ -75,7 +75,10 @@ class EnsembleLauncher(Launcher):
             root.addHandler(handler)
         try:
             results = job.run_jobs([ret.cfg for ret in prepared], run_dirs, sweep_dir)
-            outcomes = [(JobStatus.COMPLETED, result.metrics["fvu"]) for result in results]
+            outcomes = [
+                (JobStatus.FAILED, result) if isinstance(result, Exception) else (JobStatus.COMPLETED, result.metrics["fvu"])
+                for result in results
+            ]
         except Exception as error:  # every job of the ensemble failed with it; Hydra raises it at the end
             outcomes = [(JobStatus.FAILED, error)] * len(prepared)
         finally:

@@ -1,4 +1,4 @@
-"""Per-feature reports of a trained SAE (DESIGN.md, "Feature report, per feature").
+"""Per-feature reports of a trained SAE (docs/METHODS.md, "Feature reports").
 
     from saesweep.report import ReportSettings, build_report
     built = build_report(run_dir, ReportSettings(top_n=50), sweep_run_dirs=run_dirs)

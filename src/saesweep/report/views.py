@@ -1,4 +1,4 @@
-"""The views of a feature report (DESIGN.md, "Feature report, per feature"), computed for many
+"""The views of a feature report (docs/METHODS.md, "Feature reports"), computed for many
 features at once: every function takes all selected features and batches across them.
 
 Conventions: `contexts` [n_ctx, ctx_len] are the held-out token contexts, `acts` [n_ctx, ctx_len, k]
