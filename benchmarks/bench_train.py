@@ -85,7 +85,7 @@ def saesweep_lightning(
     state (after 3 warm-up steps), and over the whole `fit` (start-up included)."""
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0)
     module = SaeTrainingModule(
-        [ReluSae(d_in, d_sae)], l1_coefs=[2.0], metric_prefixes=[""], act_scale=1.0, lr=1e-3,
+        [ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=1.0, lr=1e-3,
         adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream),
         max_bad_steps=10, model=None, hook_point="", resume_key={}, compile=compile,
     )

@@ -3,8 +3,10 @@ parts of the activation store and end where one process does."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -56,3 +58,41 @@ def test_ddp_inside_a_local_sweep_is_refused(tmp_path, tiny_model_dir, corpus_pa
     )
     assert done.returncode != 0
     assert "cannot run inside a local sweep" in (tmp_path / "sweep" / "0" / "error.json").read_text()
+
+
+def test_a_sigkilled_ddp_run_resumes_with_the_same_command(tmp_path, tiny_model_dir, corpus_path):
+    """Both processes killed mid-training (the whole process group, as a scheduler kills a job), then the
+    same command again: it resumes from rank 0's checkpoint and ends where an uninterrupted DDP run ends."""
+    from test_resume import _SLOW_TRAIN_PY, _checkpoint_step
+
+    common = [
+        *tiny_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), "trainer.accelerator=cpu", "trainer=ddp",
+        "trainer.devices=2", "train.checkpoint_every_n_steps=4", "eval.every_n_steps=10",
+    ]
+    run_train(*common, f"hydra.run.dir={tmp_path / 'uninterrupted'}")
+
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "src"), "STEP_SLEEP_S": "0.3"}
+    job = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TRAIN_PY, *common, f"hydra.run.dir={run_dir}"], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while _checkpoint_step(last) < 8:
+        assert job.poll() is None and time.monotonic() < deadline, "no checkpoint at step ≥ 8 in time"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # rank 0 and the rank 1 it started
+    job.wait()
+    killed_at = _checkpoint_step(last)
+    assert 8 <= killed_at < 16 and not (run_dir / "metrics.json").exists()
+
+    run_train(*common, f"hydra.run.dir={run_dir}")  # the same command again
+    assert "resuming from" in (run_dir / "train.log").read_text()
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    uninterrupted = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())
+    assert json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == \
+        json.loads((tmp_path / "uninterrupted" / "cfg.json").read_text())["tokens_trained"]
+    # within the spread of two uninterrupted runs (the same batches and updates; seen here: equal)
+    for key in ("fvu", "l0", "ce_spliced"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-4), key

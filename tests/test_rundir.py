@@ -58,8 +58,8 @@ def test_corrupt_or_missing_weights_name_the_file(tmp_path, damage):
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a finished saesweep run directory"):
         load_sae(tmp_path)
-    (tmp_path / "cfg.json").write_text('{"architecture": "topk", "d_in": 2, "d_sae": 4}')
-    with pytest.raises(CheckpointError, match="'topk' is unknown"):
+    (tmp_path / "cfg.json").write_text('{"architecture": "relu_l2", "d_in": 2, "d_sae": 4}')
+    with pytest.raises(CheckpointError, match="'relu_l2' is unknown"):
         load_sae(tmp_path)
 
 

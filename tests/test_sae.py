@@ -1,6 +1,16 @@
 import torch
 
-from saesweep.sae import ReluSae, geometric_median
+import pytest
+
+from saesweep.sae import (
+    ARCHITECTURES,
+    BatchTopKSae,
+    JumpReluSae,
+    MatryoshkaBatchTopKSae,
+    ReluSae,
+    TopKSae,
+    geometric_median,
+)
 
 
 def test_decoder_rows_start_unit_norm_and_encoder_is_transpose():
@@ -28,12 +38,12 @@ def test_parallel_gradient_removed_and_renormalised_step_keeps_unit_rows():
     sae = ReluSae(8, 32)
     loss = sae(torch.randn(64, 8)).x_hat.pow(2).sum() + sae.W_dec.sum()
     loss.backward()
-    sae.remove_parallel_decoder_grad()
+    sae.before_optimizer_step()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
     assert (parallel.abs() / sae.W_dec.grad.norm(dim=1)).max() < 1e-5
     torch.optim.SGD(sae.parameters(), lr=0.5).step()
     assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-4  # the step moved rows off the sphere
-    sae.normalize_decoder()
+    sae.after_optimizer_step()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
 
 
@@ -59,3 +69,99 @@ def test_geometric_median_resists_outliers_where_mean_does_not():
     median = geometric_median(points)
     assert median.norm() < 0.2
     assert points.mean(dim=0).norm() > 8
+
+
+def small(architecture: str, d_in: int = 8, d_sae: int = 32, **hparams):
+    torch.manual_seed(0)
+    defaults = {"topk": {"k": 4}, "batchtopk": {"k": 4}, "matryoshka_batchtopk": {"k": 4}}
+    sae = ARCHITECTURES[architecture](d_in, d_sae, **(defaults.get(architecture, {}) | hparams))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        for name, p in sae.named_parameters():
+            if name.startswith("b_") and name != "b_dec":
+                p.normal_(std=0.3)
+    return sae
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_every_architecture_rescales_and_trains_through_the_same_interface(architecture):
+    sae = small(architecture)
+    x = torch.randn(64, 8)
+    step = sae.training_loss(x, dead=torch.zeros(32, dtype=torch.bool))
+    loss = torch.stack(list(step.losses.values())).sum()
+    assert torch.isfinite(loss) and "mse" in step.losses
+    loss.backward()
+    assert sae.W_enc.grad is not None and sae.W_dec.grad is not None
+    # the saved (inference) form on raw activations is the normalised SAE scaled
+    scale = 7.5
+    form = sae.inference_form()
+    raw = sae.rescaled(scale).inference_form()
+    with torch.no_grad():
+        torch.testing.assert_close(raw(x * scale).x_hat, form(x).x_hat * scale, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(raw.W_dec.norm(dim=1), torch.ones(32))
+        assert set(raw.tensors()) == set(type(raw).parameter_shapes(8, 32))
+
+
+def test_topk_keeps_exactly_k_features_per_token_and_decodes_sparsely():
+    sae = small("topk")
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive: exactly k survive
+    x = torch.randn(50, 8)
+    out = sae(x)
+    assert ((out.feature_acts > 0).sum(-1) == 4).all()
+    torch.testing.assert_close(out.x_hat, out.feature_acts @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_keeps_k_per_token_on_average_over_the_batch():
+    sae = small("batchtopk")
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)
+    step = sae.training_loss(torch.randn(50, 8), dead=torch.zeros(32, dtype=torch.bool))
+    counts = (step.feature_acts > 0).sum(-1)
+    assert counts.float().mean() == 4 and counts.min() < counts.max()  # some tokens more, some fewer
+    assert float(sae.running_threshold) == pytest.approx(float(step.feature_acts[step.feature_acts > 0].min()))
+    # saved as JumpReLU with that threshold
+    form = sae.inference_form()
+    assert isinstance(form, JumpReluSae) and torch.all(form.threshold == sae.running_threshold)
+
+
+def test_jumprelu_threshold_gets_a_gradient_and_moves():
+    sae = small("jumprelu", l0_coef=1.0, threshold_init=0.5, bandwidth=2.0)
+    before = sae.threshold.detach().clone()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(5):
+        step = sae.training_loss(torch.randn(256, 8), dead=torch.zeros(32, dtype=torch.bool))
+        optimizer.zero_grad()
+        torch.stack(list(step.losses.values())).sum().backward()
+        assert sae.threshold.grad is not None and sae.threshold.grad.abs().sum() > 0
+        optimizer.step()
+        sae.after_optimizer_step()
+    assert (sae.threshold.detach() - before).abs().max() > 1e-3
+
+
+def test_matryoshka_prefix_losses_are_reconstructions_from_their_first_latents():
+    sae = small("matryoshka_batchtopk", group_sizes=[4, 4, 8, 16])
+    assert sae.prefix_widths() == [4, 8, 16, 32]
+    x = torch.randn(20, 8)
+    step = sae.training_loss(x, dead=torch.zeros(32, dtype=torch.bool))
+    f = step.feature_acts
+    expected = sum(((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean()) for m in (4, 8, 16))
+    torch.testing.assert_close(step.losses["prefix_mse"], expected)
+    torch.testing.assert_close(step.losses["mse"], (step.x_hat - x).pow(2).sum(-1).mean())
+
+
+def test_aux_k_is_zero_without_dead_latents_and_pulls_dead_ones_toward_the_residual():
+    sae = small("topk", aux_coef=1.0, aux_k=4)
+    x = torch.randn(64, 8)
+    alive = sae.training_loss(x, dead=torch.zeros(32, dtype=torch.bool))
+    assert alive.losses["aux_k"] == 0
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[16:] = True
+    step = sae.training_loss(x, dead=dead)
+    assert step.losses["aux_k"] > 0
+    step.losses["aux_k"].backward()
+    # only dead latents' decoder rows are moved by AuxK
+    assert sae.W_dec.grad[:16].abs().sum() == 0 and sae.W_dec.grad[16:].abs().sum() > 0
+    with torch.no_grad():  # a small step along the gradient lowers it: dead latents move toward the residual
+        sae.W_dec -= 1e-3 * sae.W_dec.grad
+    assert sae.training_loss(x, dead=dead).losses["aux_k"] < step.losses["aux_k"]

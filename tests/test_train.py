@@ -1,6 +1,7 @@
 """End to end: the Hydra config, a real LM forward pass, Lightning training, the run directory."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -196,13 +197,13 @@ def test_train_dead_fraction_counts_features_silent_over_the_window(tmp_path):
     later = torch.tensor([[1.0, -1.0]] * 4)  # feature 0 only
 
     def dead_fractions(window: int) -> list[float]:
-        sae = ReluSae(2, 3)
+        sae = ReluSae(2, 3, l1_coef=0.0)
         with torch.no_grad():
             sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
             sae.b_enc.copy_(torch.tensor([0.0, 0.0, -1e6]))
             sae.b_dec.zero_()
         module = SaeTrainingModule(
-            [sae], l1_coefs=[0.0], metric_prefixes=[""], act_scale=1.0, lr=1e-12, adam_betas=(0.9, 0.999),
+            [sae], metric_prefixes=[""], act_scale=1.0, lr=1e-12, adam_betas=(0.9, 0.999),
             lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=5, max_bad_steps=1, model=None, hook_point="h",
             resume_key={}, dead_window_tokens=window,
         )
@@ -217,3 +218,37 @@ def test_train_dead_fraction_counts_features_silent_over_the_window(tmp_path):
     # tokens since fired after steps 1..5: feature 1: 0, 4, 8, 12, 16; feature 2: 4, 8, 12, 16, 20
     assert dead_fractions(8) == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3])
     assert dead_fractions(10**9) == pytest.approx([1 / 3] * 5)  # the whole run: feature 1 fired once, alive
+
+
+@pytest.mark.parametrize(
+    "architecture, extra",
+    [("relu_l1", []), ("topk", ["sae.k=8"]), ("batchtopk", ["sae.k=8"]), ("jumprelu", []),
+     ("matryoshka_batchtopk", ["sae.k=8"]), ("gated", [])],
+)
+def test_every_architecture_trains_saves_and_reloads(tmp_path, tiny_model_dir, corpus_path, architecture, extra):
+    from saesweep.lm import load_model
+    from saesweep.metrics import HeldOutSet, evaluate
+    from saesweep.sae import ARCHITECTURES
+
+    cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=none", f"sae={architecture}", *extra)
+    result = train(cfg, tmp_path / "run")
+    cfg_json = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    assert cfg_json["architecture"] == architecture and cfg_json["sae"]["architecture"] == architecture
+    assert cfg_json["sae"].keys() - {"architecture"} == ARCHITECTURES[architecture].hyperparameters.keys()
+    saved_as = "jumprelu" if "batchtopk" in architecture else architecture
+    assert cfg_json["inference_architecture"] == saved_as
+    sae = load_sae(tmp_path / "run")
+    assert sae.architecture == saved_as
+    if architecture == "topk":
+        assert result.metrics["l0"] == pytest.approx(8)
+    elif "batchtopk" in architecture:
+        # the saved threshold is a running mean over 32 steps of a changing SAE: near k, not at it
+        assert 4 <= result.metrics["l0"] <= 16
+    assert 0 < result.metrics["fvu"] < 1 and math.isfinite(result.metrics["ce_recovered"])
+    # the reloaded SAE is the evaluated one: the same metrics from the same held-out set
+    model = load_model(None, str(tiny_model_dir), torch.device("cpu"))
+    from saesweep.data import context_source
+    contexts = context_source(cfg_json["dataset"], model.tokenizer, 16).held_out_contexts(50).tokens
+    again = evaluate(sae, model, cfg_json["hook_point"], HeldOutSet.build(model, contexts, cfg_json["hook_point"], 64), 64)
+    assert again.metrics["fvu"] == pytest.approx(result.metrics["fvu"], rel=1e-4)
+    assert again.metrics["l0"] == pytest.approx(result.metrics["l0"], rel=1e-4)

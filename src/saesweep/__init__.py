@@ -9,14 +9,16 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from saesweep.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SaesweepError  # noqa: E402
 from saesweep.rundir import load_run_config, load_sae  # noqa: E402
-from saesweep.sae import ReluSae, SaeOutput  # noqa: E402
+from saesweep.sae import ARCHITECTURES, ReluSae, Sae, SaeOutput  # noqa: E402
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
     "ModelLoadError",
+    "ARCHITECTURES",
     "ReluSae",
+    "Sae",
     "SaeOutput",
     "SaesweepError",
     "__version__",

@@ -3,6 +3,7 @@ value and what is allowed."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tempfile
@@ -22,9 +23,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"l1_coef={cfg.l1_coef} must be ≥ 0")
     if _number(cfg, "ctx_len", integer=True) < 2:
         raise ConfigError(f"ctx_len={cfg.ctx_len} must be ≥ 2 (a context needs a next token to predict)")
-    architecture = cfg.sae.architecture
-    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
-        raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
+    check_architecture(cfg)
     for key in (
         "train.batch_size", "train.checkpoint_every_n_steps", "train.max_bad_steps", "eval.batch_contexts",
         "harvest_batch_contexts", "train.dead_window_tokens", "data.mix_pool_contexts", "eval.every_n_steps",
@@ -49,6 +48,47 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
 
 
+# Each architecture key and the values it allows: (integer, lowest, lowest allowed itself, may be null)
+_SAE_KEYS = {
+    "l1_coef": (False, 0, True, False),
+    "k": (True, 1, True, False),
+    "aux_k": (True, 1, True, True),
+    "aux_coef": (False, 0, True, False),
+    "l0_coef": (False, 0, True, False),
+    "threshold_init": (False, 0, False, False),
+    "bandwidth": (False, 0, False, False),
+}
+
+
+def check_architecture(cfg: DictConfig) -> None:
+    """`sae.architecture` is known, every `sae.*` key is one of its keys, each value is allowed."""
+    architecture = cfg.sae.architecture
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
+        close = difflib.get_close_matches(str(architecture), ARCHITECTURES, n=3, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}{hint}")
+    own = ARCHITECTURES[architecture].hyperparameters
+    for key in cfg.sae:
+        if key != "architecture" and key not in own:
+            raise ConfigError(
+                f"sae.{key}={OmegaConf.select(cfg, f'sae.{key}')!r} is not a key of sae={architecture}; its keys: "
+                f"{', '.join(sorted(own)) or 'none'} (choose the architecture with sae=NAME)"
+            )
+    for key, (integer, lowest, inclusive, nullable) in _SAE_KEYS.items():
+        if key not in cfg.sae or (nullable and cfg.sae[key] is None):
+            continue
+        value = _number(cfg, f"sae.{key}", integer=integer)
+        if value < lowest or (value == lowest and not inclusive):
+            bound = f"≥ {lowest}" if inclusive else f"> {lowest}"
+            raise ConfigError(f"sae.{key}={value} must be {bound}")
+    sizes = cfg.sae.get("group_sizes")
+    if sizes is not None and (
+        not OmegaConf.is_list(sizes) or not sizes
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
+    ):
+        raise ConfigError(f"sae.group_sizes={sizes!r} must be a list of positive integers summing to d_sae, or null")
+
+
 def _number(cfg: DictConfig, key: str, integer: bool = False) -> float:
     """The value at `key`, which must be a finite number (an integer when `integer`): a mistyped
     override such as `l1_coef=1e-3x` arrives as a string and would otherwise fail deep inside."""
@@ -70,7 +110,16 @@ def check_with_model(cfg: DictConfig, n_ctx: int, d_in: int) -> int:
             f"dict_ratio={cfg.dict_ratio} gives a non-integer d_sae={d_sae} for d_in={d_in}; "
             "choose a ratio whose product with d_in is a whole number"
         )
-    return int(round(d_sae))
+    d_sae = int(round(d_sae))
+    if "k" in cfg.sae and cfg.sae.k > d_sae:
+        raise ConfigError(f"sae.k={cfg.sae.k} exceeds d_sae={d_sae} (dict_ratio={cfg.dict_ratio} × d_in={d_in})")
+    sizes = cfg.sae.get("group_sizes")
+    if sizes is not None and sum(sizes) != d_sae:
+        raise ConfigError(
+            f"sae.group_sizes={list(sizes)} sum to {sum(sizes)}, but d_sae={d_sae} (dict_ratio={cfg.dict_ratio} × "
+            f"d_in={d_in}); allowed: sizes summing to d_sae, or null for d_sae/8, d_sae/8, d_sae/4, d_sae/2"
+        )
+    return d_sae
 
 
 def check_writable_dir(key: str, path: Path) -> None:
@@ -90,8 +139,9 @@ def check_writable_dir(key: str, path: Path) -> None:
 
 
 # What may differ between the dictionaries of one ensemble (train.ensemble=true): they read one
-# activation stream with one schedule, so everything else must be the same.
-ENSEMBLE_KEYS = ("dict_ratio", "l1_coef", "target_l0")
+# activation stream with one schedule, so everything else must be the same. `sae` is the architecture
+# and its keys.
+ENSEMBLE_KEYS = ("dict_ratio", "l1_coef", "target_l0", "sae")
 
 
 def check_ensemble(cfgs: list[DictConfig]) -> None:
@@ -100,7 +150,10 @@ def check_ensemble(cfgs: list[DictConfig]) -> None:
         raise ConfigError("an ensemble needs at least one job")
 
     def shared(cfg: DictConfig) -> dict:
-        return {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items() if k not in ENSEMBLE_KEYS}
+        return {
+            k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+            if k.split(".")[0] not in ENSEMBLE_KEYS
+        }
 
     first = shared(cfgs[0])
     for cfg in cfgs[1:]:

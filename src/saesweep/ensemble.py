@@ -13,7 +13,6 @@ from lightning.pytorch.loggers.logger import Logger
 from saesweep.training import AtomicCheckpointIO
 
 ENSEMBLE_DIR = ".ensemble"  # in the sweep directory: the shared checkpoint while the ensemble trains
-_SAE_PARAMETERS = 4  # W_enc, b_enc, W_dec, b_dec: each SAE's share of the optimizer's parameter list
 
 
 class RunLogger(Logger):
@@ -56,14 +55,19 @@ class RunLogger(Logger):
         self.inner.finalize(status)
 
 
-def write_member_checkpoints(ensemble_ckpt: Path, paths: Sequence[Path], resume_keys: Sequence[dict]) -> None:
+def write_member_checkpoints(
+    ensemble_ckpt: Path, paths: Sequence[Path], resume_keys: Sequence[dict], parameter_counts: Sequence[int]
+) -> None:
     """The ensemble checkpoint cut down to each SAE i, written to `paths[i]`: what a lone job of that SAE
     trained on the same batches would have written (its weights, its Adam moments, the shared schedule
-    and stream position), so each run directory has a checkpoint of its own like every other."""
+    and stream position), so each run directory has a checkpoint of its own like every other.
+    `parameter_counts[i]`: SAE i's parameters, its consecutive share of the optimizer's list (SAEs of
+    different architectures have different numbers)."""
     checkpoint = torch.load(ensemble_ckpt, map_location="cpu", weights_only=True)  # read once for all
+    starts = [sum(parameter_counts[:i]) for i in range(len(parameter_counts))]
     for index, (path, resume_key) in enumerate(zip(paths, resume_keys)):
         prefix = f"saes.{index}."
-        own = range(index * _SAE_PARAMETERS, (index + 1) * _SAE_PARAMETERS)
+        own = range(starts[index], starts[index] + parameter_counts[index])
         member = {
             **checkpoint,
             "state_dict": {
@@ -76,13 +80,15 @@ def write_member_checkpoints(ensemble_ckpt: Path, paths: Sequence[Path], resume_
                     **optimizer,
                     "state": {i - own.start: optimizer["state"][i] for i in own if i in optimizer["state"]},
                     "param_groups": [
-                        {**group, "params": list(range(_SAE_PARAMETERS))} for group in optimizer["param_groups"]
+                        {**group, "params": list(range(len(own)))} for group in optimizer["param_groups"]
                     ],
                 }
                 for optimizer in checkpoint["optimizer_states"]
             ],
             "saesweep_resume_key": resume_key,
         }
-        if "saesweep_tokens_since_fired" in checkpoint:
-            member["saesweep_tokens_since_fired"] = [checkpoint["saesweep_tokens_since_fired"][index]]
+        for key in ("saesweep_tokens_since_fired",):
+            if key in checkpoint:
+                member[key] = [checkpoint[key][index]]
+        member.pop("saesweep_dropped", None)
         AtomicCheckpointIO().save_checkpoint(member, path)

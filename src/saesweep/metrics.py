@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from saesweep.sae import ReluSae
+from saesweep.sae import Sae
 
 DENSE_THRESHOLD = 0.1  # a feature firing on more than 10 % of tokens counts as dense
 
@@ -85,7 +85,7 @@ class MetricAccumulator:
         self.act_max = torch.zeros(d_sae, device=device)
 
     @torch.no_grad()
-    def update(self, sae: ReluSae, model, hook_point: str, batch) -> None:
+    def update(self, sae: Sae, model, hook_point: str, batch) -> None:
         tokens, acts, ce_clean, ce_zero = batch
         x = acts.float()  # [batch, ctx_len, d_in]
         x_hat, feature_acts = sae(x)
@@ -207,7 +207,7 @@ def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows[: int(c.item())] for rows, c in zip(gathered, counts, strict=True)])
 
 
-def evaluate(sae: ReluSae, model, hook_point: str, held_out: HeldOutSet, batch_contexts: int) -> EvalResult:
+def evaluate(sae: Sae, model, hook_point: str, held_out: HeldOutSet, batch_contexts: int) -> EvalResult:
     """All metrics of `sae` on the held-out set, outside any training loop."""
     device = next(model.parameters()).device
     sae = sae.to(device)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from saesweep.errors import CheckpointError
 from saesweep.io import atomic_write_json, atomic_write_safetensors
 from saesweep.metrics import EvalResult
-from saesweep.sae import ARCHITECTURES, ReluSae
+from saesweep.sae import ARCHITECTURES, Sae, inference_class
 
 SAE_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
@@ -32,7 +32,7 @@ PICKLE_SAE_FILES = ("sae.pt", "sae.pth", "sae.bin", "sae.ckpt")
 ERROR_FILE = "error.json"  # written by a job that failed; removed when a rerun of it starts
 
 
-def write_run_dir(run_dir: Path, sae: ReluSae, cfg: dict, result: EvalResult) -> None:
+def write_run_dir(run_dir: Path, sae: Sae, cfg: dict, result: EvalResult) -> None:
     """Weights, config, metrics and feature statistics, each written atomically; cfg.json last, so a
     directory with cfg.json is complete."""
     run_dir = Path(run_dir)
@@ -92,7 +92,7 @@ def load_feature_stats(run_dir: Path) -> dict[str, torch.Tensor]:
     return _load_safetensors(Path(run_dir) / FEATURE_STATS_FILE)
 
 
-def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_pickle: bool = False) -> ReluSae:
+def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_pickle: bool = False) -> Sae:
     """Rebuild the SAE of a run directory from sae.safetensors and cfg.json alone.
 
     Without sae.safetensors, a pickle weights file (PICKLE_SAE_FILES) is loaded only with
@@ -117,14 +117,16 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_p
     else:
         path = pickled[0]
         tensors = _load_pickled_tensors(path, trust_pickle)
-    expected = ARCHITECTURES[architecture].parameter_shapes(d_in, d_sae)
+    cls = inference_class(architecture)  # BatchTopK and Matryoshka runs hold their JumpReLU form
+    expected = cls.parameter_shapes(d_in, d_sae)
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if found != expected:
         raise CheckpointError(
             f"{path} does not match {CFG_FILE} ({architecture}, d_in={d_in}, d_sae={d_sae}): "
             f"expected tensors {expected}, found {found}"
         )
-    sae = ARCHITECTURES[architecture](d_in, d_sae)
+    saved_keys = cfg.get("sae") or {}
+    sae = cls(d_in, d_sae, **{k: v for k, v in saved_keys.items() if k in cls.hyperparameters})
     sae.load_state_dict(tensors)
     sae.run_cfg = cfg
     return sae.to(device)

@@ -29,7 +29,7 @@ from saesweep.errors import ConfigError, TrainingDivergedError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, write_run_dir
-from saesweep.sae import ARCHITECTURES
+from saesweep.sae import ARCHITECTURES, inference_class
 from saesweep.store import (
     ActivationStore,
     ResumableLoader,
@@ -58,7 +58,7 @@ def train_ensemble(
 ) -> list[EvalResult | TrainingDivergedError]:
     """Several jobs in one pass: the SAE of `cfgs[i]` into `run_dirs[i]`, all fed by the same batches.
 
-    The configs may differ only in dict_ratio, l1_coef and target_l0 (checked). The LM, the activation
+    The configs may differ only in dict_ratio, target_l0, the architecture and its keys (checked). The LM, the activation
     store and the held-out set are loaded once. Each run directory is written to the same contract as a
     lone job's, with its own W&B run; a lone job is an ensemble of one. An ensemble of several
     checkpoints into `<sweep dir>/.ensemble/checkpoints/last.ckpt` while it trains (rerunning the same
@@ -106,7 +106,7 @@ def train_ensemble(
     scale = activation_scale(sample)
     saes = []
     for c, d_sae in zip(cfgs, d_saes):
-        sae = ARCHITECTURES[c.sae.architecture](d_in, d_sae, generator=init_generator(c, d_sae))
+        sae = ARCHITECTURES[c.sae.architecture](d_in, d_sae, generator=init_generator(c, d_sae), **sae_hyperparameters(c))
         sae.init_b_dec(sample / scale)
         saes.append(sae)
     lone = len(cfgs) == 1
@@ -143,7 +143,6 @@ def train_ensemble(
         store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size
     )
     steps = total_steps(cfg.trainer, len(stream))
-    l1_coefs = [c.l1_coef for c in cfgs]
     resume_key = {
         "activation_store": store.path.name,
         "seed": cfg.seed,
@@ -154,7 +153,6 @@ def train_ensemble(
     }
     module = SaeTrainingModule(
         saes,
-        l1_coefs=l1_coefs,
         metric_prefixes=prefixes,
         act_scale=scale,
         lr=cfg.train.lr,
@@ -165,7 +163,9 @@ def train_ensemble(
         max_bad_steps=cfg.train.max_bad_steps,
         model=model,
         hook_point=hook_point,
-        resume_key=resume_key | ({"d_sae": d_saes[0]} if lone else {"d_sae": d_saes, "l1_coef": l1_coefs}),
+        resume_key=resume_key | (
+            {"d_sae": d_saes[0]} if lone else {"d_sae": d_saes, "sae": [describe_sae(c) for c in cfgs]}
+        ),
         compile=cfg.train.compile,
         dead_window_tokens=cfg.train.dead_window_tokens,
     )
@@ -192,7 +192,10 @@ def train_ensemble(
     train_contexts = sum(shard["contexts"] for shard in manifest["shards"])
     if not lone:
         write_member_checkpoints(
-            last, [d / CHECKPOINT_DIR / "last.ckpt" for d in run_dirs], [resume_key | {"d_sae": d} for d in d_saes]
+            last,
+            [d / CHECKPOINT_DIR / "last.ckpt" for d in run_dirs],
+            [resume_key | {"d_sae": d} for d in d_saes],
+            [len(list(sae.parameters())) for sae in module.saes],
         )
     outcomes: list[EvalResult | TrainingDivergedError] = []
     for index, (c, run_dir, d_sae, sae, result, run_logger) in enumerate(zip(
@@ -224,8 +227,18 @@ def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
     With one seed for all, a 2× dictionary would start from the first half of a 4× one's decoder
     rows, and overlap between runs (MCS) would partly measure shared initial directions.
     """
-    identity = json.dumps([cfg.seed, cfg.sae.architecture, d_sae, cfg.l1_coef])
+    identity = json.dumps([cfg.seed, d_sae, describe_sae(cfg)], sort_keys=True)
     return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest()))
+
+
+def sae_hyperparameters(cfg: DictConfig) -> dict:
+    """The architecture's own keys (`sae.*` but `architecture`), as constructor arguments."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.sae, resolve=True).items() if k != "architecture"}
+
+
+def describe_sae(cfg: DictConfig) -> dict:
+    """The architecture and all its keys: cfg.json's `sae`, part of the initialisation seed."""
+    return {"architecture": cfg.sae.architecture, **sae_hyperparameters(cfg)}
 
 
 def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
@@ -287,10 +300,14 @@ def describe_run(
     """cfg.json: everything needed to rebuild the SAE and interpret it."""
     return {
         "architecture": cfg.sae.architecture,
+        # what sae.safetensors holds: BatchTopK and Matryoshka SAEs are saved in their JumpReLU form
+        "inference_architecture": inference_class(cfg.sae.architecture).architecture,
+        "sae": describe_sae(cfg),
         "d_in": d_in,
         "d_sae": d_sae,
         "dict_ratio": cfg.dict_ratio,
-        "l1_coef": cfg.l1_coef,
+        "l1_coef": cfg.sae.get("l1_coef"),
+        "k": cfg.sae.get("k"),
         "hook_point": hook_point,
         "model_name": None if cfg.model.path else cfg.model.name,  # model.path wins when both are set
         "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path else None,

@@ -23,7 +23,7 @@ from torch import nn
 from saesweep.errors import CheckpointError, TrainingDivergedError
 from saesweep.io import atomic_write_bytes
 from saesweep.metrics import EvalResult, MetricAccumulator
-from saesweep.sae import ReluSae
+from saesweep.sae import Sae
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ class SaeTrainingModule(L.LightningModule):
 
     def __init__(
         self,
-        saes: Sequence[ReluSae],
-        l1_coefs: Sequence[float],
+        saes: Sequence[Sae],
         metric_prefixes: Sequence[str],
         act_scale: float,
         lr: float,
@@ -61,12 +60,11 @@ class SaeTrainingModule(L.LightningModule):
         dead_window_tokens: int = 1_000_000,
     ):
         super().__init__()
-        if not len(saes) == len(l1_coefs) == len(metric_prefixes):
-            raise ValueError(f"{len(saes)} SAEs, {len(l1_coefs)} l1_coefs and {len(metric_prefixes)} metric prefixes")
+        if len(saes) != len(metric_prefixes):
+            raise ValueError(f"{len(saes)} SAEs and {len(metric_prefixes)} metric prefixes")
         self.saes = nn.ModuleList(saes)
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
-        self.l1_coefs = list(l1_coefs)
         self.metric_prefixes = list(metric_prefixes)
         self.lr = lr
         self.adam_betas = tuple(adam_betas)
@@ -85,16 +83,16 @@ class SaeTrainingModule(L.LightningModule):
         # what must be unchanged for a checkpoint of this job to be resumed (data, shapes, schedule)
         self.resume_key = resume_key
         # fuses each SAE's forward pass and loss into fewer kernels; the first steps pay the compilation
-        self._losses = torch.compile(sae_losses) if compile else sae_losses
+        self._step = torch.compile(sae_step) if compile else sae_step
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_evals: list[EvalResult] = []
         self._accumulators: list[MetricAccumulator] = []
-        self._eval_saes: list[ReluSae] = []
+        self._eval_saes: list[Sae] = []
 
-    def raw_saes(self) -> list[ReluSae]:
-        """The SAEs in raw activation units (what is saved and evaluated)."""
-        return [sae.rescaled(float(self.act_scale)) for sae in self.saes]
+    def raw_saes(self) -> list[Sae]:
+        """The SAEs in raw activation units and their inference form (what is saved and evaluated)."""
+        return [sae.rescaled(float(self.act_scale)).inference_form() for sae in self.saes]
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         x = batch / self.act_scale
@@ -106,14 +104,14 @@ class SaeTrainingModule(L.LightningModule):
         losses, fired, logged = {}, {}, {}
         for i in members:
             prefix = self.metric_prefixes[i]
-            step = self._losses(self.saes[i], x, self.l1_coefs[i], log_now)
+            step = self._step(self.saes[i], x, self.dead_features(i), log_now)
             losses[i], fired[i] = step.loss, step.fired
             if log_now:
+                logged |= {f"{prefix}train/loss": step.loss}
+                logged |= {f"{prefix}train/loss_{name}": term for name, term in step.terms.items()}
                 logged |= {
-                    f"{prefix}train/loss": step.loss,
                     # reported in raw activation units, comparable with eval/mse and metrics.json
                     f"{prefix}train/mse": step.mse * self.act_scale**2,
-                    f"{prefix}train/l1": step.l1 * self.act_scale,
                     f"{prefix}train/l0": step.l0,
                     f"{prefix}train/skipped_steps": self.skipped_steps.float(),
                 }
@@ -137,13 +135,17 @@ class SaeTrainingModule(L.LightningModule):
         self.tokens_seen += step_tokens
         self._count_firing(fired, step_tokens, distributed)
         if log_now:
-            window = torch.clamp(self.tokens_seen, max=self.dead_window_tokens)
             for i in good:
-                # dead: did not fire on the last `window` training tokens (the whole run while it is shorter)
-                logged[f"{self.metric_prefixes[i]}train/dead_fraction"] = (self.tokens_since_fired[i] >= window).float().mean()
+                logged[f"{self.metric_prefixes[i]}train/dead_fraction"] = self.dead_features(i).float().mean()
         if logged:
             self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
         return loss
+
+    def dead_features(self, i: int) -> torch.Tensor:
+        """[d_sae] bool: SAE i's features that did not fire on the last dead_window_tokens training
+        tokens (on all of them while fewer were seen)."""
+        window = torch.clamp(self.tokens_seen, min=1, max=self.dead_window_tokens)
+        return self.tokens_since_fired[i].to(self.tokens_seen.device) >= window
 
     @torch.no_grad()
     def _count_firing(self, fired: dict[int, torch.Tensor], step_tokens: int, distributed: bool) -> None:
@@ -178,14 +180,14 @@ class SaeTrainingModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for sae in self.saes:
-            sae.remove_parallel_decoder_grad()
+            sae.before_optimizer_step()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here and not in on_train_batch_end: callbacks (the periodic checkpoint) run before the
         # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
         for sae in self.saes:
-            sae.normalize_decoder()
+            sae.after_optimizer_step()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not save the global RNGs; nothing in training draws from them today, but a
@@ -250,22 +252,22 @@ class SaeTrainingModule(L.LightningModule):
 
 
 class StepLosses(NamedTuple):
-    loss: torch.Tensor  # what the optimizer minimises
-    mse: torch.Tensor
-    l1: torch.Tensor
+    loss: torch.Tensor  # what the optimizer minimises: the sum of the terms
+    terms: dict[str, torch.Tensor]  # the architecture's named loss terms
+    mse: torch.Tensor  # ‖x − x̂‖², batch mean (in the training's normalised units)
     l0: torch.Tensor | None  # only when asked for (logged steps)
     fired: torch.Tensor  # [d_sae] bool: the feature fired on some token of the batch
 
 
-def sae_losses(sae: ReluSae, x: torch.Tensor, l1_coef: float, with_l0: bool) -> StepLosses:
-    """The training loss of `sae` on the batch `x` [batch, d_in] and its parts (torch.compile makes
-    one graph for each value of `with_l0`)."""
-    x_hat, feature_acts = sae(x)
-    mse = (x_hat - x).pow(2).sum(dim=-1).mean()
-    l1 = feature_acts.sum(dim=-1).mean()  # activations are ≥ 0, so this is the L1 norm
-    l0 = (feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
-    fired = feature_acts.detach().amax(dim=0) > 0
-    return StepLosses(mse + l1_coef * l1, mse, l1, l0, fired)
+def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> StepLosses:
+    """The training loss of `sae` on the batch `x` [batch, d_in]: the sum of its architecture's named
+    terms (torch.compile makes one graph for each value of `with_l0`)."""
+    step = sae.training_loss(x, dead)
+    loss = torch.stack(list(step.losses.values())).sum()
+    mse = (step.x_hat.detach() - x).pow(2).sum(dim=-1).mean()
+    l0 = (step.feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
+    fired = step.feature_acts.detach().amax(dim=0) > 0
+    return StepLosses(loss, {name: term.detach() for name, term in step.losses.items()}, mse, l0, fired)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

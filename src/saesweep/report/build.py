@@ -21,7 +21,7 @@ from saesweep.errors import CheckpointError, ConfigError
 from saesweep.io import atomic_write_bytes
 from saesweep.lm import load_model, resolve_device, validate_hook_point
 from saesweep.rundir import CFG_FILE, SAE_FILE, load_run_config, load_sae
-from saesweep.sae import ReluSae
+from saesweep.sae import Sae
 
 from . import views
 from .heldout import HeldOutTokens, rebuild_held_out, run_setting
@@ -168,7 +168,7 @@ def build_report(
 
 def _compute_views(
     model,
-    sae: ReluSae,
+    sae: Sae,
     run_cfg: dict,
     held_out: HeldOutTokens,
     features: list[int],
@@ -295,7 +295,7 @@ def _excluded_tokens(w_u: torch.Tensor, settings: ReportSettings) -> tuple[torch
 
 def _direction_views(
     model,
-    sae: ReluSae,
+    sae: Sae,
     hook_point: str,
     contexts: torch.Tensor,
     features: list[int],

@@ -12,7 +12,7 @@ import torch
 from saesweep.errors import ConfigError
 from saesweep.evaluate import mcs
 from saesweep.rundir import load_run_config, load_sae
-from saesweep.sae import ReluSae
+from saesweep.sae import Sae
 
 from .settings import ReportSettings
 
@@ -34,7 +34,7 @@ class SweepComparison:
 _COMPARABLE_KEYS = ("hook_point", "d_in", "model_name", "model_path")
 
 
-def compare_with_sweep(run_dir: Path, sae: ReluSae, sweep_run_dirs: list[Path]) -> SweepComparison | None:
+def compare_with_sweep(run_dir: Path, sae: Sae, sweep_run_dirs: list[Path]) -> SweepComparison | None:
     """MCS of every feature of `sae` against each other run of the sweep that reads the same model
     and hook point; None when there is no such run."""
     run_dir = Path(run_dir).resolve()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.lm import stop_layer_after
-from saesweep.sae import ReluSae
+from saesweep.sae import Sae
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class FeatureStatistics:
 _ENCODE_CONTEXTS = 256  # contexts encoded at a time: bounds the memory of moving activations to the SAE's device
 
 
-def _device(sae: ReluSae) -> torch.device:
+def _device(sae: Sae) -> torch.device:
     return sae.W_enc.device
 
 
@@ -45,7 +45,7 @@ def _device(sae: ReluSae) -> torch.device:
 
 
 @torch.no_grad()
-def feature_statistics(sae: ReluSae, activations: torch.Tensor, chunk_tokens: int = 8192) -> FeatureStatistics:
+def feature_statistics(sae: Sae, activations: torch.Tensor, chunk_tokens: int = 8192) -> FeatureStatistics:
     """Statistics of every feature over `activations` [..., d_in], encoded in chunks of tokens."""
     x = activations.reshape(-1, activations.shape[-1])
     count = torch.zeros(sae.d_sae, dtype=torch.float64, device=_device(sae))
@@ -64,7 +64,7 @@ def feature_statistics(sae: ReluSae, activations: torch.Tensor, chunk_tokens: in
 
 
 @torch.no_grad()
-def selected_activations(sae: ReluSae, activations: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+def selected_activations(sae: Sae, activations: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Activations [n_ctx, ctx_len, k] of the selected features on `activations` [n_ctx, ctx_len, d_in]."""
     device = _device(sae)
     chunks = [
@@ -195,7 +195,7 @@ def logit_lens(
 @torch.no_grad()
 def deletion_effects(
     model,
-    sae: ReluSae,
+    sae: Sae,
     hook_point: str,
     contexts: torch.Tensor,
     requests: list[tuple[int, Example]],
@@ -232,7 +232,7 @@ def deletion_effects(
 
 
 def _activation_at(
-    model, sae: ReluSae, hook_point: str, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor,
+    model, sae: Sae, hook_point: str, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor,
     batch_contexts: int,
 ) -> torch.Tensor:
     """Activation of features[r] at tokens[r, positions[r]], for every row r: [n]."""
@@ -251,7 +251,7 @@ def _activation_at(
     return out
 
 
-def _per_row_activation(sae: ReluSae, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+def _per_row_activation(sae: Sae, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Activation of feature features[r] on x[r, ...] for each row r: x [B, ..., d_in] → [B, ...]."""
     unique, index = features.unique(return_inverse=True)
     acts = sae.encode_features(x, unique)  # [B, ..., n_unique]
@@ -265,7 +265,7 @@ def _per_row_activation(sae: ReluSae, x: torch.Tensor, features: torch.Tensor) -
 @torch.no_grad()
 def direction_ablation(
     model,
-    sae: ReluSae,
+    sae: Sae,
     hook_point: str,
     contexts: torch.Tensor,
     requests: list[tuple[int, int]],

@@ -1,0 +1,157 @@
+"""What every SAE architecture shares: the decoder, the training-loss contract, the scale folding.
+
+An architecture is one subclass in one file of this package: `encode`, `training_loss` (named terms
+whose sum is the loss), and, where its training form is not what it saves, `inference_form`.
+Parameter names and shapes follow SAELens/SAEBench (W_enc [d_in, d_sae], W_dec [d_sae, d_in], ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+
+class SaeOutput(NamedTuple):
+    x_hat: torch.Tensor  # [..., d_in] reconstruction
+    feature_acts: torch.Tensor  # [..., d_sae] non-negative feature activations
+
+
+class TrainStep(NamedTuple):
+    losses: dict[str, torch.Tensor]  # named scalar terms (mse, l1, aux_k, l0 ...): their sum is the loss
+    x_hat: torch.Tensor
+    feature_acts: torch.Tensor
+
+
+class Sae(nn.Module):
+    """An SAE: encoder of the architecture, untied linear decoder with unit-norm rows.
+
+    `hyperparameters` names the architecture's own config keys (`sae.<key>`) and their defaults;
+    `activation_unit_parameters` are the parameters measured in activation units, scaled when the
+    SAE is moved from normalised to raw activations (`rescaled`).
+    """
+
+    architecture: ClassVar[str]
+    hyperparameters: ClassVar[dict[str, Any]] = {}
+    activation_unit_parameters: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
+
+    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters: Any):
+        super().__init__()
+        unknown = set(hyperparameters) - set(self.hyperparameters)
+        if unknown:
+            raise TypeError(f"{self.architecture} has no hyperparameter {sorted(unknown)}")
+        self.d_in = d_in
+        self.d_sae = d_sae
+        self.hparams = {**self.hyperparameters, **hyperparameters}
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.reset_parameters(generator)
+
+    @classmethod
+    def parameter_shapes(cls, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of the saved tensors, known before allocating (a corrupt cfg.json may claim sizes
+        too large to allocate)."""
+        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows, encoder = decoder transpose (a good start: each feature
+        first reads the direction it writes)."""
+        self.W_dec.normal_(generator=generator)
+        self.normalize_decoder()
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- the forward pass -------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """`encode(x)[..., features]` ([..., len(features)]); architectures whose features are
+        independent of each other override it to compute only those."""
+        return self.encode(x)[..., features]
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return feature_acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> SaeOutput:
+        feature_acts = self.encode(x)
+        return SaeOutput(self.decode(feature_acts), feature_acts)
+
+    def training_loss(self, x: torch.Tensor, dead: torch.Tensor) -> TrainStep:
+        """The loss terms on a batch [batch, d_in] of normalised activations; `dead` [d_sae] marks the
+        features that did not fire over the training's dead window (for AuxK-style terms)."""
+        x_hat, feature_acts = self(x)
+        return TrainStep({"mse": mse(x_hat, x)}, x_hat, feature_acts)
+
+    def inference_form(self) -> Sae:
+        """The SAE as it is saved and evaluated (BatchTopK-style SAEs become JumpReLU)."""
+        return self
+
+    # -- the training constraints -----------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Project out the gradient component along each (unit) decoder row: the step then moves the
+        direction, not the norm, which a sparsity penalty would otherwise shrink away."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.normalize_decoder()
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: torch.Tensor) -> None:
+        """Decoder bias at the geometric median of a data sample (robust centre of the activations)."""
+        self.b_dec.copy_(geometric_median(sample.float()).to(self.b_dec))
+
+    # -- saving ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rescaled(self, scale: float) -> Sae:
+        """A copy that takes and returns activations `scale` times larger, with features scaled alike.
+
+        Training runs on activations divided by `scale`; this folds the factor back so the saved SAE
+        works on raw activations and keeps unit-norm decoder rows.
+        """
+        out = type(self)(self.d_in, self.d_sae, **self.hparams).to(self.W_enc.device)
+        for name, tensor in self.tensors().items():
+            getattr(out, name).copy_(tensor * scale if name in self.activation_unit_parameters else tensor)
+        self.copy_state_to(out, scale)
+        return out
+
+    def copy_state_to(self, other: Sae, scale: float) -> None:
+        """Non-parameter state that `rescaled` must carry over (e.g. a running threshold)."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+
+def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ‖x − x̂‖²."""
+    return (x_hat - x).pow(2).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points` [n, d]."""
+    median = points.mean(dim=0)
+    for _ in range(iters):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        if (updated - median).norm() <= tol * median.norm().clamp_min(1.0):
+            return updated
+        median = updated
+    return median

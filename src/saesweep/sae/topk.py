@@ -1,0 +1,55 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): the k largest
+pre-activations of each token are kept, the rest are zero; AuxK makes dead latents useful again."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Sae, SaeOutput, TrainStep, mse
+
+
+class TopKSae(Sae):
+    architecture = "topk"
+    # aux_k: dead latents that reconstruct the residual (null: d_in // 2, as SAELens);
+    # aux_coef: the AuxK term's weight (Gao et al.: 1/32)
+    hyperparameters = {"k": 32, "aux_k": None, "aux_coef": 1 / 32}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sparse_forward(self.pre_acts(x))[1]
+
+    def forward(self, x: torch.Tensor) -> SaeOutput:
+        x_hat, feature_acts = self._sparse_forward(self.pre_acts(x))
+        return SaeOutput(x_hat, feature_acts)
+
+    def _sparse_forward(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and feature activations; the decoder reads only the k active rows per token."""
+        values, indices = pre.topk(self.hparams["k"], dim=-1, sorted=False)
+        values = torch.relu(values)
+        feature_acts = torch.zeros_like(pre).scatter_(-1, indices, values)
+        return sparse_decode(values, indices, self.W_dec) + self.b_dec, feature_acts
+
+    def training_loss(self, x: torch.Tensor, dead: torch.Tensor) -> TrainStep:
+        pre = self.pre_acts(x)
+        x_hat, feature_acts = self._sparse_forward(pre)
+        losses = {"mse": mse(x_hat, x), "aux_k": self.hparams["aux_coef"] * self.aux_k_loss(pre, x - x_hat, dead)}
+        return TrainStep(losses, x_hat, feature_acts)
+
+    def aux_k_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK: the top aux_k dead latents of each token reconstruct the part of x the live ones missed
+        (no decoder bias), scaled by the share of dead latents up to 1 (as SAELens). Zero when none is dead."""
+        aux_k = min(self.hparams["aux_k"] or self.d_in // 2, self.d_sae)
+        dead_pre = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+        values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
+        aux_recon = sparse_decode(torch.relu(values), indices, self.W_dec)
+        aux = (aux_recon - residual.detach()).pow(2).sum(dim=-1).mean()
+        return aux * (dead.sum() / aux_k).clamp(max=1.0)
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_j values[..., j] · W_dec[indices[..., j]]: a gather of the k active decoder rows per token
+    instead of a dense matmul over all d_sae (sparsify decodes the same way)."""
+    k = indices.shape[-1]
+    out = torch.nn.functional.embedding_bag(
+        indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k), mode="sum"
+    )
+    return out.reshape(*indices.shape[:-1], W_dec.shape[1])
