@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saesweep.evaluate import EvalSettings, WandbSettings, evaluate_sweep, evaluation_dir
+from saesweep.evaluate import EvalSettings, WandbSettings, console_table, evaluate_sweep, evaluation_dir
 from saesweep.report.app import report_runs, reports_wanted
 
 # hydra.run.dir is ${evaluation_dir:${sweep_dir}}: a mistyped sweep_dir fails here, naming the bad
@@ -31,6 +31,7 @@ def main(cfg: DictConfig) -> None:
     )
     if reports_wanted(cfg.report):
         report_runs([run.path for run in evaluation.runs], OmegaConf.to_container(cfg.report, resolve=True), sweep_dir)
+    print(f"\n{sweep_dir}: held-out fidelity and features found again\n{console_table(evaluation.summary, cfg.found_threshold)}")
 
 
 if __name__ == "__main__":

@@ -75,5 +75,8 @@ def requires_reference():
 
 def pytest_configure(config):
     config.addinivalue_line(
+        "markers", "slow: minutes of multi-process runs (make test-slow; CI runs them as a step of their own)"
+    )
+    config.addinivalue_line(
         "markers", "browser: opens report pages in headless Chromium (make test-browser; skipped without Chromium)"
     )

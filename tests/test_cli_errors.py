@@ -50,12 +50,18 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
         "per_document": (["data.contexts_per_document=0"], "data.contexts_per_document=0 must be a positive integer"),
         "architecture": (["sae.architecture=relu_l2"], "sae.architecture='relu_l2' is unknown"),
         "eval_every": (["eval.every_n_steps=0"], "eval.every_n_steps=0 must be a positive integer"),
+        "k_zero": (["sae=topk", "sae.k=0"], "sae.k=0 must be ≥ 1"),
+        "k_too_large": (["sae=topk", "sae.k=1000"], "sae.k=1000 exceeds d_sae=64"),
+        "foreign_key": (["+sae.k=3"], "sae.k=3 is not a key of sae=relu_l1; its keys: l1_coef"),
+        "groups": (["sae=matryoshka_batchtopk", "sae.group_sizes=[8,8,8]"],
+                   "sae.group_sizes=[8, 8, 8] sum to 24, but d_sae=64"),
     }
 
     def run(name: str) -> subprocess.CompletedProcess:
         overrides, _ = cases[name]
         return run_train(*base, *overrides, f"hydra.run.dir={tmp / name}")
 
+    base.append("dict_ratio=2")
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(cases, pool.map(run, cases)))
     return tmp, cases, results
@@ -63,7 +69,7 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
 
 @pytest.mark.parametrize("name", [
     "hook", "layer", "ratio", "l1", "ctx_len", "n_tokens", "data_path", "empty_data", "no_weights", "non_numeric",
-    "heldout", "per_document", "architecture", "eval_every",
+    "heldout", "per_document", "architecture", "eval_every", "k_zero", "k_too_large", "foreign_key", "groups",
 ])
 def test_bad_input_is_one_readable_message_without_a_traceback(bad_inputs, name):
     tmp, cases, results = bad_inputs
@@ -104,3 +110,10 @@ def test_full_error_and_bugs_keep_their_traceback(tmp_path, tiny_model_dir, corp
     env = {**_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     bug = run_train(*args[:-1], f"hydra.run.dir={tmp_path / 'bug'}", env=env)
     assert bug.returncode != 0 and "Traceback" in bug.stderr and "RuntimeError: a bug in the training code" in bug.stderr
+
+
+def test_an_unknown_architecture_lists_those_there_are(tmp_path):
+    proc = run_train("sae=topkk", f"hydra.run.dir={tmp_path}")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in console, console[-3000:]
+    assert "Could not find 'sae/topkk'" in console and "topk" in console

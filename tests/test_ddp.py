@@ -60,6 +60,7 @@ def test_ddp_inside_a_local_sweep_is_refused(tmp_path, tiny_model_dir, corpus_pa
     assert "cannot run inside a local sweep" in (tmp_path / "sweep" / "0" / "error.json").read_text()
 
 
+@pytest.mark.slow
 def test_a_sigkilled_ddp_run_resumes_with_the_same_command(tmp_path, tiny_model_dir, corpus_path):
     """Both processes killed mid-training (the whole process group, as a scheduler kills a job), then the
     same command again: it resumes from rank 0's checkpoint and ends where an uninterrupted DDP run ends."""

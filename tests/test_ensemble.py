@@ -122,3 +122,22 @@ def test_a_member_that_diverges_leaves_the_ensemble_and_the_others_finish(tmp_pa
     # its last good checkpoint stays: its own part of the ensemble's, weights untouched by the bad steps
     state = torch.load(bad / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("saes.0."))
+
+
+def test_an_ensemble_of_different_architectures_trains_each_as_a_lone_job_would(tmp_path, tiny_model_dir, corpus_path):
+    store = tmp_path / "store"
+    cfgs = [
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=topk", "sae.k=8"),
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=jumprelu", "dict_ratio=1"),
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=batchtopk", "sae.k=4"),
+    ]
+    together = train_ensemble(cfgs, [tmp_path / "ensemble" / str(i) for i in range(3)], tmp_path / "ensemble")
+    for i, cfg in enumerate(cfgs):
+        alone = train(cfg, tmp_path / "alone" / str(i))
+        ensemble_weights = load_file(tmp_path / "ensemble" / str(i) / "sae.safetensors")
+        for name, tensor in load_file(tmp_path / "alone" / str(i) / "sae.safetensors").items():
+            torch.testing.assert_close(ensemble_weights[name], tensor, rtol=1e-4, atol=1e-5)
+        assert together[i].metrics == pytest.approx(alone.metrics, rel=1e-4, abs=1e-6)
+    # each member's checkpoint (cut by its own parameter count: jumprelu has five) resumes as a lone job
+    resumed = train(cfgs[1], tmp_path / "ensemble" / "1")
+    assert resumed.metrics == pytest.approx(together[1].metrics, rel=1e-6)

@@ -37,6 +37,7 @@ def logged_at(log: str, needle: str) -> datetime:
     return datetime.strptime(_TIMESTAMP.match(line).group(1), "%Y-%m-%d %H:%M:%S,%f")
 
 
+@pytest.mark.slow
 def test_submitit_sweep_jobs_share_the_store_under_its_lock(tmp_path, tiny_model, tiny_model_dir, corpus_path):
     """Two jobs in two processes reach the store while a third process holds its lock: both wait,
     then exactly one harvests and the other reuses what it wrote."""
@@ -87,6 +88,7 @@ def test_submitit_sweep_jobs_share_the_store_under_its_lock(tmp_path, tiny_model
 
 
 @requires_reference()
+@pytest.mark.slow
 def test_optuna_search_on_the_reference_model_reports_its_best_trial(tmp_path):
     pytest.importorskip(
         "hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper (the `optuna` extra) is not installed"

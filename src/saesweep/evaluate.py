@@ -51,7 +51,7 @@ PLOT_FILES = {
     "pareto": "pareto.png",
 }
 _WANDB_MODES = ("online", "offline", "disabled")
-_HYPERPARAMETERS = ("architecture", "hook_point", "d_in", "d_sae", "dict_ratio", "l1_coef")
+_HYPERPARAMETERS = ("architecture", "hook_point", "d_in", "d_sae", "dict_ratio", "l1_coef", "k")
 
 
 @torch.no_grad()
@@ -429,6 +429,34 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
         row |= {key: entry.metrics.get(key) if isinstance(entry, Run) else None for key in metric_keys}
         rows.append(row)
     return rows
+
+
+def console_table(rows: list[dict], found_threshold: float) -> str:
+    """The evaluation as a short table for the console: per run its fidelity (± standard error) and
+    how many of its features the largest dictionary of its group finds again, beside chance."""
+
+    def number(row: dict, key: str, digits: int) -> str:
+        value, se = row.get(key), row.get(f"{key}_se")
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+    header = ["run", "architecture", "d_sae", "L0", "FVU", "ce_recovered", f"found again in largest (MCS ≥ {found_threshold:g})"]
+    table = [header]
+    for row in rows:
+        if row["status"] != "ok":
+            table.append([row["run"], "failed", "", "", "", "", str(row["failure"])[:60]])
+            continue
+        found = row["found_in_largest"]
+        if found is None:
+            again = "(the largest)" if row["largest_in_group"] == row["run"] else "-"
+        else:
+            again = (f"{found} of {row['d_sae']} ({found / row['d_sae']:.1%}); chance "
+                     f"{row['baseline_found_in_largest']} in {row['largest_in_group']}")
+        table.append([row["run"], str(row["architecture"]), str(row["d_sae"]), number(row, "l0", 1),
+                      number(row, "fvu", 4), number(row, "ce_recovered", 4), again])
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
 
 
 def write_summary_csv(path: Path, rows: list[dict]) -> None:
