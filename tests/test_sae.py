@@ -1,14 +1,10 @@
-import torch
-
 import pytest
+import torch
 
 from saesweep.sae import (
     ARCHITECTURES,
-    BatchTopKSae,
     JumpReluSae,
-    MatryoshkaBatchTopKSae,
     ReluSae,
-    TopKSae,
     geometric_median,
 )
 
