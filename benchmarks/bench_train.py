@@ -23,7 +23,7 @@ import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from machine import describe_machine  # benchmarks/machine.py
 
-from saesweep.sae import ReluSae
+from saesweep.sae import ReluSae, Sae, TopKSae
 from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, write_store
 from saesweep.training import SaeTrainingModule
 
@@ -48,9 +48,9 @@ def bare_loop(x: torch.Tensor, d_sae: int, steps: int, batch: int, l1_coef: floa
         loss = (x_hat - xb).pow(2).sum(-1).mean() + l1_coef * f.sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        sae.remove_parallel_decoder_grad()
+        sae.before_optimizer_step()
         optimizer.step()
-        sae.normalize_decoder()
+        sae.after_optimizer_step()
 
     for i in range(3):
         step(i)
@@ -79,13 +79,14 @@ class _StepTimer(L.Callback):
 
 
 def saesweep_lightning(
-    store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str, compile: bool = False
+    store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str, compile: bool = False,
+    sae: Sae | None = None,
 ) -> tuple[float, float]:
     """Activations/s of saesweep's training module under Lightning, fed from the store: in the steady
-    state (after 3 warm-up steps), and over the whole `fit` (start-up included)."""
+    state (after 3 warm-up steps), and over the whole `fit` (start-up included). Default SAE: ReLU/L1."""
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0)
     module = SaeTrainingModule(
-        [ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=1.0, lr=1e-3,
+        [sae or ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=1.0, lr=1e-3,
         adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream),
         max_bad_steps=10, model=None, hook_point="", resume_key={}, compile=compile,
     )
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--topk-d-sae", type=int, default=16384, help="the TopK rows: d_sae (0 skips them)")
+    parser.add_argument("--topk-steps", type=int, default=8)
+    parser.add_argument("--k", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(describe_machine())
@@ -141,6 +145,8 @@ def main() -> None:
         f"saesweep_compiled_util={compiled * flops_per_row / peak:.3f} "
         f"bare_util={bare * flops_per_row / peak:.3f}"
     )
+    if args.topk_d_sae:
+        result += topk_rows(args, peak)
     if saelens_contender.available():
         seconds = saelens_contender.train_saelens(x, args.d_sae, args.batch, args.steps + 3)
         saelens = (args.steps + 3) * args.batch / seconds
@@ -151,6 +157,30 @@ def main() -> None:
     else:
         print(saelens_contender.NOT_INSTALLED)
     print(result)
+
+
+def topk_rows(args, peak: float) -> str:
+    """TopK (k active latents, decoded by a gather of k rows) against the dense ReLU step of the same
+    shapes, and SAELens's TopK on the same activations: the RESULT fields they add."""
+    d_in, d_sae, batch, steps = args.d_in, args.topk_d_sae, args.batch, args.topk_steps
+    print(f"TopK rows: d_in {d_in}, d_sae {d_sae}, batch {batch}, k {args.k}, {steps} timed steps")
+    n_rows = (steps + 3) * batch
+    x = torch.randn(n_rows, d_in)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = StoreSpec("bench-topk", "0", "hook", {}, "train", 16, n_rows, "float32", TokenFilter())
+        store = write_store(Path(tmp), spec, x, shard_tokens=batch * 4)
+        relu, relu_whole = saesweep_lightning(store, d_in, d_sae, batch, "32-true")
+        topk, topk_whole = saesweep_lightning(store, d_in, d_sae, batch, "32-true", sae=TopKSae(d_in, d_sae, k=args.k))
+    print(f"saesweep dense ReLU:  {relu:9.0f} activations/s (whole fit {relu_whole:.0f}/s)")
+    print(f"saesweep TopK:        {topk:9.0f} activations/s (whole fit {topk_whole:.0f}/s), {topk / relu:.2f}× dense ReLU")
+    fields = f" topk_act_per_s={topk:.0f} dense_relu_act_per_s={relu:.0f} topk_vs_dense_relu={topk / relu:.3f}"
+    if saelens_contender.available():
+        seconds = saelens_contender.train_saelens(x, d_sae, batch, steps + 3, k=args.k)
+        saelens = (steps + 3) * batch / seconds
+        print(f"SAELens TopK (whole fit): {saelens:9.0f} activations/s; saesweep TopK whole fit / SAELens: "
+              f"{topk_whole / saelens:.2f}")
+        fields += f" saelens_topk_act_per_s={saelens:.0f} topk_vs_saelens_topk={topk_whole / saelens:.3f}"
+    return fields
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 try:
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 except ImportError:  # the `bench` extra is not installed
@@ -35,10 +35,15 @@ def _batches(x: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
             yield x[order[start : start + batch]]
 
 
-def train_saelens(x: torch.Tensor, d_sae: int, batch: int, steps: int, l1_coef: float = 2.0) -> float:
-    """Trains one SAELens ReLU/L1 SAE for `steps` steps on `x` [n, d_in]; returns the wall seconds of
-    its `fit` (the trainer's whole loop, start-up included)."""
-    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1_coef))
+def train_saelens(
+    x: torch.Tensor, d_sae: int, batch: int, steps: int, l1_coef: float = 2.0, k: int | None = None
+) -> float:
+    """Trains one SAELens SAE (ReLU/L1, or TopK when `k` is given) for `steps` steps on `x` [n, d_in];
+    returns the wall seconds of its `fit` (the trainer's whole loop, start-up included)."""
+    if k is None:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1_coef))
+    else:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
     cfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-3, lr_end=3e-3,
         n_checkpoints=0, device="cpu" if not torch.cuda.is_available() else "cuda",

@@ -3,6 +3,7 @@ file, the W&B offline run and the Hydra app. Sweeps are built from constructed d
 
 from __future__ import annotations
 
+import math
 import csv
 import json
 import os
@@ -323,3 +324,17 @@ def test_hydra_app_end_to_end(tmp_path):
     )
     assert done.returncode != 0 and "no-such-sweep" in done.stderr and "is not a directory" in done.stderr
     assert not missing.exists()
+
+
+def test_pareto_plot_draws_error_bars_and_marks_architectures(tmp_path):
+    from saesweep import plots
+
+    points = [
+        plots.ParetoPoint("0", 32.0, 0.17, 0.25, None, 1, 0.01, 0.002, 0.01, "topk"),
+        plots.ParetoPoint("1", 30.0, 0.23, 0.40, 2.0, 4, 0.2, 0.003, 0.02, "relu_l1"),
+        plots.ParetoPoint("2", 31.0, 0.15, 0.20, None, 4, math.nan, math.nan, math.nan, "topk"),  # no SEs: no bars
+    ]
+    plots.plot_pareto(tmp_path / "mixed.png", points)
+    plots.plot_pareto(tmp_path / "one.png", points[:1])
+    for name in ("mixed.png", "one.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 10_000

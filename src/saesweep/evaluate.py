@@ -527,6 +527,7 @@ def write_plots(
                 l0_se=run.metrics.get("l0_se", math.nan),
                 fvu_se=run.metrics.get("fvu_se", math.nan),
                 ce_delta_se=run.metrics.get("ce_delta_se", math.nan),
+                architecture=run.cfg.get("architecture"),
             )
             for run in runs
         ],

@@ -59,6 +59,7 @@ class ParetoPoint:
     l0_se: float = math.nan
     fvu_se: float = math.nan
     ce_delta_se: float = math.nan
+    architecture: str | None = None
 
 
 def plot_mcs_histograms(path: Path, panels: list[HistogramPanel], found_threshold: float) -> None:
@@ -178,7 +179,8 @@ def _bar(se: float) -> float:
 
 
 def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
-    """L0 against FVU and against ce_delta with ±1 standard error bars; colour = l1_coef, marker = dict_ratio."""
+    """L0 against FVU and against ce_delta with ±1 standard error bars; colour = l1_coef, marker =
+    dict_ratio, or the architecture when the sweep has several (then each label names dict_ratio)."""
     points = [p for p in points if math.isfinite(p.l0)]
     if not points:
         return _write_message(path, "Sparsity against reconstruction", "no finished run with metrics")
@@ -187,14 +189,19 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
     l1_values = [p.l1_coef for p in points if p.l1_coef is not None]
     norm = _color_norm(l1_values)
     cmap = matplotlib.colormaps["plasma"]
-    ratios = sorted({p.dict_ratio for p in points}, key=lambda v: (v is None, v or 0.0))
+    by_architecture = len({p.architecture for p in points}) > 1
+
+    def kind(p: ParetoPoint):
+        return p.architecture if by_architecture else p.dict_ratio
+
+    ratios = sorted({kind(p) for p in points}, key=lambda v: (v is None, str(v) if by_architecture else v or 0.0))
     markers = dict(zip(ratios, cycle(_MARKERS), strict=False))
     for ax, metric, ylabel, title in (
         (ax_fvu, "fvu", "FVU (fraction of variance unexplained)", "Sparsity against reconstruction"),
         (ax_ce, "ce_delta", "ce_delta (nats: spliced − clean loss)", "Sparsity against downstream loss"),
     ):
         for ratio in ratios:
-            group = [p for p in points if p.dict_ratio == ratio]
+            group = [p for p in points if kind(p) == ratio]
             ax.errorbar(
                 [p.l0 for p in group],
                 [getattr(p, metric) for p in group],
@@ -217,8 +224,9 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
                 zorder=2,
             )
             for p in group:
+                label = f"{p.name} ({p.dict_ratio:g}×)" if by_architecture and p.dict_ratio is not None else p.name
                 ax.annotate(
-                    p.name, (p.l0, getattr(p, metric)), textcoords="offset points", xytext=(5, 4), fontsize=8
+                    label, (p.l0, getattr(p, metric)), textcoords="offset points", xytext=(5, 4), fontsize=8
                 )
         ax.set_xlabel("L0 (mean active features per token)")
         ax.set_ylabel(ylabel)
@@ -233,7 +241,7 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
             color="lightgrey",
             markeredgecolor="black",
             markersize=8,
-            label=f"dict_ratio={r:g}" if r is not None else "dict_ratio unknown",
+            label=(str(r) if by_architecture else f"dict_ratio={r:g}") if r is not None else "unknown",
         )
         for r in ratios
     ]
