@@ -112,9 +112,13 @@ def main() -> None:
     parser.add_argument("--topk-d-sae", type=int, default=16384, help="the TopK rows: d_sae (0 skips them)")
     parser.add_argument("--topk-steps", type=int, default=8)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--only-topk", action="store_true", help="only the TopK rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(describe_machine())
+    if args.only_topk:
+        print("RESULT" + topk_rows(args, matmul_peak_flops()))
+        return
     flops_per_row = 12 * args.d_in * args.d_sae
     peak = matmul_peak_flops()
     print(f"float32 matmul peak (2048², measured): {peak / 1e9:.1f} GFLOP/s")

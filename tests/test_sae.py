@@ -161,3 +161,29 @@ def test_aux_k_is_zero_without_dead_latents_and_pulls_dead_ones_toward_the_resid
     with torch.no_grad():  # a small step along the gradient lowers it: dead latents move toward the residual
         sae.W_dec -= 1e-3 * sae.W_dec.grad
     assert sae.training_loss(x, dead=dead).losses["aux_k"] < step.losses["aux_k"]
+
+
+def test_resampling_revives_dead_features_and_resets_their_adam_moments():
+    torch.manual_seed(0)
+    sae = ReluSae(8, 16, resample_every_tokens=100)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[:4] = True
+    with torch.no_grad():
+        sae.b_enc[dead] = -1e6  # never fire
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(256, 8)
+    step = sae.training_loss(x, dead)
+    torch.stack(list(step.losses.values())).sum().backward()
+    optimizer.step()
+    assert (sae(x).feature_acts[:, dead] == 0).all()
+    with torch.no_grad():
+        optimizer.state[sae.W_dec]["exp_avg"].fill_(1.0)
+    # not at a resampling boundary: nothing happens
+    assert sae.revive_dead(dead, x, optimizer, tokens_seen=90, step_tokens=10) is None
+    revived = sae.revive_dead(dead, x, optimizer, tokens_seen=100, step_tokens=10)
+    assert torch.equal(revived, dead)
+    torch.testing.assert_close(sae.W_dec[dead].norm(dim=1), torch.ones(4))
+    assert (sae.b_enc[dead] == 0).all()
+    assert (optimizer.state[sae.W_dec]["exp_avg"][dead] == 0).all()
+    assert (optimizer.state[sae.W_dec]["exp_avg"][~dead] == 1).all()  # the live features' moments are kept
+    assert (sae(x).feature_acts[:, dead] > 0).any(dim=0).all()  # every revived feature fires again

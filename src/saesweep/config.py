@@ -53,6 +53,7 @@ _SAE_KEYS = {
     "l1_coef": (False, 0, True, False),
     "k": (True, 1, True, False),
     "aux_k": (True, 1, True, True),
+    "resample_every_tokens": (True, 1, True, True),
     "aux_coef": (False, 0, True, False),
     "l0_coef": (False, 0, True, False),
     "threshold_init": (False, 0, False, False),

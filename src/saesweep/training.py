@@ -96,6 +96,7 @@ class SaeTrainingModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         x = batch / self.act_scale
+        self._last_batch = x  # for the architectures that revive dead features after the step
         # Lightning's own test for "this step's metrics reach the loggers": L0 (a pass over the whole
         # batch × d_sae activations, ~6 % of a CPU step) is computed only then
         log_now = self.trainer._logger_connector.should_update_logs
@@ -186,8 +187,16 @@ class SaeTrainingModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Here and not in on_train_batch_end: callbacks (the periodic checkpoint) run before the
         # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
-        for sae in self.saes:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        step_tokens = self._last_batch.shape[0] * self.trainer.world_size
+        for i, sae in enumerate(self.saes):
             sae.after_optimizer_step()
+            if i in self.dropped:
+                continue
+            revived = sae.revive_dead(self.dead_features(i), self._last_batch, optimizer, int(self.tokens_seen), step_tokens)
+            if revived is not None:
+                self.tokens_since_fired[i] = torch.where(revived.to(self.tokens_since_fired[i].device), 0, self.tokens_since_fired[i])
+                log.info("step %d: %s%d dead features resampled", self.global_step, self.metric_prefixes[i], int(revived.sum()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not save the global RNGs; nothing in training draws from them today, but a

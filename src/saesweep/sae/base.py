@@ -114,6 +114,14 @@ class Sae(nn.Module):
         self.normalize_decoder()
 
     @torch.no_grad()
+    def revive_dead(
+        self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, tokens_seen: int, step_tokens: int
+    ) -> torch.Tensor | None:
+        """Called after every optimizer step with the dead mask and the step's batch: an architecture
+        that re-initialises dead features does it here and returns the mask of those it revived."""
+        return None
+
+    @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor) -> None:
         """Decoder bias at the geometric median of a data sample (robust centre of the activations)."""
         self.b_dec.copy_(geometric_median(sample.float()).to(self.b_dec))
