@@ -13,7 +13,12 @@ from collections.abc import Iterator
 import torch
 
 try:
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import (
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 except ImportError:  # the `bench` extra is not installed

@@ -3,9 +3,9 @@ file, the W&B offline run and the Hydra app. Sweeps are built from constructed d
 
 from __future__ import annotations
 
-import math
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
