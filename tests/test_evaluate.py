@@ -22,6 +22,7 @@ from saesweep.evaluate import (
     SUMMARY_FILE,
     EvalSettings,
     WandbSettings,
+    console_table,
     evaluate_sweep,
     mcs,
     mcs_both_ways,
@@ -62,6 +63,7 @@ def make_run(
     l1_coef: float = 2.0,
     dead: int = 0,
     fvu: float = 0.2,
+    sae_keys: dict | None = None,
 ) -> None:
     d_sae, d_in = decoder.shape
     sae = ReluSae(d_in, d_sae)
@@ -78,6 +80,8 @@ def make_run(
         "model_name": None,
         "model_path": "/models/fake",
     }
+    if sae_keys:
+        cfg |= {"architecture": sae_keys["architecture"], "sae": sae_keys}
     metrics = {
         "mse": 1.5,
         "fvu": fvu,
@@ -338,3 +342,16 @@ def test_pareto_plot_draws_error_bars_and_marks_architectures(tmp_path):
     plots.plot_pareto(tmp_path / "one.png", points[:1])
     for name in ("mixed.png", "one.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 10_000
+
+
+def test_summary_has_a_column_for_every_architecture_key(tmp_path):
+    torch.manual_seed(0)
+    make_run(tmp_path / "sweep" / "0", torch.randn(32, 16), sae_keys={"architecture": "relu_l1", "l1_coef": 2.0})
+    make_run(tmp_path / "sweep" / "1", torch.randn(64, 16), sae_keys={"architecture": "topk", "k": 8, "aux_coef": 0.03})
+    evaluation = evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"))
+    rows = read_summary(tmp_path / "sweep" / "evaluation")
+    assert (rows["0"]["architecture"], rows["0"]["sae.l1_coef"], rows["0"]["sae.k"]) == ("relu_l1", "2.0", "")
+    assert (rows["1"]["architecture"], rows["1"]["sae.k"], rows["1"]["sae.aux_coef"]) == ("topk", "8", "0.03")
+    table = console_table(evaluation.summary, 0.9).splitlines()
+    assert table[0].startswith("run  architecture  d_sae  L0")
+    assert table[1].split()[:3] == ["0", "relu_l1", "32"] and "of 32" in table[1] and table[2].endswith("(the largest)")

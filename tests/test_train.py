@@ -252,3 +252,10 @@ def test_every_architecture_trains_saves_and_reloads(tmp_path, tiny_model_dir, c
     again = evaluate(sae, model, cfg_json["hook_point"], HeldOutSet.build(model, contexts, cfg_json["hook_point"], 64), 64)
     assert again.metrics["fvu"] == pytest.approx(result.metrics["fvu"], rel=1e-4)
     assert again.metrics["l0"] == pytest.approx(result.metrics["l0"], rel=1e-4)
+    # and a feature report of it: the activations shown are the SAE's (TopK: from the full encoding)
+    from saesweep.report import ReportSettings, build_report
+    settings = ReportSettings(n_tokens=800, n_top_examples=2, n_bins=2, per_bin=1, direction_contexts=4,
+                              direction_min_count=1, batch_contexts=64, device="cpu", top_n=3)
+    report = build_report(tmp_path / "run", settings, model=model)
+    first = report.data["features"][0]
+    assert first["max_activation"] == pytest.approx(float(again.feature_stats["max_activation"][first["id"]]), rel=1e-4)

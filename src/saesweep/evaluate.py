@@ -397,6 +397,8 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
     its group's largest dictionary, and every key of its metrics.json."""
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
     metric_keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
+    # every architecture key of any run (sae.k, sae.l0_coef, ...): a column each, empty where it has none
+    sae_keys = list(dict.fromkeys(k for r in [*runs, *failed] for k in (r.cfg.get("sae") or {}) if k != "architecture"))
     rows = []
     for entry in sorted([*runs, *failed], key=lambda r: natural_key(r.name)):
         row = {
@@ -405,6 +407,7 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
             "failure": entry.reason if isinstance(entry, FailedRun) else None,
             "overrides": entry.overrides,
             **{key: entry.cfg.get(key) for key in _HYPERPARAMETERS},
+            **{f"sae.{key}": (entry.cfg.get("sae") or {}).get(key) for key in sae_keys},
             "comparison_group": None,
             "largest_in_group": None,
             "dead_features": None,
