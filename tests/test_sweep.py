@@ -80,3 +80,25 @@ def test_sigint_stops_a_multirun_sweep_leaving_a_resumable_checkpoint(tmp_path, 
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     assert 4 <= stopped_at < 32 and not (sweep / "0" / "metrics.json").exists()
     assert not (sweep / "1").exists(), "the sweep stopped: job 1 never started"
+
+
+def test_architectures_and_their_keys_sweep_on_the_command_line(tmp_path, tiny_model_dir, corpus_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in _overrides(tiny_model_dir, corpus_path, tmp_path / "store") if not o.startswith("dict_ratio")]
+    proc = subprocess.run(
+        [sys.executable, "train.py", *overrides, "sae=topk", "sae.k=4,8", "dict_ratio=1,2", "-m", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = sorted((c["sae"]["k"], c["dict_ratio"]) for c in (json.loads((sweep / j / "cfg.json").read_text()) for j in "0123"))
+    assert got == [(4, 1), (4, 2), (8, 1), (8, 2)]
+    for job in "0123":
+        cfg = json.loads((sweep / job / "cfg.json").read_text())
+        assert json.loads((sweep / job / "metrics.json").read_text())["l0"] == pytest.approx(cfg["k"])
+    # architectures as a sweep axis
+    proc = subprocess.run(
+        [sys.executable, "train.py", *overrides, "sae=relu_l1,gated", "-m", f"hydra.sweep.dir={tmp_path / 'axis'}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads((tmp_path / "axis" / j / "cfg.json").read_text())["architecture"] for j in "01"] == ["relu_l1", "gated"]
