@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
 
-.PHONY: install train train-offline sweep evaluate report test test-slow test-browser lint clean cache-info bench
+.PHONY: install train train-offline sweep evaluate report test test-slow test-interop test-browser lint clean cache-info bench
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -51,11 +51,19 @@ bench:
 	$(PYTHON) benchmarks/bench_sweep.py
 
 test:
-	$(PYTHON) -m pytest -q -m "not browser and not slow" tests
+	$(PYTHON) -m pytest -q -m "not browser and not slow and not interop" tests
 
 # Multi-process runs that take minutes (DDP resume after a kill, submitit, Optuna); CI runs them too.
 test-slow:
-	$(PYTHON) -m pytest -q -m "slow and not browser" tests
+	$(PYTHON) -m pytest -q -m "slow and not browser and not interop" tests
+
+# Interoperability with the real SAELens (it pins transformer-lens<4): a second venv with the bench extra.
+INTEROP_VENV ?= .venv-interop
+test-interop:
+	test -x $(INTEROP_VENV)/bin/python || python3 -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -q -c constraints.txt torch
+	$(INTEROP_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
+	$(INTEROP_VENV)/bin/python -m pytest -q -m interop tests
 
 # Report pages in real headless Chromium (Debian: apt-get install -y chromium); fails if it is missing.
 test-browser:

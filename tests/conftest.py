@@ -75,6 +75,9 @@ def requires_reference():
 
 def pytest_configure(config):
     config.addinivalue_line(
+        "markers", "interop: against SAELens itself, in an environment with the bench extra (make test-interop)"
+    )
+    config.addinivalue_line(
         "markers", "slow: minutes of multi-process runs (make test-slow; CI runs them as a step of their own)"
     )
     config.addinivalue_line(

@@ -43,7 +43,7 @@ def test_two_ddp_processes_match_one_process(tmp_path, tiny_model_dir, corpus_pa
     cfg = json.loads((tmp_path / "ddp" / "cfg.json").read_text())
     assert 7000 <= cfg["tokens_trained"] <= 8000  # the ranks' shards, cut to the smaller part's batch count
 
-    weights = load_file(tmp_path / "ddp" / "sae.safetensors")
+    weights = load_file(tmp_path / "ddp" / "sae_weights.safetensors")
     torch.testing.assert_close(weights["W_dec"].norm(dim=1), torch.ones(64))
     # rank 0 alone wrote the W&B run; rank 1 ran, logging to its own file
     assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1

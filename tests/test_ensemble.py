@@ -16,7 +16,7 @@ from saesweep.errors import ConfigError
 from saesweep.train import train, train_ensemble
 from test_train import tiny_cfg
 
-RUN_FILES = {"sae.safetensors", "cfg.json", "metrics.json", "feature_stats.safetensors"}
+RUN_FILES = {"sae_weights.safetensors", "cfg.json", "metrics.json", "feature_stats.safetensors"}
 
 
 def test_an_ensemble_trains_each_dictionary_as_a_lone_job_would(tmp_path, tiny_model_dir, corpus_path):
@@ -31,8 +31,8 @@ def test_an_ensemble_trains_each_dictionary_as_a_lone_job_would(tmp_path, tiny_m
     for i, (ensemble_result, lone_result) in enumerate(zip(together, alone)):
         run = tmp_path / "ensemble" / str(i)
         assert {p.name for p in run.iterdir()} >= RUN_FILES
-        ensemble_weights = load_file(run / "sae.safetensors")
-        lone_weights = load_file(tmp_path / "alone" / str(i) / "sae.safetensors")
+        ensemble_weights = load_file(run / "sae_weights.safetensors")
+        lone_weights = load_file(tmp_path / "alone" / str(i) / "sae_weights.safetensors")
         assert ensemble_weights["W_dec"].shape == (32 * (i + 1), 32)
         for name, tensor in lone_weights.items():
             # the same gradients and Adam steps; only the summation order of float ops may differ
@@ -118,7 +118,7 @@ def test_a_member_that_diverges_leaves_the_ensemble_and_the_others_finish(tmp_pa
     assert json.loads((good / "cfg.json").read_text())["tokens_trained"] == 8000
     error = json.loads((bad / "error.json").read_text())
     assert error["type"] == "TrainingDivergedError" and "had NaN/Inf loss" in error["message"]
-    assert not (bad / "sae.safetensors").exists()
+    assert not (bad / "sae_weights.safetensors").exists()
     # its last good checkpoint stays: its own part of the ensemble's, weights untouched by the bad steps
     state = torch.load(bad / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("saes.0."))
@@ -134,8 +134,8 @@ def test_an_ensemble_of_different_architectures_trains_each_as_a_lone_job_would(
     together = train_ensemble(cfgs, [tmp_path / "ensemble" / str(i) for i in range(3)], tmp_path / "ensemble")
     for i, cfg in enumerate(cfgs):
         alone = train(cfg, tmp_path / "alone" / str(i))
-        ensemble_weights = load_file(tmp_path / "ensemble" / str(i) / "sae.safetensors")
-        for name, tensor in load_file(tmp_path / "alone" / str(i) / "sae.safetensors").items():
+        ensemble_weights = load_file(tmp_path / "ensemble" / str(i) / "sae_weights.safetensors")
+        for name, tensor in load_file(tmp_path / "alone" / str(i) / "sae_weights.safetensors").items():
             torch.testing.assert_close(ensemble_weights[name], tensor, rtol=1e-4, atol=1e-5)
         assert together[i].metrics == pytest.approx(alone.metrics, rel=1e-4, abs=1e-6)
     # each member's checkpoint (cut by its own parameter count: jumprelu has five) resumes as a lone job

@@ -189,7 +189,7 @@ def test_failed_jobs_are_named_and_the_others_evaluated(nested_evaluation):
     report = nested_evaluation.report
     assert sorted(report["failed"]) == ["3", "4"]
     assert "cfg.json is missing" in report["failed"]["3"]
-    assert "sae.safetensors is missing" in report["failed"]["4"]
+    assert "sae_weights.safetensors is missing" in report["failed"]["4"]
     assert report["runs"]["3"] == {
         "status": "failed",
         "reason": report["failed"]["3"],

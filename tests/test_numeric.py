@@ -32,7 +32,7 @@ def test_bad_steps_are_skipped_logged_and_training_finishes(tmp_path, tiny_model
     cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=csv", "trainer.log_every_n_steps=1")
     with caplog.at_level(logging.WARNING, logger="saesweep.training"):
         train(cfg, tmp_path)
-    weights = load_file(tmp_path / "sae.safetensors")
+    weights = load_file(tmp_path / "sae_weights.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     (metrics_csv,) = tmp_path.glob("**/metrics.csv")
     skipped = [float(r["train/skipped_steps"]) for r in csv.DictReader(metrics_csv.open()) if r.get("train/skipped_steps")]

@@ -81,7 +81,7 @@ def _damaged(valid: bytes):
 def test_damaged_run_directories_load_or_raise_a_checkpoint_error(data, cfg_bytes):
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
-        (run / "sae.safetensors").write_bytes(data)
+        (run / "sae_weights.safetensors").write_bytes(data)
         if cfg_bytes is None:
             (run / "cfg.json").write_text(json.dumps({"architecture": "relu_l1", "d_in": 4, "d_sae": 8}))
         else:

@@ -35,8 +35,8 @@ def fast_settings(**overrides) -> ReportSettings:
 
 
 def write_run(run_dir: Path, sae: ReluSae, model_dir: Path, corpus: Path, hook_point: str) -> Path:
-    """A run directory as training leaves it (sae.safetensors and cfg.json), for a hand-built SAE."""
-    atomic_write_safetensors(run_dir / "sae.safetensors", {k: v.float() for k, v in sae.tensors().items()})
+    """A run directory as training leaves it (sae_weights.safetensors and cfg.json), for a hand-built SAE."""
+    atomic_write_safetensors(run_dir / "sae_weights.safetensors", {k: v.float() for k, v in sae.tensors().items()})
     atomic_write_json(run_dir / "cfg.json", {
         "architecture": "relu_l1", "d_in": sae.d_in, "d_sae": sae.d_sae, "dict_ratio": sae.d_sae / sae.d_in,
         "l1_coef": 1.0, "hook_point": hook_point, "model_name": None, "model_path": str(model_dir),
@@ -49,9 +49,9 @@ def write_run(run_dir: Path, sae: ReluSae, model_dir: Path, corpus: Path, hook_p
 
 
 def copy_run(run_dir: Path, to: Path) -> Path:
-    """A fresh copy of a run directory's sae.safetensors and cfg.json (a report of its own to write)."""
+    """A fresh copy of a run directory's sae_weights.safetensors and cfg.json (a report of its own to write)."""
     to.mkdir(parents=True)
-    for name in ("sae.safetensors", "cfg.json"):
+    for name in ("sae_weights.safetensors", "cfg.json"):
         shutil.copy(run_dir / name, to / name)
     return to
 
@@ -403,7 +403,7 @@ def test_a_feature_that_never_fires_gets_a_page_that_says_so(tiny_run, tiny_mode
     sae = make_sae(tiny_model.cfg.d_model, 16, seed=1)
     with torch.no_grad():
         sae.b_enc[6] = -1e6
-    atomic_write_safetensors(run / "sae.safetensors", {k: v.float() for k, v in sae.tensors().items()})
+    atomic_write_safetensors(run / "sae_weights.safetensors", {k: v.float() for k, v in sae.tensors().items()})
     built = build_report(run, fast_settings(features=(6, 1)), model=tiny_model)
     dead = built.data["features"][0]
     assert dead["frequency"] == 0 and dead["max_activation"] == 0 and dead["histogram"]["counts"] == [0] * 20

@@ -102,7 +102,7 @@ def assert_resume_is_bit_identical(tmp_path, overrides: list[str]) -> None:
     # Bit-identical: the stream replays the killed epoch from (seed, epoch) and skips the consumed
     # batches, the optimizer/scheduler/step and the dead-feature counts come from the checkpoint, and
     # CPU float ops of the same shapes in the same order give the same bits.
-    resumed_weights, reference_weights = load_file(run_dir / "sae.safetensors"), load_file(reference / "sae.safetensors")
+    resumed_weights, reference_weights = load_file(run_dir / "sae_weights.safetensors"), load_file(reference / "sae_weights.safetensors")
     assert resumed_weights.keys() == reference_weights.keys()
     for name, tensor in reference_weights.items():
         assert torch.equal(resumed_weights[name], tensor), name
@@ -130,7 +130,7 @@ def test_sigkilled_ensemble_resumes_to_the_same_result_as_an_uninterrupted_one(t
     assert "resuming from" in (sweep / "0" / "train.log").read_text()
 
     for job in ("0", "1"):  # bit-identical, as for a lone job
-        resumed, uninterrupted = load_file(sweep / job / "sae.safetensors"), load_file(reference / job / "sae.safetensors")
+        resumed, uninterrupted = load_file(sweep / job / "sae_weights.safetensors"), load_file(reference / job / "sae_weights.safetensors")
         assert resumed.keys() == uninterrupted.keys()
         for name, tensor in uninterrupted.items():
             assert torch.equal(resumed[name], tensor), (job, name)

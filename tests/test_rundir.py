@@ -5,9 +5,10 @@ import torch
 
 from saesweep import load_sae
 from saesweep.errors import CheckpointError
+from saesweep.io import atomic_write_json, atomic_write_safetensors
 from saesweep.metrics import EvalResult
 from saesweep.rundir import write_run_dir
-from saesweep.sae import ReluSae
+from saesweep.sae import ReluSae, TopKSae
 
 
 def make_run(tmp_path, d_in=8, d_sae=24):
@@ -44,14 +45,14 @@ def test_cfg_that_disagrees_with_tensor_shapes_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
 def test_corrupt_or_missing_weights_name_the_file(tmp_path, damage):
     make_run(tmp_path)
-    weights = tmp_path / "sae.safetensors"
+    weights = tmp_path / "sae_weights.safetensors"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "garbage":
         weights.write_bytes(b"\x80\x04 not safetensors at all" * 10)
     else:
         weights.unlink()
-    with pytest.raises(CheckpointError, match="sae.safetensors"):
+    with pytest.raises(CheckpointError, match="sae_weights.safetensors"):
         load_sae(tmp_path)
 
 
@@ -65,7 +66,7 @@ def test_not_a_run_directory(tmp_path):
 
 def _pickle_run(tmp_path):
     sae = make_run(tmp_path)
-    (tmp_path / "sae.safetensors").unlink()
+    (tmp_path / "sae_weights.safetensors").unlink()
     torch.save(sae.tensors(), tmp_path / "sae.pt")
     return sae
 
@@ -94,3 +95,24 @@ def test_cfg_claiming_a_huge_dictionary_is_an_error_not_an_allocation(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"d_sae=10000000000000"):
         load_sae(tmp_path)
+
+
+def test_runs_from_before_the_saelens_file_names_still_load(tmp_path):
+    """Older run directories: weights in sae.safetensors, cfg.json "architecture" the saesweep name."""
+    torch.manual_seed(0)
+    sae = ReluSae(4, 8)
+    atomic_write_safetensors(tmp_path / "sae.safetensors", sae.tensors())
+    atomic_write_json(tmp_path / "cfg.json", {"architecture": "relu_l1", "d_in": 4, "d_sae": 8, "l1_coef": 2.0})
+    loaded = load_sae(tmp_path)
+    assert isinstance(loaded, ReluSae) and torch.equal(loaded.W_dec, sae.W_dec)
+
+
+def test_a_saelens_directory_loads_by_its_architecture_name(tmp_path):
+    torch.manual_seed(0)
+    sae = TopKSae(4, 8, k=3)
+    atomic_write_safetensors(tmp_path / "sae_weights.safetensors", sae.tensors())
+    atomic_write_json(tmp_path / "cfg.json", {"architecture": "topk", "d_in": 4, "d_sae": 8, "k": 3, "dtype": "float32"})
+    loaded = load_sae(tmp_path)
+    x = torch.randn(5, 4)
+    assert isinstance(loaded, TopKSae) and loaded.hparams["k"] == 3
+    assert ((loaded(x).feature_acts != 0).sum(-1) <= 3).all()

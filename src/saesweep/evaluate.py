@@ -37,6 +37,7 @@ from saesweep.rundir import (
     load_sae,
     natural_key,
 )
+from saesweep.sae import trained_architecture
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +337,7 @@ def build_report(
             "status": "ok",
             "comparison_group": run.comparison_group,
             **{key: run.cfg.get(key) for key in _HYPERPARAMETERS},
+            "architecture": trained_architecture(run.cfg),
             "dead_features": run.dead_features,
             "found_again": {
                 "threshold": settings.found_threshold,
@@ -407,6 +409,7 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
             "failure": entry.reason if isinstance(entry, FailedRun) else None,
             "overrides": entry.overrides,
             **{key: entry.cfg.get(key) for key in _HYPERPARAMETERS},
+            "architecture": trained_architecture(entry.cfg),
             **{f"sae.{key}": (entry.cfg.get("sae") or {}).get(key) for key in sae_keys},
             "comparison_group": None,
             "largest_in_group": None,
@@ -530,7 +533,7 @@ def write_plots(
                 l0_se=run.metrics.get("l0_se", math.nan),
                 fvu_se=run.metrics.get("fvu_se", math.nan),
                 ce_delta_se=run.metrics.get("ce_delta_se", math.nan),
-                architecture=run.cfg.get("architecture"),
+                architecture=trained_architecture(run.cfg),
             )
             for run in runs
         ],

@@ -19,15 +19,18 @@ from safetensors.torch import load_file
 from saesweep.errors import CheckpointError
 from saesweep.io import atomic_write_json, atomic_write_safetensors
 from saesweep.metrics import EvalResult
-from saesweep.sae import ARCHITECTURES, Sae, inference_class
+from saesweep.sae import ARCHITECTURES, SAELENS_ARCHITECTURES, Sae, saved_class
 
-SAE_FILE = "sae.safetensors"
+# SAELens's file name, so that sae_lens.SAE.load_from_disk reads a run directory as it is; runs from
+# before it have LEGACY_SAE_FILE, which every loader still reads
+SAE_FILE = "sae_weights.safetensors"
+LEGACY_SAE_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
 METRICS_FILE = "metrics.json"
 FEATURE_STATS_FILE = "feature_stats.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 HYDRA_DIR = ".hydra"  # what Hydra writes into every job directory before the job runs
-RUN_MARKERS = (CFG_FILE, SAE_FILE, HYDRA_DIR)
+RUN_MARKERS = (CFG_FILE, SAE_FILE, LEGACY_SAE_FILE, HYDRA_DIR)
 PICKLE_SAE_FILES = ("sae.pt", "sae.pth", "sae.bin", "sae.ckpt")
 ERROR_FILE = "error.json"  # written by a job that failed; removed when a rerun of it starts
 
@@ -92,10 +95,16 @@ def load_feature_stats(run_dir: Path) -> dict[str, torch.Tensor]:
     return _load_safetensors(Path(run_dir) / FEATURE_STATS_FILE)
 
 
-def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_pickle: bool = False) -> Sae:
-    """Rebuild the SAE of a run directory from sae.safetensors and cfg.json alone.
+def weights_file(run_dir: Path) -> Path:
+    """The weights of a run directory: SAE_FILE, or LEGACY_SAE_FILE in runs from before it."""
+    legacy = Path(run_dir) / LEGACY_SAE_FILE
+    return legacy if legacy.is_file() and not (Path(run_dir) / SAE_FILE).is_file() else Path(run_dir) / SAE_FILE
 
-    Without sae.safetensors, a pickle weights file (PICKLE_SAE_FILES) is loaded only with
+
+def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_pickle: bool = False) -> Sae:
+    """Rebuild the SAE of a run directory (or of a SAELens directory) from its weights and cfg.json alone.
+
+    Without a safetensors weights file, a pickle weights file (PICKLE_SAE_FILES) is loaded only with
     `trust_pickle=True`: unpickling a file can run any code its author put in it.
     """
     run_dir = Path(run_dir)
@@ -104,20 +113,21 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_p
         architecture, d_in, d_sae = cfg["architecture"], int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / CFG_FILE} lacks a valid architecture/d_in/d_sae: {e}") from None
-    if architecture not in ARCHITECTURES:
+    cls = saved_class(cfg)  # BatchTopK and Matryoshka runs hold their JumpReLU form
+    if cls is None:
         raise CheckpointError(
-            f"{run_dir / CFG_FILE}: architecture {architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}"
+            f"{run_dir / CFG_FILE}: architecture {architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)} "
+            f"or SAELens's {sorted(SAELENS_ARCHITECTURES)}"
         )
     if d_in <= 0 or d_sae <= 0:
         raise CheckpointError(f"{run_dir / CFG_FILE}: d_in={d_in} and d_sae={d_sae} must be positive")
-    path = run_dir / SAE_FILE
+    path = weights_file(run_dir)
     pickled = [run_dir / name for name in PICKLE_SAE_FILES if (run_dir / name).is_file()]
     if path.is_file() or not pickled:
         tensors = _load_safetensors(path)
     else:
         path = pickled[0]
         tensors = _load_pickled_tensors(path, trust_pickle)
-    cls = inference_class(architecture)  # BatchTopK and Matryoshka runs hold their JumpReLU form
     expected = cls.parameter_shapes(d_in, d_sae)
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if found != expected:
@@ -125,7 +135,7 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_p
             f"{path} does not match {CFG_FILE} ({architecture}, d_in={d_in}, d_sae={d_sae}): "
             f"expected tensors {expected}, found {found}"
         )
-    saved_keys = cfg.get("sae") or {}
+    saved_keys = cfg.get("sae") or {k: cfg[k] for k in ("k",) if k in cfg}  # SAELens's TopK keeps k at the top
     sae = cls(d_in, d_sae, **{k: v for k, v in saved_keys.items() if k in cls.hyperparameters})
     sae.load_state_dict(tensors)
     sae.run_cfg = cfg
@@ -157,7 +167,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def find_run_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Directories under `sweep_dir` that a training job wrote to (cfg.json, sae.safetensors or a
+    """Directories under `sweep_dir` that a training job wrote to (cfg.json, the weights or a
     Hydra .hydra/), in natural name order ("2" before "10"); `exclude` (the evaluation output) is skipped."""
     excluded = exclude.resolve() if exclude else None
     found = []

@@ -299,9 +299,9 @@ def describe_run(
 ) -> dict:
     """cfg.json: everything needed to rebuild the SAE and interpret it."""
     return {
-        "architecture": cfg.sae.architecture,
-        # what sae.safetensors holds: BatchTopK and Matryoshka SAEs are saved in their JumpReLU form
-        "inference_architecture": inference_class(cfg.sae.architecture).architecture,
+        # SAELens's name of what the weights hold (BatchTopK and Matryoshka are saved as JumpReLU); the
+        # architecture trained, with all its keys, is `sae`
+        "architecture": inference_class(cfg.sae.architecture).saelens_architecture,
         "sae": describe_sae(cfg),
         "d_in": d_in,
         "d_sae": d_sae,
@@ -309,6 +309,14 @@ def describe_run(
         "l1_coef": cfg.sae.get("l1_coef"),
         "k": cfg.sae.get("k"),
         "hook_point": hook_point,
+        # for SAELens (sae_lens.SAE.load_from_disk): how the weights are to be used
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "context_size": cfg.ctx_len,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": cfg.data.name or str(Path(cfg.data.path).resolve()),
         "model_name": None if cfg.model.path else cfg.model.name,  # model.path wins when both are set
         "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path else None,
         "dataset": dataset_description(cfg),

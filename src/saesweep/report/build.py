@@ -20,8 +20,8 @@ import torch
 from saesweep.errors import CheckpointError, ConfigError
 from saesweep.io import atomic_write_bytes
 from saesweep.lm import load_model, resolve_device, validate_hook_point
-from saesweep.rundir import CFG_FILE, SAE_FILE, load_run_config, load_sae
-from saesweep.sae import Sae
+from saesweep.rundir import CFG_FILE, SAE_FILE, load_run_config, load_sae, weights_file
+from saesweep.sae import Sae, trained_architecture
 
 from . import views
 from .heldout import HeldOutTokens, rebuild_held_out, run_setting
@@ -110,7 +110,7 @@ def build_report(
     settings = settings or ReportSettings()
     run_dir = Path(run_dir)
     watch = _Stopwatch()
-    if not (run_dir / CFG_FILE).is_file() or not (run_dir / SAE_FILE).is_file():
+    if not (run_dir / CFG_FILE).is_file() or not weights_file(run_dir).is_file():
         raise CheckpointError(
             f"{run_dir} is not a saesweep run directory: it needs {CFG_FILE} and {SAE_FILE} (a finished training job)"
         )
@@ -136,7 +136,7 @@ def build_report(
     data = _compute_views(model, sae, run_cfg, held_out, features, acts, stats, sweep, settings, watch)
     data["run"] = {
         "run_dir": str(run_dir.resolve()),
-        "architecture": run_cfg.get("architecture"),
+        "architecture": trained_architecture(run_cfg),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "hook_point": hook_point,

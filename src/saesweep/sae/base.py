@@ -33,6 +33,7 @@ class Sae(nn.Module):
     """
 
     architecture: ClassVar[str]
+    saelens_architecture: ClassVar[str | None] = None  # SAELens's name for this saved form (None: not saved as itself)
     hyperparameters: ClassVar[dict[str, Any]] = {}
     activation_unit_parameters: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
 

@@ -10,6 +10,7 @@ from .base import Sae, TrainStep, mse
 
 class ReluSae(Sae):
     architecture = "relu_l1"
+    saelens_architecture = "standard"
     # l1_coef: on activations normalised to E‖x‖² = d_in; resample_every_tokens: re-initialise the
     # features dead over train.dead_window_tokens each time this many training tokens pass (null: never)
     hyperparameters = {"l1_coef": 2.0, "resample_every_tokens": None}

@@ -10,6 +10,7 @@ from .base import Sae, SaeOutput, TrainStep, mse
 
 class TopKSae(Sae):
     architecture = "topk"
+    saelens_architecture = "topk"
     # aux_k: dead latents that reconstruct the residual (null: d_in // 2, as SAELens);
     # aux_coef: the AuxK term's weight (Gao et al.: 1/32)
     hyperparameters = {"k": 32, "aux_k": None, "aux_coef": 1 / 32}

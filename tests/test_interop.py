@@ -1,0 +1,38 @@
+"""Interoperability with the real SAELens package (not a mock): every saesweep run directory loads
+with `sae_lens.SAE.load_from_disk` as it is, and gives saesweep's numbers. SAELens pins
+transformer-lens<4, so these run in an environment with the `bench` extra (CI makes one:
+`make test-interop`); elsewhere they are skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saesweep import load_sae
+from saesweep.train import train
+from test_train import tiny_cfg
+
+sae_lens = pytest.importorskip("sae_lens")
+
+pytestmark = pytest.mark.interop
+
+
+@pytest.mark.parametrize(
+    "architecture, extra, saelens_class",
+    [("relu_l1", [], "StandardSAE"), ("topk", ["sae.k=8"], "TopKSAE"), ("batchtopk", ["sae.k=8"], "JumpReLUSAE"),
+     ("jumprelu", [], "JumpReLUSAE"), ("matryoshka_batchtopk", ["sae.k=8"], "JumpReLUSAE"), ("gated", [], "GatedSAE")],
+)
+def test_saelens_loads_every_run_directory_as_it_is(tmp_path, tiny_model_dir, corpus_path, architecture, extra,
+                                                    saelens_class):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=none", f"sae={architecture}", *extra), run)
+    theirs = sae_lens.SAE.load_from_disk(run)
+    assert type(theirs).__name__ == saelens_class
+    meta = theirs.cfg.metadata
+    assert (meta.hook_name, meta.context_size, meta.prepend_bos) == ("blocks.1.hook_resid_post", 16, True)
+    assert meta.dataset_path == str(corpus_path)
+    ours = load_sae(run)
+    x = torch.randn(200, 32) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs.decode(ours.encode(x)), ours.decode(ours.encode(x)), atol=1e-5, rtol=1e-5)
