@@ -36,3 +36,23 @@ def test_saelens_loads_every_run_directory_as_it_is(tmp_path, tiny_model_dir, co
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), ours.encode(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(theirs.decode(ours.encode(x)), ours.decode(ours.encode(x)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["standard", "topk", "jumprelu", "gated"])
+def test_a_dictionary_saved_by_saelens_loads_into_saesweep(tmp_path, name):
+    from sae_lens.registry import get_sae_class
+
+    sae_class, config_class = get_sae_class(name)
+    theirs = sae_class(config_class(d_in=16, d_sae=48, **({"k": 5} if name == "topk" else {})))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.normal_(std=0.3)
+        if name == "jumprelu":
+            theirs.threshold.abs_()
+    theirs.save_model(tmp_path)  # SAELens's own writer
+    ours = load_sae(tmp_path)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), theirs.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x).x_hat, theirs(x), atol=1e-5, rtol=1e-5)

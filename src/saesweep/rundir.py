@@ -121,6 +121,10 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_p
         )
     if d_in <= 0 or d_sae <= 0:
         raise CheckpointError(f"{run_dir / CFG_FILE}: d_in={d_in} and d_sae={d_sae} must be positive")
+    # SAELens settings that change what the weights compute, which saesweep's SAEs do not have
+    for key, supported in (("apply_b_dec_to_input", True), ("normalize_activations", "none"), ("reshape_activations", "none")):
+        if cfg.get(key, supported) != supported:
+            raise CheckpointError(f"{run_dir / CFG_FILE}: {key}={cfg[key]!r} is not supported; allowed: {supported!r}")
     path = weights_file(run_dir)
     pickled = [run_dir / name for name in PICKLE_SAE_FILES if (run_dir / name).is_file()]
     if path.is_file() or not pickled:
