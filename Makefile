@@ -57,12 +57,15 @@ test:
 test-slow:
 	$(PYTHON) -m pytest -q -m "slow and not browser and not interop" tests
 
-# Interoperability with the real SAELens (it pins transformer-lens<4): a second venv with the bench extra.
+# Interoperability with the real SAELens, sparsify and dictionary_learning: a second venv, since SAELens pins
+# transformer-lens<4. dictionary_learning's dependencies pull PyPI's torchvision, which does not import beside
+# the pinned torch and breaks transformers' imports; nothing tested needs it, so it is removed.
 INTEROP_VENV ?= .venv-interop
 test-interop:
 	test -x $(INTEROP_VENV)/bin/python || python3 -m venv $(INTEROP_VENV)
 	$(INTEROP_VENV)/bin/python -m pip install -q -c constraints.txt torch
-	$(INTEROP_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
+	$(INTEROP_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[dev,interop]"
+	$(INTEROP_VENV)/bin/python -m pip uninstall -y -q torchvision
 	$(INTEROP_VENV)/bin/python -m pytest -q -m interop tests
 
 # Report pages in real headless Chromium (Debian: apt-get install -y chromium); fails if it is missing.

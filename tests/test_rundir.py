@@ -116,3 +116,31 @@ def test_a_saelens_directory_loads_by_its_architecture_name(tmp_path):
     x = torch.randn(5, 4)
     assert isinstance(loaded, TopKSae) and loaded.hparams["k"] == 3
     assert ((loaded(x).feature_acts != 0).sum(-1) <= 3).all()
+
+
+def test_foreign_directories_that_cannot_be_read_say_which_file_and_what_was_expected(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="nor a SAELens .* sparsify .* or dictionary_learning"):
+        load_sae(empty)
+    # sparsify's layout with a decoder of the wrong width
+    sparsify = tmp_path / "layers.1"
+    sparsify.mkdir()
+    (sparsify / "cfg.json").write_text(json.dumps({"k": 4, "num_latents": 12, "d_in": 6}))
+    atomic_write_safetensors(sparsify / "sae.safetensors", {
+        "encoder.weight": torch.zeros(12, 6), "encoder.bias": torch.zeros(12), "W_dec": torch.zeros(12, 5),
+        "b_dec": torch.zeros(6)})
+    with pytest.raises(CheckpointError, match=r"layers.1/sae.safetensors \(sparsify, d_in=6, 12 latents\): expected"):
+        load_sae(sparsify)
+    # dictionary_learning's pickle, refused without trust_pickle, naming the file
+    learning = tmp_path / "dl"
+    learning.mkdir()
+    (learning / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
+    torch.save({"encoder.weight": torch.zeros(12, 6)}, learning / "ae.pt")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*dl/ae.pt: it is a pickle file"):
+        load_sae(learning)
+    with pytest.raises(CheckpointError, match=r"ae.pt \(AutoEncoder\): expected tensors"):
+        load_sae(learning, trust_pickle=True)
+    (learning / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
+    with pytest.raises(CheckpointError, match="dict_class='BatchTopKSAE' is not supported; allowed"):
+        load_sae(learning, trust_pickle=True)

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from saesweep.errors import CheckpointError
+from saesweep.foreign import read_foreign
 from saesweep.io import atomic_write_json, atomic_write_safetensors
 from saesweep.metrics import EvalResult
 from saesweep.sae import ARCHITECTURES, SAELENS_ARCHITECTURES, Sae, saved_class
@@ -108,7 +109,13 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_p
     `trust_pickle=True`: unpickling a file can run any code its author put in it.
     """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    foreign = read_foreign(run_dir, lambda path: _load_pickled_tensors(path, trust_pickle))
+    if foreign is None and not (run_dir / CFG_FILE).is_file():
+        raise CheckpointError(
+            f"{run_dir} is not a finished saesweep run directory, nor a SAELens (cfg.json + {SAE_FILE}), sparsify "
+            "(cfg.json + sae.safetensors) or dictionary_learning (config.json + ae.pt) directory"
+        )
+    cfg = foreign[0] if foreign else load_run_config(run_dir)
     try:
         architecture, d_in, d_sae = cfg["architecture"], int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError) as e:
@@ -127,7 +134,9 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_p
             raise CheckpointError(f"{run_dir / CFG_FILE}: {key}={cfg[key]!r} is not supported; allowed: {supported!r}")
     path = weights_file(run_dir)
     pickled = [run_dir / name for name in PICKLE_SAE_FILES if (run_dir / name).is_file()]
-    if path.is_file() or not pickled:
+    if foreign:
+        tensors = foreign[1]
+    elif path.is_file() or not pickled:
         tensors = _load_safetensors(path)
     else:
         path = pickled[0]
