@@ -12,7 +12,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saesweep.evaluate import EvalSettings, WandbSettings, console_table, evaluate_sweep, evaluation_dir
+from saesweep.evaluate import (
+    RELEASED_PREFIX,
+    EvalSettings,
+    WandbSettings,
+    console_table,
+    evaluate_sweep,
+    evaluation_dir,
+)
 from saesweep.report.app import report_runs, reports_wanted
 
 # hydra.run.dir is ${evaluation_dir:${sweep_dir}}: a mistyped sweep_dir fails here, naming the bad
@@ -28,9 +35,11 @@ def main(cfg: DictConfig) -> None:
         EvalSettings.from_config(cfg),
         WandbSettings.from_config(cfg.logger),
         out_dir=Path(HydraConfig.get().runtime.output_dir),
+        compare_with=[Path(d) for d in cfg.compare_with or []],
     )
     if reports_wanted(cfg.report):
-        report_runs([run.path for run in evaluation.runs], OmegaConf.to_container(cfg.report, resolve=True), sweep_dir)
+        own_runs = [run.path for run in evaluation.runs if not run.name.startswith(RELEASED_PREFIX)]
+        report_runs(own_runs, OmegaConf.to_container(cfg.report, resolve=True), sweep_dir)
     print(f"\n{sweep_dir}: held-out fidelity and features found again\n{console_table(evaluation.summary, cfg.found_threshold)}")
 
 

@@ -355,3 +355,41 @@ def test_summary_has_a_column_for_every_architecture_key(tmp_path):
     table = console_table(evaluation.summary, 0.9).splitlines()
     assert table[0].startswith("run  architecture  d_sae  L0")
     assert table[1].split()[:3] == ["0", "relu_l1", "32"] and "of 32" in table[1] and table[2].endswith("(the largest)")
+
+
+def write_sparsify_dir(directory: Path, decoder: torch.Tensor, k: int = 4) -> Path:
+    """A dictionary in EleutherAI sparsify's layout (cfg.json + sae.safetensors with encoder.weight)."""
+    from saesweep.io import atomic_write_safetensors
+
+    d_sae, d_in = decoder.shape
+    directory.mkdir(parents=True)
+    (directory / "cfg.json").write_text(json.dumps({"k": k, "num_latents": d_sae, "d_in": d_in, "activation": "topk"}))
+    atomic_write_safetensors(directory / "sae.safetensors", {
+        "encoder.weight": decoder.clone(), "encoder.bias": torch.zeros(d_sae), "W_dec": decoder.clone(),
+        "b_dec": torch.zeros(d_in)})
+    return directory
+
+
+def test_released_dictionaries_join_the_comparison_and_others_are_refused(tmp_path):
+    torch.manual_seed(0)
+    truth = torch.randn(64, 16)
+    make_run(tmp_path / "sweep" / "0", truth[:32] + 0.01 * torch.randn(32, 16))
+    released = write_sparsify_dir(tmp_path / "released" / "layers.2", truth)
+    evaluation = evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"),
+                                compare_with=[released])
+    names = [run.name for run in evaluation.runs]
+    assert names == ["0", "released:layers.2"]
+    rows = read_summary(tmp_path / "sweep" / "evaluation")
+    # the released 64-feature dictionary is the largest: the run's 32 features are found again in it
+    assert rows["0"]["largest_in_group"] == "released:layers.2" and rows["0"]["found_in_largest"] == "32"
+    assert rows["released:layers.2"]["architecture"] == "topk"
+    with pytest.raises(ConfigError, match=r"compare_with=.*wide' has d_in=8, the sweep's runs d_in=16"):
+        evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"),
+                       compare_with=[write_sparsify_dir(tmp_path / "wide", torch.randn(32, 8))])
+    other_hook = tmp_path / "other_hook"
+    make_run(other_hook, truth, hook_point="blocks.3.hook_resid_post")
+    with pytest.raises(ConfigError, match="reads hook point 'blocks.3.hook_resid_post', the sweep's runs"):
+        evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"), compare_with=[other_hook])
+    with pytest.raises(ConfigError, match=r"compare_with=.*nowhere.*nor a SAELens"):
+        evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"),
+                       compare_with=[tmp_path / "nowhere"])

@@ -261,6 +261,43 @@ def discover_runs(sweep_dir: Path, exclude: Path | None = None) -> tuple[list[Ru
     return runs, failed
 
 
+RELEASED_PREFIX = "released:"  # names of the dictionaries given with compare_with
+
+
+def load_released(directories: list[Path], runs: list[Run]) -> list[Run]:
+    """Dictionaries others released (any format load_sae reads), to compare with the sweep's runs:
+    each joins the sweep's comparison group, and is refused, naming the value, when its d_in or its hook
+    point (where its files name one) differs from the sweep's."""
+    if not runs:
+        raise ConfigError("compare_with needs a sweep with at least one finished run to compare with")
+    groups = {(run.cfg.get("hook_point"), run.decoder.shape[1]) for run in runs}
+    if len(groups) > 1:
+        raise ConfigError(f"compare_with: the sweep has runs at several hook points or widths {sorted(groups, key=str)}")
+    ((hook_point, d_in),) = groups
+    released = []
+    for directory in directories:
+        try:
+            sae = load_sae(directory)
+        except CheckpointError as e:
+            raise ConfigError(f"compare_with={str(directory)!r}: {e}") from None
+        cfg = sae.run_cfg
+        their_hook = cfg.get("hook_point") or cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+        if sae.d_in != d_in:
+            raise ConfigError(f"compare_with={str(directory)!r} has d_in={sae.d_in}, the sweep's runs d_in={d_in}")
+        if their_hook is not None and cfg.get("source_format") != "sparsify" and their_hook != hook_point:
+            raise ConfigError(
+                f"compare_with={str(directory)!r} reads hook point {their_hook!r}, the sweep's runs {hook_point!r}: "
+                "directions of different hook points share no basis"
+            )
+        # the sweep's model and hook: a released dictionary of the same width and hook point is compared with them
+        described = {**cfg, "hook_point": hook_point, "architecture": trained_architecture(cfg),
+                     "model_path": runs[0].cfg.get("model_path"), "model_name": runs[0].cfg.get("model_name")}
+        name = f"{RELEASED_PREFIX}{Path(directory).name}"
+        released.append(Run(name, Path(directory), "", described, {}, sae.W_dec.detach().clone(), 0))
+        log.info("compare_with: %s (%s, d_sae %d)", directory, described["architecture"], sae.d_sae)
+    return released
+
+
 def overlap_stats(values: torch.Tensor, thresholds: tuple[float, ...]) -> dict:
     """Mean MCS and, per threshold, the count and fraction of features at or above it."""
     n = values.numel()
@@ -596,14 +633,19 @@ def evaluate_sweep(
     settings: EvalSettings | None = None,
     wandb_settings: WandbSettings | None = None,
     out_dir: Path | None = None,
+    compare_with: list[Path] | None = None,
 ) -> SweepEvaluation:
-    """Evaluate every run of a sweep and write mcs.json, summary.csv, the plots and the W&B run."""
+    """Evaluate every run of a sweep and write mcs.json, summary.csv, the plots and the W&B run;
+    `compare_with`: released dictionaries (SAELens, sparsify, dictionary_learning or saesweep
+    directories) added to the comparison, named `released:<directory name>`."""
     settings = settings or EvalSettings()
     wandb_settings = wandb_settings or WandbSettings()
     sweep_dir = Path(sweep_dir)
     default_out_dir = evaluation_dir(sweep_dir)  # checks sweep_dir
     out_dir = Path(out_dir) if out_dir else default_out_dir
     runs, failed = discover_runs(sweep_dir, exclude=out_dir)
+    if compare_with:
+        runs = runs + load_released([Path(d) for d in compare_with], runs)
     log.info("%d runs to compare, %d failed", len(runs), len(failed))
     comparison = compare_runs(runs, settings)
     report = build_report(sweep_dir, runs, failed, comparison, settings)
