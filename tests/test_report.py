@@ -537,3 +537,34 @@ def test_build_report_logs_into_a_given_wandb_run(tiny_run, tiny_model, tmp_path
         run.finish()
     (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/feature_report/0/features_*.table.json")
     assert [row[0] for row in json.loads(table.read_text())["data"]] == [2, 0]
+
+
+def test_report_of_a_released_dictionary_given_its_model_and_text(tmp_path, tiny_model, tiny_model_dir, corpus_path):
+    """A dictionary in sparsify's layout (no saesweep cfg.json): the command line gives the model, the
+    text and the hook point."""
+    from hydra import compose, initialize_config_dir
+
+    from saesweep.io import atomic_write_safetensors
+    from saesweep.report.app import report_from_config
+
+    d_in, d_sae = tiny_model.cfg.d_model, 16
+    sae = make_sae(d_in, d_sae)
+    released = tmp_path / "layers.1"
+    released.mkdir()
+    (released / "cfg.json").write_text(json.dumps({"k": 3, "num_latents": d_sae, "d_in": d_in, "activation": "topk"}))
+    atomic_write_safetensors(released / "sae.safetensors", {
+        "encoder.weight": sae.W_enc.detach().T.contiguous(), "encoder.bias": sae.b_enc.detach(),
+        "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()})
+    overrides = [f"run_dir={released}", "report.features=[0,5]", f"report.n_tokens={REPORT_TOKENS}",
+                 "report.device=cpu", "report.n_bins=3", "report.direction_contexts=4", "report.wandb.enabled=false",
+                 f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}", f"ctx_len={CTX_LEN}"]
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        without_hook = compose("report", overrides=overrides)
+        cfg = compose("report", overrides=[*overrides, f"hook_point={LAST_HOOK}"])
+    with pytest.raises(ConfigError, match="does not say its hook point: give hook_point="):
+        report_from_config(without_hook)
+    built = report_from_config(cfg)
+    assert built.features == [0, 5] and (released / "report" / "index.html").is_file()
+    assert built.data["run"]["architecture"] == "topk" and built.data["run"]["hook_point"] == LAST_HOOK
+    assert built.data["held_out"]["n_tokens"] == REPORT_TOKENS

@@ -99,6 +99,7 @@ def build_report(
     model=None,
     wandb_run=None,
     wandb_prefix: str = "feature_report",
+    run_cfg: dict | None = None,
 ) -> BuiltReport:
     """Compute the report views for the selected features of one run and write <run_dir>/report/.
 
@@ -106,16 +107,19 @@ def build_report(
         the others that read the same model and hook point goes into the report.
     model: the run's language model, already loaded (saves loading it again for every run of a sweep).
     wandb_run: a W&B run to log the feature table and density histogram to, under `wandb_prefix`.
+    run_cfg: what the run's cfg.json would say (model, hook point, dataset, ctx_len), for a dictionary
+        that is not a saesweep run (a released SAELens, sparsify or dictionary_learning directory).
     """
     settings = settings or ReportSettings()
     run_dir = Path(run_dir)
     watch = _Stopwatch()
-    if not (run_dir / CFG_FILE).is_file() or not weights_file(run_dir).is_file():
+    if run_cfg is None and (not (run_dir / CFG_FILE).is_file() or not weights_file(run_dir).is_file()):
         raise CheckpointError(
-            f"{run_dir} is not a saesweep run directory: it needs {CFG_FILE} and {SAE_FILE} (a finished training job)"
+            f"{run_dir} is not a saesweep run directory: it needs {CFG_FILE} and {SAE_FILE} (a finished training job); "
+            "for a released dictionary give model.path (or model.name) and the data"
         )
     with watch("load"):
-        run_cfg = load_run_config(run_dir)
+        run_cfg = run_cfg or load_run_config(run_dir)
         device = resolve_device(settings.device)
         sae = load_sae(run_dir, device).eval()
         check_feature_ids(settings, sae.d_sae)
