@@ -248,6 +248,8 @@ def test_runs_with_different_hook_points_or_widths_are_never_compared(tmp_path):
         "largest": "2",
         "in_largest": None,
         "in_runs": {},
+        "matched_in_runs": {},
+        "other_seed": None,
     }
     summary = read_summary(evaluation.out_dir)
     assert len({summary[r]["comparison_group"] for r in summary}) == 3
@@ -393,3 +395,54 @@ def test_released_dictionaries_join_the_comparison_and_others_are_refused(tmp_pa
     with pytest.raises(ConfigError, match=r"compare_with=.*nowhere.*nor a SAELens"):
         evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"),
                        compare_with=[tmp_path / "nowhere"])
+
+
+def test_one_to_one_matching_equals_brute_force_on_small_dictionaries():
+    import itertools
+
+    from saesweep.evaluate import matched_cosines
+
+    torch.manual_seed(0)
+    for n_a, n_b in ((4, 4), (4, 6), (5, 7)):
+        a, b = torch.randn(n_a, 3), torch.randn(n_b, 3)
+        cos = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+        best = max(sum(cos[i, j].item() for i, j in enumerate(cols)) for cols in itertools.permutations(range(n_b), n_a))
+        assert matched_cosines(a, b).sum() == pytest.approx(best, abs=1e-6)
+
+
+def test_max_cosine_counts_one_feature_many_times_and_matching_does_not(tmp_path):
+    """Three features of A close to one feature of B: max cosine finds all three again, a one-to-one
+    matching only one of them."""
+    torch.manual_seed(0)
+    basis = torch.eye(16)
+    a = torch.stack([basis[0] + 0.05 * basis[1], basis[0] + 0.05 * basis[2], basis[0] + 0.05 * basis[3], basis[4]])
+    b = torch.cat([basis[[0, 4]], basis[8:16]])  # 10 features
+    make_run(tmp_path / "sweep" / "0", a)
+    make_run(tmp_path / "sweep" / "1", b)
+    evaluation = evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"))
+    pair = evaluation.comparison.pairs["0", "1"]
+    assert pair.found_again == 4 and pair.matched == 2 and pair.baseline_matched == 0
+    row = read_summary(tmp_path / "sweep" / "evaluation")["0"]
+    assert (row["found_in_largest"], row["matched_with_largest"]) == ("4", "2")
+
+
+def test_runs_that_differ_only_in_seed_are_compared_both_ways(tmp_path):
+    torch.manual_seed(0)
+    truth = torch.randn(32, 16)
+    for name, seed, ratio_rows, noise in (("0", 0, 32, 0.01), ("1", 1, 32, 0.02), ("2", 0, 16, 0.01)):
+        decoder = truth[:ratio_rows] + noise * torch.randn(ratio_rows, 16)
+        make_run(tmp_path / "sweep" / name, decoder)
+        cfg_path = tmp_path / "sweep" / name / "cfg.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg_path.write_text(json.dumps({**cfg, "seed": seed}))
+    evaluation = evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"))
+    runs = evaluation.report["runs"]
+    # 0 and 1 differ only in seed; 2 differs in size, so it has no seed partner
+    assert runs["0"]["found_again"]["other_seed"]["run"] == "1" and runs["1"]["found_again"]["other_seed"]["run"] == "0"
+    assert runs["2"]["found_again"]["other_seed"] is None
+    assert runs["0"]["found_again"]["other_seed"]["found_again"] == 32
+    assert runs["0"]["found_again"]["other_seed"]["baseline_found_again"] == 0
+    rows = read_summary(tmp_path / "sweep" / "evaluation")
+    assert (rows["1"]["other_seed_run"], rows["1"]["found_by_other_seed"], rows["1"]["matched_with_other_seed"]) == ("0", "32", "32")
+    assert rows["2"]["other_seed_run"] == ""
+    assert "by the other seed" in console_table(evaluation.summary, 0.9).splitlines()[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -100,6 +101,8 @@ class EvalSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     device: str = "auto"
     baseline_seed: int = 0
+    # one-to-one matching is skipped for pairs whose cosine matrix has more entries (memory: 8 bytes each)
+    matching_max_entries: int = 1 << 26
 
     def __post_init__(self) -> None:
         for t in (*self.thresholds, self.found_threshold):
@@ -128,6 +131,7 @@ class EvalSettings:
             chunk_size=cfg.chunk_size,
             device=cfg.device,
             baseline_seed=cfg.baseline_seed,
+            matching_max_entries=cfg.matching_max_entries,
         )
 
 
@@ -196,6 +200,10 @@ class PairOverlap:
     baseline: dict  # overlap_stats of mcs(A → random Gaussian dictionary of B's shape)
     found_again: int  # A's features with MCS ≥ found_threshold in B
     baseline_found_again: int
+    # one-to-one (Hungarian) matching of the two dictionaries: matched pairs with cosine ≥ found_threshold
+    # (the same number both ways; at most the smaller dictionary's size); None when too large to match
+    matched: int | None = None
+    baseline_matched: int | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +306,22 @@ def load_released(directories: list[Path], runs: list[Run]) -> list[Run]:
     return released
 
 
+def matched_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """One-to-one matching of the rows of `a` and `b` (decoder directions) that maximises the summed
+    cosine (Hungarian assignment, scipy's linear_sum_assignment, as in Cunningham et al.'s
+    run_mmcs_with_larger): the cosines of the min(n_a, n_b) matched pairs. Unlike max cosine, no row of
+    one dictionary can count for several of the other."""
+    from scipy.optimize import linear_sum_assignment
+
+    cos = (_unit_rows(a.float().cpu()) @ _unit_rows(b.float().cpu()).T).double().numpy()
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    return cos[rows, cols]
+
+
+def _unit_rows(m: torch.Tensor) -> torch.Tensor:
+    return m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def overlap_stats(values: torch.Tensor, thresholds: tuple[float, ...]) -> dict:
     """Mean MCS and, per threshold, the count and fraction of features at or above it."""
     n = values.numel()
@@ -331,13 +355,30 @@ def compare_runs(runs: list[Run], settings: EvalSettings) -> Comparison:
             ).cpu()
         return baselines[a.name, n_b]
 
-    def overlap(a: Run, b: Run, values: torch.Tensor) -> PairOverlap:
+    def overlap(a: Run, b: Run, values: torch.Tensor, matched: tuple[int, int] | None) -> PairOverlap:
         chance = baseline_mcs(a, b.d_sae)
         return PairOverlap(
             trained=overlap_stats(values, settings.thresholds),
             baseline=overlap_stats(chance, settings.thresholds),
             found_again=int((values >= settings.found_threshold).sum()),
             baseline_found_again=int((chance >= settings.found_threshold).sum()),
+            matched=matched[0] if matched else None,
+            baseline_matched=matched[1] if matched else None,
+        )
+
+    def matching(a: Run, b: Run) -> tuple[int, int] | None:
+        """Matched pairs at the threshold for a and b, and for a against a random dictionary of b's shape."""
+        if a.d_sae * b.d_sae > settings.matching_max_entries:
+            return None
+        small, large = (a, b) if a.d_sae <= b.d_sae else (b, a)
+        random_large = random_dictionaries.get((large.d_sae, large.decoder.shape[1]))
+        if random_large is None:
+            baseline_mcs(small, large.d_sae)  # makes the random dictionary of that shape
+            random_large = random_dictionaries[(large.d_sae, large.decoder.shape[1])]
+        t = settings.found_threshold
+        return (
+            int((matched_cosines(small.decoder, large.decoder) >= t).sum()),
+            int((matched_cosines(small.decoder, random_large) >= t).sum()),
         )
 
     by_group: dict[str, list[Run]] = {}
@@ -353,12 +394,36 @@ def compare_runs(runs: list[Run], settings: EvalSettings) -> Comparison:
                 a_to_b, b_to_a = (
                     v.cpu() for v in mcs_both_ways(decoders[a.name], decoders[b.name], settings.chunk_size)
                 )
-                pairs[a.name, b.name] = overlap(a, b, a_to_b)
-                pairs[b.name, a.name] = overlap(b, a, b_to_a)
+                matched = matching(a, b)
+                pairs[a.name, b.name] = overlap(a, b, a_to_b, matched)
+                pairs[b.name, a.name] = overlap(b, a, b_to_a, matched)
                 for run, other, values in ((a, b, a_to_b), (b, a, b_to_a)):
                     if other is largest:
                         to_largest[run.name] = (values.numpy(), baseline_mcs(run, other.d_sae).numpy())
     return Comparison(groups, pairs, to_largest)
+
+
+# cfg.json keys that may differ between two runs of the same setting (the seed itself, and records)
+_NOT_SETTINGS = ("seed", "created", "saesweep_version", "torch_version", "python_version", "tokens_trained",
+                 "train_contexts")
+
+
+def seed_partners(runs: list[Run]) -> dict[str, str]:
+    """Each run's partner trained with another `seed` and otherwise the same settings (the first in name
+    order): a feature found again by a second seed at the same size is not an accident of initialisation."""
+    by_setting: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.name.startswith(RELEASED_PREFIX) or run.cfg.get("seed") is None:
+            continue
+        setting = json.dumps({k: v for k, v in run.cfg.items() if k not in _NOT_SETTINGS}, sort_keys=True, default=str)
+        by_setting.setdefault(setting, []).append(run)
+    partners = {}
+    for same in by_setting.values():
+        for run in same:
+            other = next((o for o in same if o.cfg["seed"] != run.cfg["seed"]), None)
+            if other is not None:
+                partners[run.name] = other.name
+    return partners
 
 
 def build_report(
@@ -366,10 +431,13 @@ def build_report(
 ) -> dict:
     """The content of mcs.json."""
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
+    partners = seed_partners(runs)
     run_entries: dict[str, dict] = {}
     for run in runs:
         largest = largest_of[run.name]
         in_runs = {b: p.found_again for (a, b), p in comparison.pairs.items() if a == run.name}
+        partner = partners.get(run.name)
+        by_seed = comparison.pairs[run.name, partner] if partner else None
         run_entries[run.name] = {
             "status": "ok",
             "comparison_group": run.comparison_group,
@@ -381,13 +449,22 @@ def build_report(
                 "largest": largest.name,
                 "in_largest": None if largest is run else in_runs[largest.name],
                 "in_runs": in_runs,
+                "matched_in_runs": {b: p.matched for (a, b), p in comparison.pairs.items() if a == run.name},
+                "other_seed": None if by_seed is None else {
+                    "run": partner,
+                    "found_again": by_seed.found_again,
+                    "baseline_found_again": by_seed.baseline_found_again,
+                    "matched": by_seed.matched,
+                    "baseline_matched": by_seed.baseline_matched,
+                },
             },
         }
     for f in failed:
         run_entries[f.name] = {"status": "failed", "reason": f.reason, "overrides": f.overrides}
     return {
         "sweep_dir": str(sweep_dir),
-        "definition": "mcs_A→B[i] = max_j cos(W_dec_A[i], W_dec_B[j]); found again: mcs ≥ threshold",
+        "definition": "mcs_A→B[i] = max_j cos(W_dec_A[i], W_dec_B[j]); found again: mcs ≥ threshold; matched: "
+        "pairs of a one-to-one (Hungarian) matching of A and B with cosine ≥ found_threshold",
         "baseline": f"A against a random Gaussian dictionary of B's shape (seed {settings.baseline_seed})",
         "thresholds": list(settings.thresholds),
         "found_threshold": settings.found_threshold,
@@ -403,7 +480,9 @@ def build_report(
         "failed": {f.name: f.reason for f in failed},
         "runs": run_entries,
         "pairs": [
-            {"a": a, "b": b, **p.trained, "baseline": p.baseline} for (a, b), p in comparison.pairs.items()
+            {"a": a, "b": b, **p.trained, "baseline": p.baseline, "matched": p.matched,
+             "baseline_matched": p.baseline_matched}
+            for (a, b), p in comparison.pairs.items()
         ],
         "headline": headline(runs, failed, comparison),
     }
@@ -435,6 +514,7 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
     """One row per run (failed ones included), in name order: hyperparameters, the run's overlap with
     its group's largest dictionary, and every key of its metrics.json."""
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
+    partners = seed_partners(runs)
     metric_keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
     # every architecture key of any run (sae.k, sae.l0_coef, ...): a column each, empty where it has none
     sae_keys = list(dict.fromkeys(k for r in [*runs, *failed] for k in (r.cfg.get("sae") or {}) if k != "architecture"))
@@ -454,6 +534,12 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
             "mean_mcs_to_largest": None,
             "found_in_largest": None,
             "baseline_found_in_largest": None,
+            "matched_with_largest": None,
+            "baseline_matched_with_largest": None,
+            "other_seed_run": None,
+            "found_by_other_seed": None,
+            "baseline_found_by_other_seed": None,
+            "matched_with_other_seed": None,
         }
         if isinstance(entry, Run):
             largest = largest_of[entry.name]
@@ -468,6 +554,16 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
                     "mean_mcs_to_largest": p.trained["mean_mcs"],
                     "found_in_largest": p.found_again,
                     "baseline_found_in_largest": p.baseline_found_again,
+                    "matched_with_largest": p.matched,
+                    "baseline_matched_with_largest": p.baseline_matched,
+                }
+            if partner := partners.get(entry.name):
+                p = comparison.pairs[entry.name, partner]
+                row |= {
+                    "other_seed_run": partner,
+                    "found_by_other_seed": p.found_again,
+                    "baseline_found_by_other_seed": p.baseline_found_again,
+                    "matched_with_other_seed": p.matched,
                 }
         row |= {key: entry.metrics.get(key) if isinstance(entry, Run) else None for key in metric_keys}
         rows.append(row)
@@ -484,11 +580,14 @@ def console_table(rows: list[dict], found_threshold: float) -> str:
             return "-"
         return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
+    seeds = any(row.get("other_seed_run") for row in rows)
     header = ["run", "architecture", "d_sae", "L0", "FVU", "ce_recovered", f"found again in largest (MCS ≥ {found_threshold:g})"]
+    if seeds:
+        header.append("by the other seed (matched); chance")
     table = [header]
     for row in rows:
         if row["status"] != "ok":
-            table.append([row["run"], "failed", "", "", "", "", str(row["failure"])[:60]])
+            table.append([row["run"], "failed", "", "", "", "", str(row["failure"])[:60]] + [""] * seeds)
             continue
         found = row["found_in_largest"]
         if found is None:
@@ -496,8 +595,14 @@ def console_table(rows: list[dict], found_threshold: float) -> str:
         else:
             again = (f"{found} of {row['d_sae']} ({found / row['d_sae']:.1%}); chance "
                      f"{row['baseline_found_in_largest']} in {row['largest_in_group']}")
-        table.append([row["run"], str(row["architecture"]), str(row["d_sae"]), number(row, "l0", 1),
-                      number(row, "fvu", 4), number(row, "ce_recovered", 4), again])
+        line = [row["run"], str(row["architecture"]), str(row["d_sae"]), number(row, "l0", 1),
+                number(row, "fvu", 4), number(row, "ce_recovered", 4), again]
+        if seeds:
+            found = row.get("found_by_other_seed")
+            line.append("-" if found is None else (
+                f"{found / row['d_sae']:.1%} ({(row['matched_with_other_seed'] or 0) / row['d_sae']:.1%}); "
+                f"chance {row['baseline_found_by_other_seed']}"))
+        table.append(line)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
 
