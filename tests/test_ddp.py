@@ -97,3 +97,16 @@ def test_a_sigkilled_ddp_run_resumes_with_the_same_command(tmp_path, tiny_model_
     # within the spread of two uninterrupted runs (the same batches and updates; seen here: equal)
     for key in ("fvu", "l0", "ce_spliced"):
         assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", [["sae=topk", "sae.k=8"], ["sae=batchtopk", "sae.k=8"], ["sae=jumprelu"]])
+def test_ddp_trains_every_architecture_as_one_process_does(tmp_path, tiny_model_dir, corpus_path, architecture):
+    common = [*tiny_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), "trainer.accelerator=cpu", *architecture]
+    run_train(*common, f"hydra.run.dir={tmp_path / 'one'}")
+    run_train(*common, "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}")
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    # other batch compositions (each rank mixes its own shards): within the run-to-run spread
+    for key, rel in (("fvu", 0.05), ("l0", 0.1), ("ce_spliced", 0.01)):
+        assert ddp[key] == pytest.approx(one[key], rel=rel), key
