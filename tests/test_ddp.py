@@ -23,6 +23,7 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_match_one_process(tmp_path, tiny_model_dir, corpus_path):
     common = [
         *tiny_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), "logger=wandb", "trainer.accelerator=cpu",

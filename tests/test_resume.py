@@ -110,6 +110,7 @@ def assert_resume_is_bit_identical(tmp_path, overrides: list[str]) -> None:
     assert json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
 
 
+@pytest.mark.slow
 def test_sigkilled_ensemble_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, tiny_model_dir, corpus_path):
     overrides = [
         *(o for o in _overrides(tiny_model_dir, corpus_path, tmp_path / "store") if not o.startswith("dict_ratio=")),

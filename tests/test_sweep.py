@@ -101,4 +101,5 @@ def test_architectures_and_their_keys_sweep_on_the_command_line(tmp_path, tiny_m
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [json.loads((tmp_path / "axis" / j / "cfg.json").read_text())["architecture"] for j in "01"] == ["relu_l1", "gated"]
+    trained = [json.loads((tmp_path / "axis" / j / "cfg.json").read_text())["sae"]["architecture"] for j in "01"]
+    assert trained == ["relu_l1", "gated"]
