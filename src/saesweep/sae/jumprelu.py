@@ -13,7 +13,7 @@ from .base import Sae, TrainStep, mse
 class JumpReluSae(Sae):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
-    hyperparameters = {"l0_coef": 0.01, "threshold_init": 0.1, "bandwidth": 0.05}
+    hyperparameters = {"l0_coef": 0.7, "threshold_init": 0.1, "bandwidth": 0.05}
     activation_unit_parameters = ("b_enc", "b_dec", "threshold")
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters):
