@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Sae, SaeOutput, TrainStep, mse
+from .base import Sae, TrainStep, mse
 from .jumprelu import JumpReluSae
 from .topk import TopKSae
 
@@ -15,8 +15,7 @@ _THRESHOLD_MOMENTUM = 0.01  # weight of each batch in the running threshold (aft
 
 
 class BatchTopKSae(TopKSae):
-    architecture = "batchtopk"
-    hyperparameters = {"k": 32, "aux_k": None, "aux_coef": 1 / 32}
+    architecture = "batchtopk"  # TopK's keys: k, aux_k, aux_coef
     inference_architecture = JumpReluSae.architecture
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters):
@@ -27,9 +26,7 @@ class BatchTopKSae(TopKSae):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.batch_topk(self.pre_acts(x))
 
-    def forward(self, x: torch.Tensor) -> SaeOutput:
-        feature_acts = self.encode(x)
-        return SaeOutput(self.decode(feature_acts), feature_acts)
+    forward = Sae.forward  # encode by the batch rule, then the dense decode (not TopK's per-token path)
 
     def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
         """Keep the k·n_tokens largest positive activations of the batch, zero the rest."""

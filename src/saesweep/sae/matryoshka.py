@@ -14,7 +14,7 @@ class MatryoshkaBatchTopKSae(BatchTopKSae):
     architecture = "matryoshka_batchtopk"
     # group_sizes: latents per nested group, summing to d_sae; null: d_sae/8, d_sae/8, d_sae/4, d_sae/2
     # (prefixes of 1/8, 1/4, 1/2 and all of the dictionary)
-    hyperparameters = {"k": 32, "aux_k": None, "aux_coef": 1 / 32, "group_sizes": None}
+    hyperparameters = {**BatchTopKSae.hyperparameters, "group_sizes": None}
 
     def prefix_widths(self) -> list[int]:
         sizes = self.hparams["group_sizes"] or default_group_sizes(self.d_sae)
