@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -25,18 +24,17 @@ def report_from_config(cfg: DictConfig) -> BuiltReport:
     sweep_dir = Path(section["sweep_dir"]) if section.get("sweep_dir") else None
     run_dir = Path(cfg.run_dir)
     released = released_run_config(run_dir, cfg)
-    return report_runs([run_dir], section, sweep_dir, run_cfg=released)[0]
+    return report_runs([run_dir], section, sweep_dir, run_cfg=released, trust_pickle=bool(cfg.trust_pickle))[0]
 
 
 def released_run_config(run_dir: Path, cfg: DictConfig) -> dict | None:
     """For a dictionary that is not a saesweep run (SAELens, sparsify, dictionary_learning): the run
     configuration a report needs, from the command line's model, data, hook_point and ctx_len and what
     the dictionary's own files say. None for a saesweep run, which has its own."""
-    from saesweep.rundir import load_sae
+    from saesweep.rundir import CFG_FILE, load_run_config, load_sae
     from saesweep.train import dataset_description
 
-    own = run_dir / "cfg.json"
-    if own.is_file() and "dataset" in (json.loads(own.read_text()) or {}):
+    if (run_dir / CFG_FILE).is_file() and "dataset" in load_run_config(run_dir):
         return None
     if not (cfg.model.path or cfg.model.name):
         raise ConfigError(f"run_dir={str(run_dir)!r} is a released dictionary: give its model (model.path=DIR or model.name=NAME)")
@@ -65,7 +63,8 @@ def reports_wanted(section: DictConfig) -> bool:
 
 
 def report_runs(
-    run_dirs: list[Path], section: dict, sweep_dir: Path | None, run_cfg: dict | None = None
+    run_dirs: list[Path], section: dict, sweep_dir: Path | None, run_cfg: dict | None = None,
+    trust_pickle: bool = False,
 ) -> list[BuiltReport]:
     """The report of each run (RUN/report/), with MCS against the sweep's runs when `sweep_dir` is given;
     `run_cfg`: the configuration of a released dictionary (see released_run_config)."""
@@ -74,7 +73,7 @@ def report_runs(
     wandb_cfg = section.get("wandb") or {}
     reports = []
     for run_dir in run_dirs:
-        built = build_report(run_dir, settings, sweep_run_dirs=sweep_runs, run_cfg=run_cfg)
+        built = build_report(run_dir, settings, sweep_run_dirs=sweep_runs, run_cfg=run_cfg, trust_pickle=trust_pickle)
         if wandb_cfg.get("enabled"):
             log_to_new_wandb_run(built, run_dir, sweep_dir, settings, wandb_cfg)
         log.info("report of %d features: %s", len(built.features), built.index_html)

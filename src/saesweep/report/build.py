@@ -100,6 +100,7 @@ def build_report(
     wandb_run=None,
     wandb_prefix: str = "feature_report",
     run_cfg: dict | None = None,
+    trust_pickle: bool = False,
 ) -> BuiltReport:
     """Compute the report views for the selected features of one run and write <run_dir>/report/.
 
@@ -109,6 +110,7 @@ def build_report(
     wandb_run: a W&B run to log the feature table and density histogram to, under `wandb_prefix`.
     run_cfg: what the run's cfg.json would say (model, hook point, dataset, ctx_len), for a dictionary
         that is not a saesweep run (a released SAELens, sparsify or dictionary_learning directory).
+    trust_pickle: load a pickle weights file (dictionary_learning's ae.pt).
     """
     settings = settings or ReportSettings()
     run_dir = Path(run_dir)
@@ -121,7 +123,7 @@ def build_report(
     with watch("load"):
         run_cfg = run_cfg or load_run_config(run_dir)
         device = resolve_device(settings.device)
-        sae = load_sae(run_dir, device).eval()
+        sae = load_sae(run_dir, device, trust_pickle=trust_pickle).eval()
         check_feature_ids(settings, sae.d_sae)
         if model is None:
             model = load_model(run_setting(run_cfg, "model_name"), run_setting(run_cfg, "model_path"), device)
