@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from saesweep.config import check_ensemble
+from saesweep.config import check_ensemble, ensemble_groups
 from saesweep.errors import ConfigError
 from saesweep.train import train, train_ensemble
 from test_train import tiny_cfg
@@ -53,6 +53,9 @@ def test_ensemble_members_may_differ_only_in_their_dictionary(tmp_path, tiny_mod
     other_lr = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=2", "train.lr=0.01")
     with pytest.raises(ConfigError, match=r"also differ in: train\.lr\b"):
         check_ensemble([base, other_lr])
+    # a sweep's jobs go into one ensemble per setting of the other keys, in order of first appearance
+    other_seed = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=2", "seed=1")
+    assert ensemble_groups([base, other_lr, other_seed, base, other_seed]) == [[0, 3], [1], [2, 4]]
 
 
 def test_train_ensemble_true_on_the_command_line_trains_the_sweep_in_one_pass(tmp_path, tiny_model_dir, corpus_path):
@@ -61,7 +64,7 @@ def test_train_ensemble_true_on_the_command_line_trains_the_sweep_in_one_pass(tm
         sys.executable, "train.py", f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}",
         "layer=1", "ctx_len=16", "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256",
         "trainer.enable_progress_bar=false", f"store.dir={tmp_path / 'store'}", "store.shard_tokens=1000",
-        "dict_ratio=1,2", "l1_coef=1,3", "train.ensemble=true", f"hydra.sweep.dir={sweep}",
+        "dict_ratio=1,2", "seed=0,1", "train.ensemble=true", f"hydra.sweep.dir={sweep}",
     ]
     env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -70,8 +73,13 @@ def test_train_ensemble_true_on_the_command_line_trains_the_sweep_in_one_pass(tm
     runs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
     assert [p.name for p in runs] == ["0", "1", "2", "3"]
     logs = [(run / "train.log").read_text() for run in runs]
-    assert all("activation store harvested" in text for text in logs)  # one harvest, in every job's log
-    assert all("Training 4 jobs as one ensemble" not in text for text in logs)  # the launcher's lines stay out
+    # one harvest, by the first ensemble (seed 0: jobs 0 and 2); the second reuses it
+    assert ["activation store harvested" in text for text in logs] == [True, False, True, False]
+    assert ["activation store reused" in text for text in logs] == [False, True, False, True]
+    assert all("Training 4 jobs" not in text for text in logs)  # the launcher's lines stay out
+    # seed=0,1 splits the sweep into two ensembles (jobs 0, 2 and 1, 3), each with its own checkpoint
+    assert sorted(p.name for p in sweep.glob(".ensemble*")) == [".ensemble-0", ".ensemble-1"]
+    assert "ensemble .ensemble-1: jobs 1, 3" in logs[1] and "jobs 1, 3" not in logs[0]
     shapes = []
     for run in runs:
         assert {p.name for p in run.iterdir()} >= RUN_FILES and (run / "checkpoints" / "last.ckpt").is_file()
@@ -79,8 +87,8 @@ def test_train_ensemble_true_on_the_command_line_trains_the_sweep_in_one_pass(tm
         wandb_runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(wandb_runs) == 1 and wandb_runs[0].stat().st_size > 0
         cfg_json = json.loads((run / "cfg.json").read_text())
-        shapes.append((cfg_json["dict_ratio"], cfg_json["l1_coef"], cfg_json["d_sae"]))
-    assert shapes == [(1, 1, 32), (1, 3, 32), (2, 1, 64), (2, 3, 64)]
+        shapes.append((cfg_json["dict_ratio"], cfg_json["seed"], cfg_json["d_sae"]))
+    assert shapes == [(1, 0, 32), (1, 1, 32), (2, 0, 64), (2, 1, 64)]
     first = json.loads((runs[2] / "metrics.json").read_text())
 
     # rerunning the same command resumes the finished ensemble: nothing is trained again

@@ -7,6 +7,7 @@ import difflib
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -145,20 +146,21 @@ def check_writable_dir(key: str, path: Path) -> None:
 ENSEMBLE_KEYS = ("dict_ratio", "l1_coef", "target_l0", "sae")
 
 
+def _shared_settings(cfg: DictConfig) -> dict[str, object]:
+    """Every setting of a job that its ensemble's other members must share (all but ENSEMBLE_KEYS)."""
+    return {
+        k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+        if k.split(".")[0] not in ENSEMBLE_KEYS
+    }
+
+
 def check_ensemble(cfgs: list[DictConfig]) -> None:
     """The configs can be trained together in one pass: they differ only in ENSEMBLE_KEYS."""
     if not cfgs:
         raise ConfigError("an ensemble needs at least one job")
-
-    def shared(cfg: DictConfig) -> dict:
-        return {
-            k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-            if k.split(".")[0] not in ENSEMBLE_KEYS
-        }
-
-    first = shared(cfgs[0])
+    first = _shared_settings(cfgs[0])
     for cfg in cfgs[1:]:
-        other = shared(cfg)
+        other = _shared_settings(cfg)
         differing = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if differing:
             raise ConfigError(
@@ -166,6 +168,15 @@ def check_ensemble(cfgs: list[DictConfig]) -> None:
                 f"these jobs also differ in: {', '.join(differing)}. Sweep those in separate runs, or drop "
                 "train.ensemble"
             )
+
+
+def ensemble_groups(cfgs: Sequence[DictConfig]) -> list[list[int]]:
+    """The jobs of a sweep as ensembles, in order of first appearance: indices of the jobs that differ
+    only in ENSEMBLE_KEYS go together (`seed=0,1 dict_ratio=1,2,4,8` → two ensembles of four)."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(repr(sorted(_shared_settings(cfg).items(), key=lambda kv: kv[0])), []).append(i)
+    return list(groups.values())
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -16,6 +16,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from saesweep.config import check_distributed
+from saesweep.ensemble import ENSEMBLE_DIR
 from saesweep.errors import SaesweepError
 from saesweep.metrics import EvalResult
 from saesweep.rundir import ERROR_FILE, write_job_error
@@ -56,9 +57,9 @@ def _traceback_to_log_files(error: BaseException) -> None:
 
 
 def run_jobs(
-    cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None
+    cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None, ensemble_name: str = ENSEMBLE_DIR
 ) -> list[EvalResult | JobError]:
-    """Train the jobs' SAEs (one, or an ensemble). A failure of all is written to every run
+    """Train the jobs' SAEs (one, or an ensemble checkpointing into `<sweep_dir>/<ensemble_name>`). A failure of all is written to every run
     directory's error.json and raised; a member of an ensemble that failed alone gets its error.json
     and a JobError in its place of the result."""
     global resume_command
@@ -68,7 +69,7 @@ def run_jobs(
     log.info("to resume this job after a crash or a kill: %s", resume_command)
     try:
         check_distributed(cfgs[0], multirun=sweep_dir is not None)
-        outcomes = train_ensemble(cfgs, run_dirs, sweep_dir)
+        outcomes = train_ensemble(cfgs, run_dirs, sweep_dir, ensemble_name)
     except Exception as error:
         failure = _failed(error, run_dirs)
         if failure is error:

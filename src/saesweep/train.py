@@ -54,15 +54,15 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
 
 
 def train_ensemble(
-    cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None = None
+    cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None = None, ensemble_name: str = ENSEMBLE_DIR
 ) -> list[EvalResult | TrainingDivergedError]:
     """Several jobs in one pass: the SAE of `cfgs[i]` into `run_dirs[i]`, all fed by the same batches.
 
     The configs may differ only in dict_ratio, target_l0, the architecture and its keys (checked). The LM, the activation
     store and the held-out set are loaded once. Each run directory is written to the same contract as a
     lone job's, with its own W&B run; a lone job is an ensemble of one. An ensemble of several
-    checkpoints into `<sweep dir>/.ensemble/checkpoints/last.ckpt` while it trains (rerunning the same
-    command resumes from it), and each run directory gets its own SAE's part of the final checkpoint.
+    checkpoints into `<sweep dir>/<ensemble_name>/checkpoints/last.ckpt` while it trains (rerunning the
+    same command resumes from it), and each run directory gets its own SAE's part of the final checkpoint.
     A member that diverges (train.max_bad_steps bad steps in a row) leaves the ensemble: its entry of
     the result is the TrainingDivergedError, its run directory gets no SAE, the others train on.
     """
@@ -118,7 +118,7 @@ def train_ensemble(
         logger = run_loggers[0]
     else:
         logger = [RunLogger(lg, prefix, prefixes) for lg, prefix in zip(run_loggers, prefixes) if lg] or False
-    checkpoint_dir = (run_dirs[0] if lone else Path(sweep_dir or run_dirs[0].parent) / ENSEMBLE_DIR) / CHECKPOINT_DIR
+    checkpoint_dir = (run_dirs[0] if lone else Path(sweep_dir or run_dirs[0].parent) / ensemble_name) / CHECKPOINT_DIR
     last = checkpoint_dir / "last.ckpt"
     stop_on_interrupt = StopOnInterrupt(last)
     trainer: L.Trainer = instantiate(

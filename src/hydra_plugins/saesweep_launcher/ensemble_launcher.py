@@ -1,5 +1,6 @@
 """A Hydra launcher that trains all jobs of a sweep in one process, in one pass over the activations:
 `python train.py dict_ratio=1,2,4,8 l1_coef=1,2 train.ensemble=true` (or `hydra/launcher=ensemble -m`).
+Jobs that differ in more than the dictionary's keys (e.g. `seed=0,1`) train as one ensemble each.
 
 Each job still gets its own run directory, with Hydra's .hydra/ files and train.log, to the same
 contract as a job of the basic launcher; only the training is shared (saesweep.train.train_ensemble).
@@ -39,14 +40,16 @@ class EnsembleLauncher(Launcher):
         self.hydra_context = hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from saesweep import job  # imported late: Hydra imports every plugin module at start-up
+        # imported late: Hydra imports every plugin module at start-up
+        from saesweep.config import ensemble_groups
+        from saesweep.ensemble import ENSEMBLE_DIR
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("Training %d jobs as one ensemble", len(job_overrides))
+        log.info("Training %d jobs in ensembles (jobs differing only in the dictionary's keys train together)", len(job_overrides))
         prepared: list[JobReturn] = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
@@ -63,29 +66,43 @@ class EnsembleLauncher(Launcher):
             )
             prepared.append(ret)
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)  # run_job switched it
-        run_dirs = [ret.return_value for ret in prepared]
+        groups = ensemble_groups([ret.cfg for ret in prepared])
+        for indices in groups:
+            members = [prepared[i] for i in indices]
+            # each ensemble its own shared checkpoint, named after its first job, so that each resumes
+            name = ENSEMBLE_DIR if len(groups) == 1 else f"{ENSEMBLE_DIR}-{members[0].return_value.name}"
+            self._train(members, sweep_dir, name)
+        return prepared
 
-        # the ensemble's log goes to every job's train.log
-        configure_log(prepared[0].hydra_cfg.hydra.job_logging, self.config.hydra.verbose)
+    def _train(self, members: list[JobReturn], sweep_dir: Path, ensemble_name: str) -> None:
+        """Train one ensemble, its log in each of its jobs' train.log; set each job's status and result
+        (a failure of the whole ensemble is every member's)."""
+        from saesweep import job
+        from saesweep.ensemble import ENSEMBLE_DIR
+
+        assert self.config is not None
+        run_dirs = [ret.return_value for ret in members]
+        configure_log(members[0].hydra_cfg.hydra.job_logging, self.config.hydra.verbose)
         root = logging.getLogger()
         first_file = next(h for h in root.handlers if isinstance(h, logging.FileHandler))
         extra = [logging.FileHandler(run_dir / Path(first_file.baseFilename).name) for run_dir in run_dirs[1:]]
         for handler in extra:
             handler.setFormatter(first_file.formatter)
             root.addHandler(handler)
+        if ensemble_name != ENSEMBLE_DIR:
+            log.info("ensemble %s: jobs %s", ensemble_name, ", ".join(d.name for d in run_dirs))
         try:
-            results = job.run_jobs([ret.cfg for ret in prepared], run_dirs, sweep_dir)
+            results = job.run_jobs([ret.cfg for ret in members], run_dirs, sweep_dir, ensemble_name)
             outcomes = [
                 (JobStatus.FAILED, result) if isinstance(result, Exception) else (JobStatus.COMPLETED, result.metrics["fvu"])
                 for result in results
             ]
         except Exception as error:  # every job of the ensemble failed with it; Hydra raises it at the end
-            outcomes = [(JobStatus.FAILED, error)] * len(prepared)
+            outcomes = [(JobStatus.FAILED, error)] * len(members)
         finally:
             for handler in extra:
                 root.removeHandler(handler)
                 handler.close()
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        for ret, (status, value) in zip(prepared, outcomes):
+        for ret, (status, value) in zip(members, outcomes):
             ret.status, ret.return_value = status, value
-        return prepared
