@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 
@@ -232,6 +233,15 @@ def test_wandb_offline_run_is_written_in_the_evaluation_dir(nested_evaluation):
     assert list(runs[0].glob("run-*.wandb")) and runs[0].joinpath("files").is_dir()
 
 
+def test_a_sweep_without_comparable_runs_says_so_and_is_still_summarised(tmp_path, caplog):
+    make_run(tmp_path / "0", true_features(32), hook_point=HOOK)
+    make_run(tmp_path / "1", true_features(64), hook_point="blocks.3.hook_resid_post")
+    evaluation = evaluate_sweep(tmp_path, wandb_settings=NO_WANDB)
+    assert "no two runs of" in caplog.text and "blocks.3.hook_resid_post d_in=32 model=/models/fake: 1" in caplog.text
+    assert evaluation.report["pairs"] == [] and len(evaluation.summary) == 2
+    assert all((evaluation.out_dir / f).stat().st_size > 1000 for f in PLOT_FILES.values())
+
+
 def test_runs_with_different_hook_points_or_widths_are_never_compared(tmp_path):
     features = true_features()
     make_run(tmp_path / "0", noisy_subset(features, 32), hook_point=HOOK)
@@ -249,6 +259,7 @@ def test_runs_with_different_hook_points_or_widths_are_never_compared(tmp_path):
         "in_largest": None,
         "in_runs": {},
         "matched_in_runs": {},
+        "larger_same_seed": None,
         "other_seed": None,
     }
     summary = read_summary(evaluation.out_dir)
@@ -446,3 +457,50 @@ def test_runs_that_differ_only_in_seed_are_compared_both_ways(tmp_path):
     assert (rows["1"]["other_seed_run"], rows["1"]["found_by_other_seed"], rows["1"]["matched_with_other_seed"]) == ("0", "32", "32")
     assert rows["2"]["other_seed_run"] == ""
     assert "by the other seed" in console_table(evaluation.summary, 0.9).splitlines()[0]
+
+
+def seed_size_sweep(sweep: Path) -> None:
+    """Dictionaries of 16, 32 and 64 features, seeds 0 and 1, all noisy copies of nested subsets of one
+    set of true directions: every feature of a smaller dictionary is in each larger one and in the other
+    seed's dictionary of its size."""
+    truth = true_features(64, d=16)
+    for job, (size, seed) in enumerate((s, seed) for s in (16, 32, 64) for seed in (0, 1)):
+        make_run(sweep / str(job), noisy_subset(truth, size, noise=0.01, seed=job))
+        cfg_path = sweep / str(job) / "cfg.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "seed": seed}))
+
+
+def test_features_are_found_again_up_each_seeds_sizes_and_in_total(tmp_path):
+    seed_size_sweep(tmp_path / "sweep")
+    evaluation = evaluate_sweep(tmp_path / "sweep", wandb_settings=NO_WANDB)
+    runs = evaluation.report["runs"]
+    # 16-feature seed 0 (job 0): its next larger of the same seed is job 2 (32, seed 0), then job 4 (64)
+    up = runs["0"]["found_again"]["larger_same_seed"]
+    assert (up["next_larger"], up["in_next_larger"], up["in_any_larger"], up["baseline_in_any_larger"]) == ("2", 16, 16, 0)
+    assert runs["3"]["found_again"]["larger_same_seed"]["next_larger"] == "5"  # 32, seed 1 → 64, seed 1
+    assert runs["4"]["found_again"]["larger_same_seed"] is None  # the largest of seed 0
+    # the seed's total: every feature of the 16- and 32-feature dictionaries, both seeds
+    assert evaluation.report["found_in_a_larger_dictionary"] == pytest.approx({
+        "definition": evaluation.report["found_in_a_larger_dictionary"]["definition"], "features": 2 * (16 + 32),
+        "baseline": 0})
+    rows = read_summary(tmp_path / "sweep" / "evaluation")
+    assert (rows["2"]["next_larger_run"], rows["2"]["found_in_next_larger"], rows["2"]["matched_with_next_larger"]) == ("4", "32", "32")
+    table = console_table(evaluation.summary, 0.9).splitlines()
+    assert "in the next larger, same seed" in table[0] and "by the other seed" in table[0]
+    assert table[-1].endswith("all runs: 96 (chance 0)")
+    for name in ("found_by_size", "mcs_vs_frequency"):
+        image = matplotlib.image.imread(evaluation.out_dir / PLOT_FILES[name])
+        assert image.shape[0] > 400 and image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_mcs_by_frequency_draws_a_median_per_bin_and_counts_dead_features(tmp_path):
+    from saesweep import plots
+
+    rng = np.random.default_rng(0)
+    frequency = np.concatenate([np.geomspace(1e-4, 0.1, 200), np.zeros(5)])
+    one = plots.FrequencySeries("a → b", frequency, rng.uniform(0, 1, 205), rng.uniform(0, 0.3, 205))
+    path = tmp_path / "freq.png"
+    plots.plot_mcs_by_frequency(path, {"in b": [one]}, 0.9)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+    plots.plot_mcs_by_frequency(tmp_path / "none.png", {"in b": []}, 0.9)  # nothing to compare: a message
+    assert (tmp_path / "none.png").stat().st_size > 1000

@@ -51,6 +51,8 @@ PLOT_FILES = {
     "features_found": "features_found.png",
     "mcs_matrix": "mcs_matrix.png",
     "pareto": "pareto.png",
+    "found_by_size": "found_by_size.png",
+    "mcs_vs_frequency": "mcs_vs_frequency.png",
 }
 _WANDB_MODES = ("online", "offline", "disabled")
 _HYPERPARAMETERS = ("architecture", "hook_point", "d_in", "d_sae", "dict_ratio", "l1_coef", "k")
@@ -160,11 +162,16 @@ class Run:
     cfg: dict
     metrics: dict[str, float]
     decoder: torch.Tensor  # W_dec [d_sae, d_in], float32, CPU
-    dead_features: int  # features that never fired on the eval tokens (feature_stats frequency == 0)
+    frequency: np.ndarray | None  # per feature: fraction of the held-out tokens it fired on (None: released)
 
     @property
     def d_sae(self) -> int:
         return self.decoder.shape[0]
+
+    @property
+    def dead_features(self) -> int:
+        """Features that never fired on the held-out tokens (0 for a released dictionary: unknown)."""
+        return 0 if self.frequency is None else int((self.frequency == 0).sum())
 
     @property
     def comparison_group(self) -> str:
@@ -210,7 +217,7 @@ class PairOverlap:
 class Comparison:
     groups: list[Group]
     pairs: dict[tuple[str, str], PairOverlap]  # (A, B) → overlap, for every ordered pair within a group
-    to_largest: dict[str, tuple[np.ndarray, np.ndarray]]  # run → (MCS, baseline MCS) against its largest
+    values: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (A, B) → (mcs(A → B), A's MCS by chance)
 
 
 @dataclass(frozen=True)
@@ -248,9 +255,7 @@ def load_run(run_dir: Path, name: str) -> Run | FailedRun:
             raise CheckpointError(f"{run_dir} has no per-feature frequency of {sae.d_sae} features")
     except CheckpointError as e:
         return FailedRun(name, run_dir, overrides, cfg, str(e))
-    return Run(
-        name, run_dir, overrides, cfg, metrics, sae.W_dec.detach().clone(), int((frequency == 0).sum())
-    )
+    return Run(name, run_dir, overrides, cfg, metrics, sae.W_dec.detach().clone(), frequency.float().numpy())
 
 
 def discover_runs(sweep_dir: Path, exclude: Path | None = None) -> tuple[list[Run], list[FailedRun]]:
@@ -301,7 +306,7 @@ def load_released(directories: list[Path], runs: list[Run]) -> list[Run]:
         described = {**cfg, "hook_point": hook_point, "architecture": trained_architecture(cfg),
                      "model_path": runs[0].cfg.get("model_path"), "model_name": runs[0].cfg.get("model_name")}
         name = f"{RELEASED_PREFIX}{Path(directory).name}"
-        released.append(Run(name, Path(directory), "", described, {}, sae.W_dec.detach().clone(), 0))
+        released.append(Run(name, Path(directory), "", described, {}, sae.W_dec.detach().clone(), None))
         log.info("compare_with: %s (%s, d_sae %d)", directory, described["architecture"], sae.d_sae)
     return released
 
@@ -384,7 +389,7 @@ def compare_runs(runs: list[Run], settings: EvalSettings) -> Comparison:
     by_group: dict[str, list[Run]] = {}
     for run in runs:
         by_group.setdefault(run.comparison_group, []).append(run)
-    groups, pairs, to_largest = [], {}, {}
+    groups, pairs, values = [], {}, {}
     for label, members in by_group.items():
         largest = max(members, key=lambda r: r.d_sae)  # max keeps the first of equals: name order
         groups.append(Group(label, members, largest))
@@ -397,33 +402,79 @@ def compare_runs(runs: list[Run], settings: EvalSettings) -> Comparison:
                 matched = matching(a, b)
                 pairs[a.name, b.name] = overlap(a, b, a_to_b, matched)
                 pairs[b.name, a.name] = overlap(b, a, b_to_a, matched)
-                for run, other, values in ((a, b, a_to_b), (b, a, b_to_a)):
-                    if other is largest:
-                        to_largest[run.name] = (values.numpy(), baseline_mcs(run, other.d_sae).numpy())
-    return Comparison(groups, pairs, to_largest)
+                values[a.name, b.name] = (a_to_b.numpy(), baseline_mcs(a, b.d_sae).numpy())
+                values[b.name, a.name] = (b_to_a.numpy(), baseline_mcs(b, a.d_sae).numpy())
+    return Comparison(groups, pairs, values)
 
 
 # cfg.json keys that may differ between two runs of the same setting (the seed itself, and records)
 _NOT_SETTINGS = ("seed", "created", "saesweep_version", "torch_version", "python_version", "tokens_trained",
                  "train_contexts")
+_SIZE_KEYS = ("dict_ratio", "d_sae")
+
+
+def _runs_by_setting(runs: list[Run], ignore: tuple[str, ...]) -> list[list[Run]]:
+    """The sweep's own runs (not released ones) in groups whose cfg.json agree but for `ignore`."""
+    by_setting: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.name.startswith(RELEASED_PREFIX) or run.cfg.get("seed") is None:
+            continue
+        setting = json.dumps({k: v for k, v in run.cfg.items() if k not in ignore}, sort_keys=True, default=str)
+        by_setting.setdefault(setting, []).append(run)
+    return list(by_setting.values())
 
 
 def seed_partners(runs: list[Run]) -> dict[str, str]:
     """Each run's partner trained with another `seed` and otherwise the same settings (the first in name
     order): a feature found again by a second seed at the same size is not an accident of initialisation."""
-    by_setting: dict[str, list[Run]] = {}
-    for run in runs:
-        if run.name.startswith(RELEASED_PREFIX) or run.cfg.get("seed") is None:
-            continue
-        setting = json.dumps({k: v for k, v in run.cfg.items() if k not in _NOT_SETTINGS}, sort_keys=True, default=str)
-        by_setting.setdefault(setting, []).append(run)
     partners = {}
-    for same in by_setting.values():
+    for same in _runs_by_setting(runs, _NOT_SETTINGS):
         for run in same:
             other = next((o for o in same if o.cfg["seed"] != run.cfg["seed"]), None)
             if other is not None:
                 partners[run.name] = other.name
     return partners
+
+
+def larger_dictionaries(runs: list[Run]) -> dict[str, list[str]]:
+    """Each run's larger dictionaries trained with the same settings and seed, smallest first (its
+    place on the sweep's size axis): the seed's "found again in a larger dictionary" compares these."""
+    ladders = {}
+    for same in _runs_by_setting(runs, tuple(k for k in _NOT_SETTINGS if k != "seed") + _SIZE_KEYS):
+        for run in same:
+            larger = sorted((o for o in same if o.d_sae > run.d_sae), key=lambda o: (o.d_sae, natural_key(o.name)))
+            if larger:
+                ladders[run.name] = [o.name for o in larger]
+    return ladders
+
+
+@dataclass(frozen=True)
+class SizeFindings:
+    """A run's features found again up its size axis (larger dictionaries of the same settings and seed)."""
+
+    next_larger: str  # the smallest larger dictionary
+    in_next_larger: int  # features with MCS ≥ found_threshold there
+    baseline_in_next_larger: int
+    matched_in_next_larger: int | None  # one-to-one matched pairs with cosine ≥ found_threshold
+    in_any_larger: int  # features with MCS ≥ found_threshold in at least one larger dictionary
+    baseline_in_any_larger: int
+
+
+def size_findings(runs: list[Run], comparison: Comparison, threshold: float) -> dict[str, SizeFindings]:
+    findings = {}
+    for name, larger in larger_dictionaries(runs).items():
+        found = [comparison.values[name, other][0] >= threshold for other in larger]
+        chance = [comparison.values[name, other][1] >= threshold for other in larger]
+        nearest = comparison.pairs[name, larger[0]]
+        findings[name] = SizeFindings(
+            next_larger=larger[0],
+            in_next_larger=nearest.found_again,
+            baseline_in_next_larger=nearest.baseline_found_again,
+            matched_in_next_larger=nearest.matched,
+            in_any_larger=int(np.logical_or.reduce(found).sum()),
+            baseline_in_any_larger=int(np.logical_or.reduce(chance).sum()),
+        )
+    return findings
 
 
 def build_report(
@@ -432,6 +483,7 @@ def build_report(
     """The content of mcs.json."""
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
     partners = seed_partners(runs)
+    up_the_sizes = size_findings(runs, comparison, settings.found_threshold)
     run_entries: dict[str, dict] = {}
     for run in runs:
         largest = largest_of[run.name]
@@ -450,6 +502,7 @@ def build_report(
                 "in_largest": None if largest is run else in_runs[largest.name],
                 "in_runs": in_runs,
                 "matched_in_runs": {b: p.matched for (a, b), p in comparison.pairs.items() if a == run.name},
+                "larger_same_seed": asdict(up_the_sizes[run.name]) if run.name in up_the_sizes else None,
                 "other_seed": None if by_seed is None else {
                     "run": partner,
                     "found_again": by_seed.found_again,
@@ -485,6 +538,12 @@ def build_report(
             for (a, b), p in comparison.pairs.items()
         ],
         "headline": headline(runs, failed, comparison),
+        "found_in_a_larger_dictionary": {
+            "definition": "Σ over runs of their features with MCS ≥ found_threshold in at least one larger "
+            "dictionary of the same settings and seed (the seed's count of features found again)",
+            "features": sum(f.in_any_larger for f in up_the_sizes.values()),
+            "baseline": sum(f.baseline_in_any_larger for f in up_the_sizes.values()),
+        },
     }
 
 
@@ -510,11 +569,14 @@ def headline(runs: list[Run], failed: list[FailedRun], comparison: Comparison) -
     return numbers
 
 
-def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Comparison) -> list[dict]:
+def summary_rows(
+    runs: list[Run], failed: list[FailedRun], comparison: Comparison, found_threshold: float
+) -> list[dict]:
     """One row per run (failed ones included), in name order: hyperparameters, the run's overlap with
     its group's largest dictionary, and every key of its metrics.json."""
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
     partners = seed_partners(runs)
+    up_the_sizes = size_findings(runs, comparison, found_threshold)
     metric_keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
     # every architecture key of any run (sae.k, sae.l0_coef, ...): a column each, empty where it has none
     sae_keys = list(dict.fromkeys(k for r in [*runs, *failed] for k in (r.cfg.get("sae") or {}) if k != "architecture"))
@@ -536,6 +598,12 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
             "baseline_found_in_largest": None,
             "matched_with_largest": None,
             "baseline_matched_with_largest": None,
+            "next_larger_run": None,
+            "found_in_next_larger": None,
+            "baseline_found_in_next_larger": None,
+            "matched_with_next_larger": None,
+            "found_in_any_larger": None,
+            "baseline_found_in_any_larger": None,
             "other_seed_run": None,
             "found_by_other_seed": None,
             "baseline_found_by_other_seed": None,
@@ -557,6 +625,15 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
                     "matched_with_largest": p.matched,
                     "baseline_matched_with_largest": p.baseline_matched,
                 }
+            if (up := up_the_sizes.get(entry.name)) is not None:
+                row |= {
+                    "next_larger_run": up.next_larger,
+                    "found_in_next_larger": up.in_next_larger,
+                    "baseline_found_in_next_larger": up.baseline_in_next_larger,
+                    "matched_with_next_larger": up.matched_in_next_larger,
+                    "found_in_any_larger": up.in_any_larger,
+                    "baseline_found_in_any_larger": up.baseline_in_any_larger,
+                }
             if partner := partners.get(entry.name):
                 p = comparison.pairs[entry.name, partner]
                 row |= {
@@ -571,8 +648,10 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
 
 
 def console_table(rows: list[dict], found_threshold: float) -> str:
-    """The evaluation as a short table for the console: per run its fidelity (± standard error) and
-    how many of its features the largest dictionary of its group finds again, beside chance."""
+    """The evaluation as a short table for the console: per run its fidelity (± standard error) and how
+    many of its features are found again, beside chance: in the next larger dictionary of the same
+    settings and seed when the sweep has a size axis (else in the largest of its group), and by the
+    other seed when it has one; then the sweep's total found again in a larger dictionary."""
 
     def number(row: dict, key: str, digits: int) -> str:
         value, se = row.get(key), row.get(f"{key}_se")
@@ -580,31 +659,45 @@ def console_table(rows: list[dict], found_threshold: float) -> str:
             return "-"
         return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
+    def share(found: int, d_sae: int, matched: int | None) -> str:
+        return f"{found} of {d_sae} ({found / d_sae:.1%}" + (f", matched {matched / d_sae:.1%})" if matched is not None else ")")
+
     seeds = any(row.get("other_seed_run") for row in rows)
-    header = ["run", "architecture", "d_sae", "L0", "FVU", "ce_recovered", f"found again in largest (MCS ≥ {found_threshold:g})"]
+    sizes = any(row.get("next_larger_run") for row in rows)
+    where = "in the next larger, same seed" if sizes else "in the largest"
+    header = ["run", "architecture", "d_sae", "L0", "FVU", "ce_recovered", f"found again {where} (MCS ≥ {found_threshold:g})"]
     if seeds:
-        header.append("by the other seed (matched); chance")
+        header.append("by the other seed")
     table = [header]
     for row in rows:
         if row["status"] != "ok":
             table.append([row["run"], "failed", "", "", "", "", str(row["failure"])[:60]] + [""] * seeds)
             continue
-        found = row["found_in_largest"]
-        if found is None:
+        if sizes:
+            found = row.get("found_in_next_larger")
+            again = "-" if found is None else (
+                f"{share(found, row['d_sae'], row['matched_with_next_larger'])}; chance "
+                f"{row['baseline_found_in_next_larger']} in {row['next_larger_run']}")
+        elif (found := row["found_in_largest"]) is None:
             again = "(the largest)" if row["largest_in_group"] == row["run"] else "-"
         else:
-            again = (f"{found} of {row['d_sae']} ({found / row['d_sae']:.1%}); chance "
+            again = (f"{share(found, row['d_sae'], row['matched_with_largest'])}; chance "
                      f"{row['baseline_found_in_largest']} in {row['largest_in_group']}")
         line = [row["run"], str(row["architecture"]), str(row["d_sae"]), number(row, "l0", 1),
                 number(row, "fvu", 4), number(row, "ce_recovered", 4), again]
         if seeds:
             found = row.get("found_by_other_seed")
             line.append("-" if found is None else (
-                f"{found / row['d_sae']:.1%} ({(row['matched_with_other_seed'] or 0) / row['d_sae']:.1%}); "
-                f"chance {row['baseline_found_by_other_seed']}"))
+                f"{share(found, row['d_sae'], row['matched_with_other_seed'])}; chance {row['baseline_found_by_other_seed']}"))
         table.append(line)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    if sizes:
+        total = sum(row.get("found_in_any_larger") or 0 for row in rows)
+        chance = sum(row.get("baseline_found_in_any_larger") or 0 for row in rows)
+        lines.append(f"features found again in a larger dictionary of the same seed (MCS ≥ {found_threshold:g}), "
+                     f"all runs: {total} (chance {chance})")
+    return "\n".join(lines)
 
 
 def write_summary_csv(path: Path, rows: list[dict]) -> None:
@@ -626,9 +719,9 @@ def write_plots(
         largest = group.largest
         points = []
         for run in group.runs:
-            if run.name not in comparison.to_largest:
+            if (run.name, largest.name) not in comparison.values:
                 continue
-            values, chance = comparison.to_largest[run.name]
+            values, chance = comparison.values[run.name, largest.name]
             hist_panels.append(
                 plots.HistogramPanel(
                     title=f"run {run.name} ({run.d_sae} features) → run {largest.name} ({largest.d_sae})",
@@ -650,6 +743,7 @@ def write_plots(
                 title += f"\n{group.label}"
             found_panels.append(plots.FoundPanel(title=title, points=points))
     plots.plot_mcs_histograms(paths["mcs_hist"], hist_panels, settings.found_threshold)
+    _plot_found_again(paths, runs, comparison, settings.found_threshold)
     plots.plot_features_found(paths["features_found"], found_panels, settings.thresholds)
 
     names = [run.name for run in runs]
@@ -681,6 +775,46 @@ def write_plots(
         ],
     )
     return paths
+
+
+def _plot_found_again(paths: dict[str, Path], runs: list[Run], comparison: Comparison, threshold: float) -> None:
+    """found_by_size.png and mcs_vs_frequency.png: features found again in the next larger dictionary of
+    the same seed, and by the other seed, by size and by feature frequency."""
+    by_name = {run.name: run for run in runs}
+    ladders = larger_dictionaries(runs)
+    partners = seed_partners(runs)
+    several_architectures = len({trained_architecture(run.cfg) for run in runs}) > 1
+
+    def label(run: Run) -> str:
+        return (f"{trained_architecture(run.cfg)}, " if several_architectures else "") + f"seed {run.cfg.get('seed')}"
+
+    def series(pairs: dict[str, str]) -> list[plots.SizeSeries]:
+        lines: dict[str, list[Run]] = {}
+        for name in pairs:
+            lines.setdefault(label(by_name[name]), []).append(by_name[name])
+        out = []
+        for line_label, members in lines.items():
+            members.sort(key=lambda r: r.d_sae)
+            found = [int((comparison.values[r.name, pairs[r.name]][0] >= threshold).sum()) for r in members]
+            chance = [int((comparison.values[r.name, pairs[r.name]][1] >= threshold).sum()) for r in members]
+            out.append(plots.SizeSeries(line_label, [r.d_sae for r in members], found, chance))
+        return out
+
+    next_larger = {name: larger[0] for name, larger in ladders.items()}
+    up, across = "in the next larger dictionary, same seed", "by the other seed, same size"
+    plots.plot_found_by_size(paths["found_by_size"], {up: series(next_larger), across: series(partners)}, threshold)
+
+    def frequency_series(pairs: dict[str, str]) -> list[plots.FrequencySeries]:
+        return [
+            plots.FrequencySeries(f"{name} ({by_name[name].d_sae}) → {other}", by_name[name].frequency,
+                                  *comparison.values[name, other])
+            for name, other in sorted(pairs.items(), key=lambda kv: natural_key(kv[0]))
+            if by_name[name].frequency is not None
+        ]
+
+    plots.plot_mcs_by_frequency(
+        paths["mcs_vs_frequency"], {up: frequency_series(next_larger), across: frequency_series(partners)}, threshold
+    )
 
 
 def training_group(sweep_dir: Path, run_dirs: list[Path]) -> str:
@@ -753,8 +887,14 @@ def evaluate_sweep(
         runs = runs + load_released([Path(d) for d in compare_with], runs)
     log.info("%d runs to compare, %d failed", len(runs), len(failed))
     comparison = compare_runs(runs, settings)
+    if runs and not comparison.pairs:
+        log.warning(
+            "no two runs of %s can be compared: MCS needs two dictionaries of the same hook point, d_in and model, "
+            "and these runs are %s; fidelity is still summarised",
+            sweep_dir, "; ".join(f"{g.label}: {', '.join(r.name for r in g.runs)}" for g in comparison.groups),
+        )
     report = build_report(sweep_dir, runs, failed, comparison, settings)
-    summary = summary_rows(runs, failed, comparison)
+    summary = summary_rows(runs, failed, comparison, settings.found_threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / MCS_FILE, report)
     write_summary_csv(out_dir / SUMMARY_FILE, summary)

@@ -142,6 +142,100 @@ def plot_features_found(path: Path, panels: list[FoundPanel], thresholds: tuple[
     _save(fig, path)
 
 
+@dataclass(frozen=True)
+class SizeSeries:
+    """Features found again, per dictionary size, along one line of a sweep (e.g. one seed's sizes)."""
+
+    label: str
+    d_sae: list[int]
+    found: list[int]  # features found again at found_threshold
+    baseline: list[int]  # the same against random dictionaries of the same shapes
+
+
+def plot_found_by_size(
+    path: Path, panels: dict[str, list[SizeSeries]], threshold: float
+) -> None:
+    """Does finding features again rise with dictionary size? One row per kind of "again" (in the next
+    larger dictionary of the same seed; by the other seed at the same size): counts on the left,
+    fractions of the dictionary on the right, each series beside its chance baseline (grey, dashed)."""
+    panels = {title: series for title, series in panels.items() if series}
+    if not panels:
+        return _write_message(path, "Features found again by dictionary size",
+                              "no larger dictionary of the same settings and seed, and no second seed")
+    fig = Figure(figsize=(12, 4.4 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 2, squeeze=False)
+    for (title, series), (count_ax, fraction_ax) in zip(panels.items(), axes, strict=True):
+        for one, marker in zip(series, cycle(_MARKERS), strict=False):
+            sizes = np.asarray(one.d_sae, dtype=float)
+            for ax, scale in ((count_ax, 1.0), (fraction_ax, 1.0 / sizes)):
+                ax.plot(sizes, np.asarray(one.found) * scale, marker=marker, label=one.label)
+                ax.plot(sizes, np.asarray(one.baseline) * scale, marker=marker, color="grey", linestyle="--",
+                        alpha=0.7, label=f"chance ({one.label})")
+        sizes = sorted({d for one in series for d in one.d_sae})
+        for ax, ylabel in ((count_ax, "features found again"), (fraction_ax, "fraction of the dictionary")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(d) for d in sizes])
+            ax.minorticks_off()
+            ax.set_xlabel("dictionary size (features)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title} (MCS ≥ {threshold:g})", fontsize=10)
+            ax.grid(alpha=0.3)
+        fraction_ax.set_ylim(0.0, 1.0)
+        count_ax.legend(fontsize=8)
+    fig.suptitle("Features found again, by dictionary size")
+    _save(fig, path)
+
+
+@dataclass(frozen=True)
+class FrequencySeries:
+    label: str
+    frequency: np.ndarray  # per feature: fraction of held-out tokens it fires on
+    mcs: np.ndarray  # per feature: its MCS in the other dictionary
+    baseline: np.ndarray  # per feature: its MCS in a random dictionary of the other's shape
+
+
+_FREQUENCY_BINS = 12
+
+
+def plot_mcs_by_frequency(path: Path, panels: dict[str, list[FrequencySeries]], threshold: float) -> None:
+    """Are frequent features found first? Each feature's MCS against its firing frequency (log scale),
+    the median per frequency bin as a line, and the median of chance (grey, dashed); dead features,
+    which have no frequency to place, are counted in the legend."""
+    panels = {title: series for title, series in panels.items() if series}
+    if not panels:
+        return _write_message(path, "MCS by feature frequency", "no two comparable runs")
+    fig = Figure(figsize=(6.4 * len(panels), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    colors = matplotlib.colormaps["viridis"]
+    for ax, (title, series) in zip(axes, panels.items(), strict=True):
+        alive = [one.frequency[one.frequency > 0] for one in series]
+        low = min((a.min() for a in alive if a.size), default=1e-6)
+        high = max((a.max() for a in alive if a.size), default=1.0)
+        edges = np.geomspace(low, high * 1.0001, _FREQUENCY_BINS + 1)
+        for i, one in enumerate(series):
+            color = colors(0.85 * i / max(1, len(series) - 1))
+            keep = one.frequency > 0
+            x, y, chance = one.frequency[keep], one.mcs[keep], one.baseline[keep]
+            ax.scatter(x, y, s=3, alpha=0.25, color=color, linewidths=0)
+            which = np.clip(np.digitize(x, edges) - 1, 0, _FREQUENCY_BINS - 1)
+            filled = [b for b in range(_FREQUENCY_BINS) if (which == b).any()]
+            centres = np.sqrt(edges[filled] * edges[np.asarray(filled, dtype=int) + 1])
+            dead = int((~keep).sum())
+            ax.plot(centres, [np.median(y[which == b]) for b in filled], color=color, marker="o",
+                    label=one.label + (f" ({dead} dead not shown)" if dead else ""))
+            ax.plot(centres, [np.median(chance[which == b]) for b in filled], color="grey", linestyle="--", alpha=0.7)
+        ax.axhline(threshold, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_xlabel("feature frequency (fraction of held-out tokens)")
+        ax.set_ylabel("MCS")
+        ax.set_title(f"{title}\n(lines: median per frequency bin; grey dashed: chance; dotted: {threshold:g})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("MCS against feature frequency")
+    _save(fig, path)
+
+
 def plot_mcs_matrix(path: Path, labels: list[str], matrix: np.ndarray) -> None:
     """Run × run heatmap of mean MCS (row A's features searched in column B); NaN = not comparable."""
     n = len(labels)
