@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
 
-.PHONY: install train train-offline sweep evaluate report test test-slow test-interop test-browser lint clean cache-info bench
+.PHONY: install train train-offline sweep reproduce evaluate report test test-slow test-interop test-browser lint clean cache-info bench
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -32,6 +32,14 @@ QUICK_SWEEP := multirun/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
 sweep:
 	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 dict_ratio=1,2,4,8 sae=topk train.ensemble=true hydra.sweep.dir=$(QUICK_SWEEP) $(ARGS)
 	$(PYTHON) evaluate.py sweep_dir=$(QUICK_SWEEP)
+
+# The seed's experiment on the reference model (conf/experiment/seed_reference.yaml: dict_ratio 1,2,4,8 ×
+# seeds 0,1), its evaluation, and REPRODUCTION.md with its figures regenerated from that evaluation.
+REPRODUCE_SWEEP := multirun/seed_reference/$(shell date +%Y-%m-%d_%H-%M-%S)
+reproduce:
+	$(PYTHON) train.py experiment=seed_reference $(OFFLINE_ARGS) hydra.sweep.dir=$(REPRODUCE_SWEEP) -m $(ARGS)
+	$(PYTHON) evaluate.py sweep_dir=$(REPRODUCE_SWEEP)
+	$(PYTHON) -m saesweep.reproduction $(REPRODUCE_SWEEP) --command "make reproduce   # = python train.py experiment=seed_reference -m, python evaluate.py sweep_dir=..., python -m saesweep.reproduction ..."
 
 # MCS between the runs of a sweep, summary table, plots, W&B evaluation run: make evaluate SWEEP=multirun/<date>/<time>
 evaluate:

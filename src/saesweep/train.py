@@ -323,6 +323,7 @@ def describe_run(
         "ctx_len": cfg.ctx_len,
         "eval_n_tokens": cfg.eval.n_tokens,  # the first eval_n_tokens of the held-out order (ContextSource)
         "n_tokens": cfg.n_tokens,
+        "epochs": cfg.trainer.get("max_epochs", 1),  # passes over the n_tokens (trainer.max_steps may cut the last)
         "tokens_trained": tokens_trained,
         "train_contexts": train_contexts,  # contexts the harvest read
         "seed": cfg.seed,

@@ -1,0 +1,39 @@
+"""REPRODUCTION.md is generated from an evaluated sweep: its tables hold the evaluation's numbers, its
+figures are copied beside it, and a sweep that was not evaluated is one clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+from saesweep.evaluate import evaluate_sweep
+from saesweep.reproduction import by_size, read_evaluation, targets, write_reproduction
+from test_evaluate import NO_WANDB, seed_size_sweep
+
+
+def test_reproduction_holds_the_evaluations_numbers_and_figures(tmp_path):
+    sweep = tmp_path / "sweep"
+    seed_size_sweep(sweep)  # sizes 16, 32, 64 (dict_ratio 1, 2, 4), seeds 0 and 1, all nested
+    evaluate_sweep(sweep, wandb_settings=NO_WANDB)
+    out = write_reproduction(sweep, tmp_path / "REPRODUCTION.md", "make reproduce")
+    text = out.read_text()
+    assert "make reproduce" in text and "(the seed's total): **96** (chance 0)" in text
+    # the by-size table: every feature of the 16- and 32-feature dictionaries is found again
+    assert "| 1 | 16 | 16.0 (100.0%) | 100.0% | 16.0 (100.0%) | 100.0% |" in text
+    assert "| 4 | 64 | – (–) | – | 64.0 (100.0%) | 100.0% |" in text
+    for name in ("found_by_size.png", "mcs_vs_frequency.png", "features_found.png", "pareto.png"):
+        assert f"(docs/reproduction/{name})" in text and (tmp_path / "docs" / "reproduction" / name).stat().st_size > 1000
+    _, runs = read_evaluation(sweep)
+    rises_up, rises_across, next_size, other_seed = targets(by_size(runs))
+    assert rises_up[1:] == ("1×: 16.0, 2×: 32.0", True) and rises_across[1:] == ("1×: 16.0, 2×: 32.0, 4×: 64.0", True)
+    assert next_size[1:] == ("–", None)  # no 8× dictionary in this sweep: not measurable
+    assert other_seed[1:] == ("100.0%", True)
+
+
+def test_an_unevaluated_sweep_is_one_clear_error(tmp_path):
+    seed_size_sweep(tmp_path / "sweep")
+    done = subprocess.run([sys.executable, "-m", "saesweep.reproduction", str(tmp_path / "sweep"), "--out",
+                           str(tmp_path / "R.md")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "run `python evaluate.py sweep_dir=" in done.stderr and not (tmp_path / "R.md").exists()
