@@ -568,3 +568,57 @@ def test_report_of_a_released_dictionary_given_its_model_and_text(tmp_path, tiny
     assert built.features == [0, 5] and (released / "report" / "index.html").is_file()
     assert built.data["run"]["architecture"] == "topk" and built.data["run"]["hook_point"] == LAST_HOOK
     assert built.data["held_out"]["n_tokens"] == REPORT_TOKENS
+
+
+# --- context dependence ----------------------------------------------------------------------------
+
+
+def test_a_token_identity_feature_scores_zero(tiny_model, tiny_model_dir, corpus_path, tmp_path):
+    """At blocks.0.hook_resid_pre the residual is the token's embedding alone, so a feature there is read
+    off the token: its activation on BOS + token equals its activation in any context."""
+    t = single_token(tiny_model, " dog")
+    sae = _encoder_on_embedding(tiny_model, t, d_sae=2, feature=0)
+    run = write_run(tmp_path / "run", sae, tiny_model_dir, corpus_path, "blocks.0.hook_resid_pre")
+    feature = build_report(run, fast_settings(features=(0,)), model=tiny_model).data["features"][0]
+    examples = feature["top_examples"] + feature["uniform_examples"]
+    assert len(examples) >= 4
+    assert all(e["alone_activation"] == pytest.approx(e["activation"], rel=1e-3, abs=1e-4) for e in examples)
+    assert feature["context_dependence"] == pytest.approx(0.0, abs=1e-3)
+    # nothing before the token matters to it: deleting any earlier token changes nothing
+    assert all(abs(o["mean_drop"]) < 1e-4 for o in feature["deletion_by_offset"] if o["mean_drop"] is not None)
+
+
+def test_a_feature_reading_the_previous_token_scores_high_with_its_spike_at_minus_one(marker_model):
+    """The marker model's feature fires once T has been seen; in contexts where T is exactly the previous
+    token it reads that token: alone (BOS + the current token) it is silent, and deleting offset −1 alone
+    removes its activation."""
+    model, _, t = marker_model
+    sae = _encoder_on_embedding(model, t, d_sae=2, feature=0)
+    filler = [i for i in range(5, 200) if i != t]
+    bos = model.tokenizer.bos_token_id
+    contexts = torch.tensor([[bos, *filler[k * 20 : k * 20 + CTX_LEN - 1]] for k in range(3)])
+    positions = (6, 10, 14)
+    for row, p in enumerate(positions):
+        contexts[row, p - 1] = t
+    acts = sae.encode(harvest(model, contexts, MARK_HOOK, 8))[..., 0]
+    examples = [views.Example(row, p, float(acts[row, p])) for row, p in enumerate(positions)]
+    assert min(e.activation for e in examples) > 1.0
+    tokens = torch.tensor([int(contexts[e.context, e.position]) for e in examples])
+    alone = views.token_alone_activations(model, sae, MARK_HOOK, tokens, torch.zeros(3, dtype=torch.long), bos, 8)
+    assert alone.abs().max() < 0.2
+    score = views.context_dependence(torch.tensor([e.activation for e in examples]), alone)
+    assert score > 0.9
+    deltas = views.deletion_effects(model, sae, MARK_HOOK, contexts, [(0, e) for e in examples], 1, 8)
+    by_offset = {offset: (drop, n) for offset, drop, n in views.deletion_by_offset(deltas, CTX_LEN - 1)}
+    drop, n = by_offset[-1]
+    assert n == 3 and drop == pytest.approx(sum(e.activation for e in examples) / 3, rel=0.1)
+    assert max(abs(d) for offset, (d, _) in by_offset.items() if offset != -1 and d is not None) < 1e-3
+    assert by_offset[-CTX_LEN + 1] == (None, 0)  # no example has a token that far back
+
+
+def test_context_dependence_score_is_weighted_and_bounded():
+    fired = torch.tensor([4.0, 1.0])
+    assert views.context_dependence(fired, torch.tensor([4.0, 0.0])) == pytest.approx(0.2)  # 1 − 4/5
+    assert views.context_dependence(fired, torch.tensor([9.0, 3.0])) == 0.0  # stronger alone: still read off the token
+    assert views.context_dependence(fired, torch.tensor([-1.0, -1.0])) == 1.0
+    assert views.context_dependence(torch.zeros(2), torch.zeros(2)) is None

@@ -195,6 +195,11 @@ def _compute_views(
         histograms = views.activation_histograms(acts, settings.histogram_bins)
         causal = [_causal_examples(t, u, settings) for t, u in zip(tops, uniforms)]
 
+    with watch("context_dependence"):
+        bos = int(contexts[0, 0]) if run_setting(run_cfg, "dataset", "prepend_bos") else None
+        alone = (_token_alone(model, sae, hook_point, contexts, features, tops, uniforms, bos, settings)
+                 if settings.context_dependence else None)
+
     with watch("logit_lens"):
         w_u = views.effective_unembedding(model, settings.use_ln_final).to(sae.W_dec.device)
         excluded, rule = _excluded_tokens(w_u, settings)
@@ -223,6 +228,8 @@ def _compute_views(
                 name: _round(float(sweep.mcs[r, feature])) for r, name in enumerate(sweep.run_names)
             }
             best = max(mcs_runs.values()) if mcs_runs else None
+            examples = tops[j] + uniforms[j]
+            alone_j = None if alone is None else alone[j]
             pages.append({
                 "id": feature,
                 "frequency": float(stats.frequency[feature]),
@@ -232,12 +239,24 @@ def _compute_views(
                 "mcs_max": best,
                 "found_again": None if best is None else best >= settings.found_threshold,
                 "histogram": {"edges": _rounded(edges), "counts": counts},
+                "context_dependence": None if alone_j is None else _maybe_round(views.context_dependence(
+                    torch.tensor([e.activation for e in examples]), torch.tensor(alone_j))),
+                "deletion_by_offset": [
+                    {"offset": offset, "mean_drop": _maybe_round(drop), "n": n}
+                    for offset, drop, n in views.deletion_by_offset(deletions_of[j], contexts.shape[1] - 1)
+                ],
                 "logit_lens": {
                     "top": _lens_entries(lens[0][j], lens[1][j], text),
                     "bottom": _lens_entries(lens[2][j], lens[3][j], text),
                 },
-                "top_examples": [_example(e, contexts, feature_acts, text, whole=True) for e in tops[j]],
-                "uniform_examples": [_example(e, contexts, feature_acts, text, whole=False) for e in uniforms[j]],
+                "top_examples": [
+                    _example(e, contexts, feature_acts, text, whole=True, alone=_at(alone_j, k))
+                    for k, e in enumerate(tops[j])
+                ],
+                "uniform_examples": [
+                    _example(e, contexts, feature_acts, text, whole=False, alone=_at(alone_j, len(tops[j]) + k))
+                    for k, e in enumerate(uniforms[j])
+                ],
                 "ablated_text": [
                     {**_example(e, contexts, feature_acts, text, whole=False), "kind": _kind(e),
                      "deltas": _rounded(d.tolist())}
@@ -357,8 +376,42 @@ def _kind(example: views.Example) -> str:
     return "top" if example.bin is None else f"bin {example.bin + 1}"
 
 
-def _example(e: views.Example, contexts: torch.Tensor, feature_acts: torch.Tensor, text, whole: bool) -> dict:
-    """An example as JSON: the whole context (top examples) or the context up to the example's token."""
+def _token_alone(
+    model, sae: Sae, hook_point: str, contexts: torch.Tensor, features: list[int], tops: list[list[views.Example]],
+    uniforms: list[list[views.Example]], bos: int | None, settings: ReportSettings,
+) -> list[list[float]]:
+    """Per feature, per example (top ones, then uniform ones): the feature's activation on the example's
+    token alone. Each distinct (feature, token) goes through the model once; an example on the context's
+    first token (BOS) has no context to lose and keeps its own activation."""
+    pairs: dict[tuple[int, int], int] = {}
+    for feature, examples in zip(features, (t + u for t, u in zip(tops, uniforms))):
+        for e in examples:
+            if e.position > 0:
+                pairs.setdefault((feature, int(contexts[e.context, e.position])), len(pairs))
+    values = torch.empty(0)
+    if pairs:
+        keys = torch.tensor(list(pairs), dtype=torch.long)
+        values = views.token_alone_activations(model, sae, hook_point, keys[:, 1], keys[:, 0], bos, settings.batch_contexts)
+    return [
+        [e.activation if e.position == 0 else float(values[pairs[feature, int(contexts[e.context, e.position])]])
+         for e in t + u]
+        for feature, t, u in zip(features, tops, uniforms)
+    ]
+
+
+def _at(values: list[float] | None, k: int) -> float | None:
+    return None if values is None else _round(values[k])
+
+
+def _maybe_round(x: float | None) -> float | None:
+    return None if x is None else _round(x)
+
+
+def _example(
+    e: views.Example, contexts: torch.Tensor, feature_acts: torch.Tensor, text, whole: bool, alone: float | None = None
+) -> dict:
+    """An example as JSON: the whole context (top examples) or the context up to the example's token;
+    `alone`: the feature's activation on the example's token without its context."""
     end = contexts.shape[1] if whole else e.position + 1
     ids = contexts[e.context, :end].tolist()
     return {
@@ -366,6 +419,7 @@ def _example(e: views.Example, contexts: torch.Tensor, feature_acts: torch.Tenso
         "position": e.position,
         "activation": _round(e.activation),
         **({"bin": e.bin} if e.bin is not None else {}),
+        **({"alone_activation": alone} if alone is not None else {}),
         "token_ids": ids,
         "tokens": text(ids),
         "activations": _rounded(feature_acts[e.context, :end].tolist()),

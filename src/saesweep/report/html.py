@@ -28,7 +28,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .t { white-space: pre; border-radius: 2px; padding: 1px 0; }
 .t.hit { outline: 2px solid #1d2329; outline-offset: 0; }
 .ex { display: flex; gap: 12px; padding: 3px 0; border-bottom: 1px dotted var(--line); align-items: baseline; }
-.ex .val { flex: 0 0 132px; color: var(--muted); font: 12px/1.9 "DejaVu Sans Mono", Menlo, monospace; text-align: right;
+.ex .val { flex: 0 0 170px; color: var(--muted); font: 12px/1.9 "DejaVu Sans Mono", Menlo, monospace; text-align: right;
            white-space: nowrap; }
 .ex .tokens { flex: 1 1 auto; }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 8px 32px; }
@@ -226,6 +226,7 @@ def index_rows(data: dict) -> list[dict]:
             "freq": f["frequency"],
             "max": f["max_activation"],
             "mcs": f["mcs_max"],
+            "ctx": f.get("context_dependence"),
             "lens": [chip_token(t["token"]) for t in f["logit_lens"]["top"][:_SHOWN_TOKENS_IN_TABLE]],
             "snip": _snippet(f),
         }
@@ -240,7 +241,7 @@ const PAGE = 500;  // rows added to the table at a time: the DOM stays small how
 const body = document.querySelector("#features tbody");
 const heads = Array.from(document.querySelectorAll("#features th"));
 const filterBox = document.getElementById("filter"), minFreq = document.getElementById("minfreq"),
-      minMcs = document.getElementById("minmcs"), count = document.getElementById("count"),
+      minMcs = document.getElementById("minmcs"), minCtx = document.getElementById("minctx"), count = document.getElementById("count"),
       more = document.getElementById("more");
 let sortKey = "freq", sortDir = -1, view = ROWS, shown = 0;
 
@@ -255,7 +256,7 @@ for (const r of ROWS) {
 function rowHtml(r) {
   return '<tr><td class="num"><a href="features/' + r.id + '.html">' + r.id + "</a></td>" +
     '<td class="num">' + fmt(r.freq, 3) + '</td><td class="num">' + fmt(r.max, 4) + "</td>" +
-    '<td class="num">' + fmt(r.mcs, 3) + "</td><td>" +
+    '<td class="num">' + fmt(r.mcs, 3) + '</td><td class="num">' + fmt(r.ctx, 2) + "</td><td>" +
     r.lens.map(t => '<span class="chip">' + esc(t) + "</span>").join("") + "</td>" +
     '<td class="snip" title="' + esc(r.snipText) + '">' + esc(r.snip.pre) + "<mark>" + esc(r.snip.hit) +
     "</mark>" + esc(r.snip.post) + "</td></tr>";
@@ -276,9 +277,10 @@ function showMore() {
 }
 function update() {
   const q = filterBox.value.trim().toLowerCase();
-  const f = parseFloat(minFreq.value), m = parseFloat(minMcs.value);
+  const f = parseFloat(minFreq.value), m = parseFloat(minMcs.value), c = parseFloat(minCtx.value);
   view = ROWS.filter(r => (!q || r.text.includes(q)) && (isNaN(f) || r.freq >= f) &&
-                          (isNaN(m) || (r.mcs !== null && r.mcs >= m)));
+                          (isNaN(m) || (r.mcs !== null && r.mcs >= m)) &&
+                          (isNaN(c) || (r.ctx !== null && r.ctx >= c)));
   view.sort(compare);
   for (const h of heads) h.setAttribute("aria-sort", h.dataset.key === sortKey ? (sortDir > 0 ? "ascending" : "descending") : "none");
   body.innerHTML = "";
@@ -292,7 +294,7 @@ for (const h of heads) {
     update();
   });
 }
-for (const el of [filterBox, minFreq, minMcs]) el.addEventListener("input", update);
+for (const el of [filterBox, minFreq, minMcs, minCtx]) el.addEventListener("input", update);
 more.addEventListener("click", showMore);
 update();
 """
@@ -324,6 +326,8 @@ def render_index(data: dict) -> str:
 {_svg_histogram(density["log10_edges"], density["counts"], "firing frequency on the held-out tokens (log scale)",
                 log_x=True, dead=density["dead"])}
 </div><div>
+{_context_histogram(data["features"])}
+</div><div>
 <h3>Logit lens</h3>
 <p class="note">Directions through {"the final LayerNorm scale and " if lens["use_ln_final"] else ""}W_U.
 {len(lens["excluded_tokens"])} token(s) excluded ({_esc(lens["excluded_rule"])}; median norm {lens["median_norm"]}).</p>
@@ -333,6 +337,7 @@ def render_index(data: dict) -> str:
 <label>Filter <input id="filter" type="search" placeholder="id, token or text"></label>
 <label>frequency ≥ <input id="minfreq" type="number" step="any" min="0"></label>
 <label>MCS ≥ <input id="minmcs" type="number" step="any"></label>
+<label>context ≥ <input id="minctx" type="number" step="any" min="0" max="1"></label>
 <span id="count" class="note"></span>
 </div>
 <table id="features"><thead><tr>
@@ -340,6 +345,7 @@ def render_index(data: dict) -> str:
 <th class="num" data-key="freq" data-type="num">Frequency</th>
 <th class="num" data-key="max" data-type="num">Max act.</th>
 <th class="num" data-key="mcs" data-type="num">MCS</th>
+<th class="num" data-key="ctx" data-type="num" title="context dependence: 0 = read off the token, 1 = computed from context">Context</th>
 <th data-key="lens" data-type="text">Logit lens: top tokens</th>
 <th data-key="snip" data-type="text">Top example</th>
 </tr></thead><tbody></tbody></table>
@@ -347,6 +353,65 @@ def render_index(data: dict) -> str:
 <script type="application/json" id="rows">{_json_for_script(index_rows(data))}</script>
 """
     return _page(f"Feature report: {run['run_dir']}", body, _INDEX_CSS, _INDEX_JS)
+
+
+_CONTEXT_BINS = 10
+
+
+def _context_histogram(features: list[dict]) -> str:
+    scores = [f["context_dependence"] for f in features if f.get("context_dependence") is not None]
+    if not scores:
+        return ""
+    counts = [0] * _CONTEXT_BINS
+    for score in scores:
+        counts[min(int(score * _CONTEXT_BINS), _CONTEXT_BINS - 1)] += 1
+    edges = [k / _CONTEXT_BINS for k in range(_CONTEXT_BINS + 1)]
+    return (f"<h3>Context dependence of the {len(scores)} reported features</h3>"
+            + _svg_histogram(edges, counts, "0 = read off the token … 1 = computed from context"))
+
+
+def _svg_offset_bars(entries: list[dict], width: int = 460, height: int = 150) -> str:
+    """The mean activation drop per deleted offset (−1 nearest, at the right), as signed bars about 0."""
+    shown = [e for e in entries if e["mean_drop"] is not None]
+    if not shown:
+        return '<p class="note">(no token before the examples was deleted)</p>'
+    left, bottom, top_pad = 44, 30, 8
+    shown.sort(key=lambda e: e["offset"])
+    slot = (width - left - 8) / len(shown)
+    peak = max(abs(e["mean_drop"]) for e in shown) or 1.0
+    low = min(0.0, min(e["mean_drop"] for e in shown))
+    span_h = height - bottom - top_pad
+    zero_y = top_pad + span_h * peak / (peak - low) if low < 0 else top_pad + span_h
+    scale = span_h / (peak - low) if low < 0 else span_h / peak
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    for k, e in enumerate(shown):
+        offset = e["offset"]
+        h = abs(e["mean_drop"]) * scale
+        y = zero_y - h if e["mean_drop"] >= 0 else zero_y
+        fill = "#d72626" if e["mean_drop"] >= 0 else "#2860d7"
+        parts.append(f'<rect x="{left + k * slot:.1f}" y="{y:.1f}" width="{max(slot - 1, 0.5):.1f}" height="{h:.1f}" '
+                     f'fill="{fill}"><title>offset {offset}: mean drop {e["mean_drop"]:.4g} over {e["n"]} '
+                     f"example(s)</title></rect>")
+        if len(shown) <= 12 or offset % 5 == 0 or offset == -1:
+            parts.append(f'<text x="{left + (k + 0.5) * slot:.1f}" y="{height - bottom + 13}" text-anchor="middle">'
+                         f"{offset}</text>")
+    parts.append(f'<line x1="{left}" y1="{zero_y:.1f}" x2="{width - 8}" y2="{zero_y:.1f}" stroke="#9aa5b1"/>')
+    parts.append(f'<text x="{left - 4}" y="{top_pad + 9}" text-anchor="end">{peak:.3g}</text>')
+    parts.append(f'<text x="{(left + width) / 2:.1f}" y="{height - 3}" text-anchor="middle">'
+                 "offset of the deleted token (−1: the previous one)</text></svg>")
+    return "".join(parts)
+
+
+def _context_section(feature: dict) -> str:
+    score = feature.get("context_dependence")
+    intro = ("Score: 1 − Σ min(token alone, in context) / Σ in context over the top and uniform examples, where "
+             "<i>token alone</i> is the activation on BOS + the example's token. 0: read off the token; "
+             "1: computed from the context.")
+    head = "<h2>Context dependence</h2>" + (
+        f'<p><b>{score:.2f}</b> <span class="note">{intro}</span></p>' if score is not None
+        else '<p class="note">Not computed (report.context_dependence=false, or the feature never fired).</p>')
+    return (head + "<h3>Mean activation drop when the token at each offset is deleted (ablated-text examples)</h3>"
+            + _svg_offset_bars(feature.get("deletion_by_offset") or []))
 
 
 def render_feature_page(data: dict, feature: dict, previous: int | None, following: int | None) -> str:
@@ -364,6 +429,8 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
         ("max activation", f"{top:.4g}"),
         ("mean activation when firing", f"{feature['mean_activation']:.4g}"),
     ]
+    if feature.get("context_dependence") is not None:
+        stats.append(("context dependence (0 token … 1 context)", f"{feature['context_dependence']:.2f}"))
     if feature["mcs_max"] is not None:
         stats.append(("MCS, best other run", f"{feature['mcs_max']:.3f}" + (" (found again)" if feature["found_again"]
                                                                           else "")))
@@ -383,6 +450,7 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
         _top_examples_section(feature),
         _uniform_section(feature, data["settings"]["n_bins"]),
         _ablated_text_section(feature),
+        _context_section(feature),
         _direction_section(feature),
     ])
     return _page(f"Feature {fid}", body)
@@ -413,13 +481,18 @@ def _logit_lens_section(feature: dict, lens_info: dict) -> str:
     )
 
 
+def _activation_label(example: dict) -> str:
+    alone = example.get("alone_activation")
+    return f"{example['activation']:.4g}" + ("" if alone is None else f" · alone {alone:.3g}")
+
+
 def _example_row(label: str, spans: str) -> str:
     return f'<div class="ex"><span class="val">{_esc(label)}</span><span class="tokens">{spans}</span></div>'
 
 
 def _top_examples_section(feature: dict) -> str:
     top = feature["max_activation"]
-    rows = "".join(_example_row(f"{e['activation']:.4g}", activation_spans(e, top)) for e in feature["top_examples"])
+    rows = "".join(_example_row(_activation_label(e), activation_spans(e, top)) for e in feature["top_examples"])
     legend = f'<span class="legend" style="background:linear-gradient(90deg,{_rgba(_ORANGE, 0.01)},{_rgba(_ORANGE, 1)})">' \
              f"</span> 0 … {top:.4g}"
     return (
@@ -440,7 +513,7 @@ def _uniform_section(feature: dict, n_bins: int) -> str:
              "each context ending at the sampled token (outlined).</p>")]
     for b in sorted(by_bin, reverse=True):
         parts.append(f"<h3>bin {b + 1}: ({b * width:.3g}, {(b + 1) * width:.3g}]</h3>")
-        parts.extend(_example_row(f"{e['activation']:.4g}", activation_spans(e, top)) for e in by_bin[b])
+        parts.extend(_example_row(_activation_label(e), activation_spans(e, top)) for e in by_bin[b])
     if not by_bin:
         parts.append('<p class="note">The feature never fired.</p>')
     return "".join(parts)

@@ -29,6 +29,8 @@ class ReportSettings:
     causal_top: int = 1  # the top examples, from the highest
     causal_uniform: int = 3  # uniform examples from bins spread over the occupied ones
     histogram_bins: int = 20  # bins of each feature's activation histogram
+    # context dependence: each top and uniform example's activation on its token alone (BOS + token)
+    context_dependence: bool = True
     # logit lens
     logit_lens_k: int = 10  # top and bottom tokens shown
     use_ln_final: bool = True  # multiply the direction by the final LayerNorm scale before W_U

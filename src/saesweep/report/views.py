@@ -231,6 +231,46 @@ def deletion_effects(
     return results
 
 
+# --- context dependence ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_alone_activations(
+    model, sae: Sae, hook_point: str, tokens: torch.Tensor, features: torch.Tensor, bos: int | None,
+    batch_contexts: int,
+) -> torch.Tensor:
+    """Activation of features[r] on tokens[r] with no context: the sequence [BOS, token] read at the
+    token, the place of a context's first text token in training (or [token] alone without BOS): [n]."""
+    sequences = tokens[:, None] if bos is None else torch.stack([torch.full_like(tokens, bos), tokens], dim=1)
+    positions = torch.full((len(tokens),), sequences.shape[1] - 1, dtype=torch.long)
+    return _activation_at(model, sae, hook_point, sequences, positions, features, batch_contexts)
+
+
+def context_dependence(in_context: torch.Tensor, alone: torch.Tensor) -> float | None:
+    """1 − Σ min(alone⁺, in context) / Σ in context over a feature's examples, in [0, 1]: 0 when its
+    token alone reaches every example's activation (read off the embedding), 1 when the token alone
+    does not fire it at all (computed from the context). Weighted by activation, so the strong examples
+    decide; None when no example fires."""
+    fired = in_context.clamp(min=0)
+    total = float(fired.sum())
+    if total <= 0:
+        return None
+    kept = float(torch.minimum(alone.clamp(min=0), fired).sum())
+    return min(1.0, max(0.0, 1.0 - kept / total))
+
+
+def deletion_by_offset(deltas: list[torch.Tensor], max_offset: int) -> list[tuple[int, float | None, int]]:
+    """The ablated-text view summed up by relative position: for offset −1 … −max_offset, the mean drop
+    of the feature's activation at the example's token when the token that many places before it is
+    deleted (deltas[e][s] = activation after deleting s − before, over positions s < the example's;
+    NaN where nothing was deleted, e.g. BOS), and how many examples had such a token."""
+    out = []
+    for offset in range(1, max_offset + 1):
+        drops = [-float(d[len(d) - offset]) for d in deltas if len(d) >= offset and not torch.isnan(d[len(d) - offset])]
+        out.append((-offset, sum(drops) / len(drops) if drops else None, len(drops)))
+    return out
+
+
 def _activation_at(
     model, sae: Sae, hook_point: str, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor,
     batch_contexts: int,

@@ -12,14 +12,15 @@ def log_report(run, data: dict, prefix: str = "feature_report") -> None:
     import wandb
 
     table = wandb.Table(columns=[
-        "feature", "frequency", "max_activation", "mean_activation", "mcs_max", "logit_lens_top", "top_example",
+        "feature", "frequency", "max_activation", "mean_activation", "mcs_max", "context_dependence", "logit_lens_top",
+        "top_example",
     ])
     for feature, row in zip(data["features"], index_rows(data)):
         top = feature["top_examples"][0] if feature["top_examples"] else None
         snippet = activation_spans(top, feature["max_activation"]) if top else ""
         table.add_data(
             feature["id"], feature["frequency"], feature["max_activation"], feature["mean_activation"],
-            feature["mcs_max"], " ".join(row["lens"]),
+            feature["mcs_max"], feature.get("context_dependence"), " ".join(row["lens"]),
             wandb.Html(f'<div style="font-family:monospace;white-space:pre-wrap">{snippet}</div>', inject=False),
         )
     density = data["density"]
