@@ -22,6 +22,7 @@ from saesweep.io import atomic_write_bytes
 from saesweep.lm import load_model, resolve_device, validate_hook_point
 from saesweep.rundir import CFG_FILE, SAE_FILE, load_run_config, load_sae, weights_file
 from saesweep.sae import Sae, trained_architecture
+from saesweep.tokens import ReadableTokens
 
 from . import views
 from .heldout import HeldOutTokens, rebuild_held_out, run_setting
@@ -62,24 +63,6 @@ class _Stopwatch:
         start = time.perf_counter()
         yield
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-
-class _TokenText:
-    """Display text of token ids, decoded one token at a time (a token that is part of a multi-byte
-    character shows as �)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, ids) -> list[str]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i not in self.cache:
-                self.cache[i] = self.tokenizer.decode([i])
-            out.append(self.cache[i])
-        return out
 
 
 def _round(x: float) -> float:
@@ -184,7 +167,7 @@ def _compute_views(
     settings: ReportSettings,
     watch: _Stopwatch,
 ) -> dict:
-    text = _TokenText(model.tokenizer)
+    text = ReadableTokens(model.tokenizer)
     contexts = held_out.contexts
     hook_point = run_cfg["hook_point"]
     generator = torch.Generator().manual_seed(settings.seed)
@@ -280,7 +263,7 @@ def _compute_views(
             "use_ln_final": settings.use_ln_final,
             "excluded_rule": rule,
             "excluded_tokens": [
-                {"id": int(i), "token": t, "norm": _round(float(norms[i]))} for i, t in zip(excluded, text(excluded))
+                {"id": int(i), "token": t, "norm": _round(float(norms[i]))} for i, t in zip(excluded, text.single(excluded))
             ],
             "median_norm": _round(float(norms.median())),
         },
@@ -368,8 +351,8 @@ def _split(items: list, sizes: list[int]) -> list[list]:
     return out
 
 
-def _lens_entries(ids: torch.Tensor, logits: torch.Tensor, text) -> list[dict]:
-    return [{"id": int(i), "token": t, "logit": _round(float(v))} for i, t, v in zip(ids, text(ids), logits)]
+def _lens_entries(ids: torch.Tensor, logits: torch.Tensor, text: ReadableTokens) -> list[dict]:
+    return [{"id": int(i), "token": t, "logit": _round(float(v))} for i, t, v in zip(ids, text.single(ids), logits)]
 
 
 def _kind(example: views.Example) -> str:
@@ -408,7 +391,8 @@ def _maybe_round(x: float | None) -> float | None:
 
 
 def _example(
-    e: views.Example, contexts: torch.Tensor, feature_acts: torch.Tensor, text, whole: bool, alone: float | None = None
+    e: views.Example, contexts: torch.Tensor, feature_acts: torch.Tensor, text: ReadableTokens, whole: bool,
+    alone: float | None = None
 ) -> dict:
     """An example as JSON: the whole context (top examples) or the context up to the example's token;
     `alone`: the feature's activation on the example's token without its context."""
@@ -421,13 +405,13 @@ def _example(
         **({"bin": e.bin} if e.bin is not None else {}),
         **({"alone_activation": alone} if alone is not None else {}),
         "token_ids": ids,
-        "tokens": text(ids),
+        "tokens": text.sequence(ids),
         "activations": _rounded(feature_acts[e.context, :end].tolist()),
     }
 
 
-def _effect(effect: views.TokenEffect, text) -> dict:
-    return {"id": effect.token, "token": text([effect.token])[0], "mean_delta": _round(effect.mean_delta),
+def _effect(effect: views.TokenEffect, text: ReadableTokens) -> dict:
+    return {"id": effect.token, "token": text.single([effect.token])[0], "mean_delta": _round(effect.mean_delta),
             "count": effect.count}
 
 

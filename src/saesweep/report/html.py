@@ -27,6 +27,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .tokens { font: 13px/1.9 "DejaVu Sans Mono", Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all; }
 .t { white-space: pre; border-radius: 2px; padding: 1px 0; }
 .t.hit { outline: 2px solid #1d2329; outline-offset: 0; }
+.t.cont { color: var(--muted); font-size: 70%; }
 .ex { display: flex; gap: 12px; padding: 3px 0; border-bottom: 1px dotted var(--line); align-items: baseline; }
 .ex .val { flex: 0 0 170px; color: var(--muted); font: 12px/1.9 "DejaVu Sans Mono", Menlo, monospace; text-align: right;
            white-space: nowrap; }
@@ -112,7 +113,9 @@ def token_spans(tokens: list[str], colours: list[str], titles: list[str], hit: i
     for k, (token, colour, title) in enumerate(zip(tokens, colours, titles)):
         cls = "t hit" if k == hit else "t"
         style = f' style="background:{colour}"' if colour != "transparent" else ""
-        spans.append(f'<span class="{cls}"{style} title="{_esc(title)}">{_esc(display_token(token))}</span>')
+        if token == "":  # holds only continuation bytes of a character shown on the token before
+            cls, title = cls + " cont", f"{title} (continues the character before)"
+        spans.append(f'<span class="{cls}"{style} title="{_esc(title)}">{_esc(display_token(token) or "·")}</span>')
     return "".join(spans)
 
 
