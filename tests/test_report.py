@@ -343,7 +343,7 @@ def tiny_run(tmp_path_factory, tiny_model, tiny_model_dir, hostile_corpus) -> Pa
 
 @pytest.fixture(scope="module")
 def tiny_report(tiny_run, tiny_model):
-    return build_report(tiny_run, fast_settings(top_n=5), model=tiny_model)
+    return build_report(tiny_run, fast_settings(selection="frequent", top_n=5), model=tiny_model)
 
 
 def test_report_files_and_contents(tiny_report, tiny_run):
@@ -449,6 +449,39 @@ def test_found_again_features_and_mcs_against_the_sweep(sweep, tiny_model, tmp_p
     for feature in built.data["features"]:
         assert feature["mcs"] == {"10 (d_sae=32)": pytest.approx(1.0, abs=1e-3)} and feature["found_again"] is True
     assert "10 (d_sae=32)" in built.index_html.read_text()
+
+
+def test_default_selection_is_alive_features_alone_and_found_again_in_a_sweep():
+    from saesweep.report.selection import SweepComparison, select_features
+
+    frequency = torch.tensor([0.0, 5e-5, 1e-4, 2e-3, 0.05, 0.1, 0.3, 0.9])
+    settings = ReportSettings(top_n=10)
+    assert select_features(settings, 8, frequency, None) == ("random", [2, 3, 4, 5])  # 1e-4 ≤ f ≤ 0.1
+    # a run compared with a sweep: the features found again, best first
+    sweep = SweepComparison(["1 (d_sae=8)"], torch.tensor([[0.2, 0.95, 0.5, 0.99, 0.1, 0.3, 0.92, 0.0]]), [])
+    assert select_features(settings, 8, frequency, sweep) == ("found_again", [3, 1, 6])
+    assert select_features(ReportSettings(features=(7, 0)), 8, frequency, sweep) == ("explicit", [7, 0])
+    assert select_features(ReportSettings(selection="frequent", top_n=2), 8, frequency, sweep) == ("frequent", [7, 6])
+    with pytest.raises(ConfigError, match="alive_min_frequency=0.2 and alive_max_frequency=0.1"):
+        ReportSettings(alive_min_frequency=0.2)
+
+
+def test_report_of_a_sweeps_job_defaults_to_the_features_found_again(sweep, tiny_model, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from saesweep.report import app
+
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")  # what Hydra leaves in a sweep directory
+    run = sweep / "0"
+    monkeypatch.setattr(app, "build_report", lambda *a, **k: build_report(*a, **k, model=tiny_model))
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("report", overrides=[
+            f"run_dir={run}", f"report.n_tokens={REPORT_TOKENS}", "report.device=cpu", "report.found_threshold=0.99",
+            "report.n_bins=3", "report.direction_contexts=4", "report.wandb.enabled=false",
+        ])
+    built = app.report_from_config(cfg)
+    assert built.data["selection"] == {"method": "found_again", "n_features": 2} and sorted(built.features) == [2, 5]
+    (sweep / "multirun.yaml").unlink()
 
 
 def test_random_selection_is_a_seeded_sample_of_live_features(tiny_run, tiny_model, tmp_path):

@@ -24,6 +24,9 @@ def report_from_config(cfg: DictConfig) -> BuiltReport:
     sweep_dir = Path(section["sweep_dir"]) if section.get("sweep_dir") else None
     run_dir = Path(cfg.run_dir)
     released = released_run_config(run_dir, cfg)
+    if sweep_dir is None and released is None and (run_dir.parent / "multirun.yaml").is_file():
+        sweep_dir = run_dir.parent  # a job of a sweep: its features are compared with the sweep's other runs
+        log.info("run_dir belongs to the sweep %s: MCS against its other runs", sweep_dir)
     return report_runs([run_dir], section, sweep_dir, run_cfg=released, trust_pickle=bool(cfg.trust_pickle))[0]
 
 

@@ -117,7 +117,10 @@ def build_report(
     with watch("statistics"):
         stats = views.feature_statistics(sae, held_out.activations)
         sweep = compare_with_sweep(run_dir, sae, sweep_run_dirs) if sweep_run_dirs else None
-        features = select_features(settings, sae.d_sae, stats.frequency, sweep)
+        selection, features = select_features(settings, sae.d_sae, stats.frequency, sweep)
+        if not features:
+            raise ConfigError(f"report.selection={selection} selected no feature of {run_dir} (none fires on the held-out "
+                              "tokens, or none is found again); choose features with report.features=[...]")
         feature_ids = torch.tensor(features, dtype=torch.long)
         acts = views.selected_activations(sae, held_out.activations, feature_ids)
     log.info("report on %d features of %s over %s", len(features), run_dir, held_out.describe())
@@ -141,7 +144,7 @@ def build_report(
         "n_documents": held_out.n_documents,
         "description": held_out.describe(),
     }
-    data["selection"] = {"method": settings.resolved_selection, "n_features": len(features)}
+    data["selection"] = {"method": selection, "n_features": len(features)}
     data["settings"] = asdict(settings)
 
     report_dir = run_dir / REPORT_DIR

@@ -76,9 +76,16 @@ def select_features(
     d_sae: int,
     frequency: torch.Tensor,
     sweep: SweepComparison | None,
+) -> tuple[str, list[int]]:
+    """The selection in force and the feature ids in the order their pages are listed (see
+    ReportSettings.selection)."""
+    selection = settings.resolved_selection(in_sweep=sweep is not None and bool(sweep.run_names))
+    return selection, _select(selection, settings, d_sae, frequency, sweep)
+
+
+def _select(
+    selection: str, settings: ReportSettings, d_sae: int, frequency: torch.Tensor, sweep: SweepComparison | None
 ) -> list[int]:
-    """Feature ids in the order their pages are listed (see ReportSettings.selection)."""
-    selection = settings.resolved_selection
     if selection == "explicit":
         check_feature_ids(settings, d_sae)
         return list(dict.fromkeys(settings.features))  # drop repeats, keep the order given
@@ -87,10 +94,19 @@ def select_features(
         order = torch.sort(frequency, descending=True, stable=True).indices
         return order[: settings.top_n].tolist()
     if selection == "random":
-        # dead features have nothing to show, so the sample is drawn from the live ones
-        live = (frequency > 0).nonzero().squeeze(1)
+        # dead features have nothing to show, and the densest are rarely readable: the sample is drawn from
+        # the alive ones (frequency within [alive_min_frequency, alive_max_frequency], never 0)
+        alive = ((frequency > 0) & (frequency >= settings.alive_min_frequency)
+                 & (frequency <= settings.alive_max_frequency)).nonzero().squeeze(1)
+        if len(alive) == 0:
+            alive = (frequency > 0).nonzero().squeeze(1)
+            log.warning(
+                "no feature fires on between %g and %g of the held-out tokens (report.alive_min_frequency, "
+                "alive_max_frequency); sampling from all %d that fire", settings.alive_min_frequency,
+                settings.alive_max_frequency, len(alive),
+            )
         generator = torch.Generator().manual_seed(settings.seed)
-        return sorted(live[torch.randperm(len(live), generator=generator)[: settings.top_n]].tolist())
+        return sorted(alive[torch.randperm(len(alive), generator=generator)[: settings.top_n]].tolist())
     # found_again
     if sweep is None or not sweep.run_names:
         raise ConfigError(

@@ -16,8 +16,14 @@ APP_KEYS = ("sweep_dir", "wandb")
 class ReportSettings:
     # which features get a page
     features: tuple[int, ...] | None = None  # explicit ids
-    selection: str | None = None  # explicit | frequent | random | found_again; None: explicit iff features
+    # explicit | frequent | random | found_again; None: explicit when features are given, else found_again
+    # for a run of a sweep, else random
+    selection: str | None = None
     top_n: int = 50  # features chosen by frequent / random / found_again
+    # random draws from the alive features: firing on this fraction of the held-out tokens (the densest are
+    # rarely interpretable, the rarest have too few examples)
+    alive_min_frequency: float = 1e-4
+    alive_max_frequency: float = 0.1
     found_threshold: float = 0.9  # MCS against another run of the sweep that counts as "found again"
     # the held-out token set
     n_tokens: int = 100_000
@@ -52,7 +58,7 @@ class ReportSettings:
             object.__setattr__(self, "exclude_tokens", _int_tuple("exclude_tokens", self.exclude_tokens))
         if self.selection is not None and self.selection not in SELECTIONS:
             raise ConfigError(f"report.selection={self.selection!r} is unknown; allowed: {', '.join(SELECTIONS)}")
-        if self.resolved_selection == "explicit" and not self.features:
+        if self.selection == "explicit" and not self.features:
             raise ConfigError("report.selection=explicit needs feature ids: report.features=[12,345]")
         for key in ("top_n", "n_tokens", "n_bins", "histogram_bins", "logit_lens_k", "direction_k", "batch_contexts"):
             _require(key, getattr(self, key), 1)
@@ -60,14 +66,20 @@ class ReportSettings:
             _require(key, getattr(self, key), 0)
         if not -1.0 <= self.found_threshold <= 1.0:
             raise ConfigError(f"report.found_threshold={self.found_threshold} must lie in [-1, 1] (a cosine)")
+        if not 0 <= self.alive_min_frequency < self.alive_max_frequency <= 1:
+            raise ConfigError(
+                f"report.alive_min_frequency={self.alive_min_frequency} and alive_max_frequency={self.alive_max_frequency} "
+                "must satisfy 0 ≤ min < max ≤ 1 (fractions of tokens)"
+            )
         if not self.outlier_mads > 0:
             raise ConfigError(f"report.outlier_mads={self.outlier_mads} must be > 0")
 
-    @property
-    def resolved_selection(self) -> str:
+    def resolved_selection(self, in_sweep: bool) -> str:
+        """The selection in force: the one set, else explicit ids when given, else the features found again
+        in the sweep when the run is compared with one, else a random sample of alive features."""
         if self.selection is not None:
             return self.selection
-        return "explicit" if self.features else "frequent"
+        return "explicit" if self.features else "found_again" if in_sweep else "random"
 
     @classmethod
     def from_config(cls, section: Mapping) -> ReportSettings:
