@@ -85,7 +85,7 @@ cache-info:
 	$(VENV)/bin/saesweep-store ls
 
 lint:
-	$(PYTHON) -m ruff check src tests benchmarks train.py evaluate.py
+	$(PYTHON) -m ruff check src tests benchmarks train.py evaluate.py report.py steer.py
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache

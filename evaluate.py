@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from saesweep.cli import errors_without_traceback
 from saesweep.evaluate import (
     RELEASED_PREFIX,
     EvalSettings,
@@ -28,6 +29,7 @@ OmegaConf.register_new_resolver("evaluation_dir", lambda sweep_dir: str(evaluati
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@errors_without_traceback
 def main(cfg: DictConfig) -> None:
     sweep_dir = Path(cfg.sweep_dir)
     evaluation = evaluate_sweep(

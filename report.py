@@ -3,10 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from saesweep.cli import errors_without_traceback
 from saesweep.report.app import report_from_config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
+@errors_without_traceback
 def main(cfg: DictConfig) -> None:
     report_from_config(cfg)
 

@@ -10,6 +10,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from saesweep.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SaesweepError  # noqa: E402
 from saesweep.rundir import load_run_config, load_sae  # noqa: E402
 from saesweep.sae import ARCHITECTURES, ReluSae, Sae, SaeOutput  # noqa: E402
+from saesweep.steering import steer  # noqa: E402
 
 __all__ = [
     "CheckpointError",
@@ -24,4 +25,5 @@ __all__ = [
     "__version__",
     "load_run_config",
     "load_sae",
+    "steer",
 ]

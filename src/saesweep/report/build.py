@@ -205,6 +205,19 @@ def _compute_views(
         example_deltas, aggregates = _direction_views(model, sae, hook_point, contexts, features, acts, causal,
                                                       settings, generator)
 
+    steering = {}
+    if settings.steering:
+        from saesweep.steering import SteeringResult, SteeringSettings, steer_with
+
+        with watch("steering"):
+            bos = int(contexts[0, 0]) if run_setting(run_cfg, "dataset", "prepend_bos") else None
+            for feature in features:
+                scale = float(stats.max_activation[feature])
+                steered = SteeringSettings(feature=feature, seed=settings.seed, **settings.steering)
+                continuations, shifts = steer_with(model, sae, hook_point, scale, steered, bos)
+                steering[feature] = SteeringResult(feature, steered.mode, float(steered.strength), _round(scale),
+                                                   hook_point, continuations, shifts).to_dict()
+
     with watch("assemble"):
         pages = []
         for j, feature in enumerate(features):
@@ -248,6 +261,7 @@ def _compute_views(
                      "deltas": _rounded(d.tolist())}
                     for e, d in zip(causal[j], deletions_of[j])
                 ],
+                "steering": steering.get(feature),
                 "direction_ablation": {
                     "examples": [
                         {**_example(e, contexts, feature_acts, text, whole=True), "kind": _kind(e),

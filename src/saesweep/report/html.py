@@ -455,6 +455,7 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
         _ablated_text_section(feature),
         _context_section(feature),
         _direction_section(feature),
+        steering_section(feature["steering"]) if feature.get("steering") else "",
     ])
     return _page(f"Feature {fid}", body)
 
@@ -538,6 +539,34 @@ def _ablated_text_section(feature: dict) -> str:
     if not feature["ablated_text"]:
         parts.append('<p class="note">The feature never fired.</p>')
     return "".join(parts)
+
+
+def steering_section(steering: dict) -> str:
+    """Steered beside unsteered continuations, and the log-prob shift at the first generated token."""
+    mode = ("added" if steering["mode"] == "add" else "clamped to")
+    parts = ["<h2>Steering</h2>",
+             f'<p class="note">Feature {steering["feature"]} {mode} {steering["strength"]:g} × its max activation '
+             f'({steering["max_activation"]:.4g}) at {_esc(steering["hook_point"])}; the same seed for both columns.</p>',
+             '<table class="steer"><tr><th>prompt</th><th>decoding</th><th>unsteered</th><th>steered</th></tr>']
+    for c in steering["continuations"]:
+        parts.append(f'<tr><td class="tokens">{_esc(display_token(c["prompt"]))}</td><td>{_esc(c["decoding"])}</td>'
+                     f'<td class="tokens">{_esc(display_token("".join(c["unsteered"])))}</td>'
+                     f'<td class="tokens">{_esc(display_token("".join(c["steered"])))}</td></tr>')
+    parts.append("</table>")
+    for shift in steering["logit_shift"]:
+        def chips(entries: list[dict]) -> str:
+            return "".join(f'<span class="chip" title="id {e["id"]}">{_esc(chip_token(e["token"]))} '
+                           f'{e["delta_logprob"]:+.2f}</span>' for e in entries)
+
+        parts.append(f'<h3>Log-prob shift at the first generated token of {_esc(repr(shift["prompt"]))}</h3>'
+                     f'<p>rises: {chips(shift["rises"])}</p><p>falls: {chips(shift["falls"])}</p>')
+    return "".join(parts)
+
+
+def render_steering_page(steering: dict) -> str:
+    body = (f'<h1>Steering with feature {steering["feature"]}</h1>'
+            f'<p class="meta">{_esc(steering.get("run_dir") or "")}</p>' + steering_section(steering))
+    return _page(f"Steering with feature {steering['feature']}", body)
 
 
 def _direction_section(feature: dict) -> str:

@@ -37,6 +37,9 @@ class ReportSettings:
     histogram_bins: int = 20  # bins of each feature's activation histogram
     # context dependence: each top and uniform example's activation on its token alone (BOS + token)
     context_dependence: bool = True
+    # steered continuations on each page (saesweep.steering): {prompts, strength, mode, max_new_tokens,
+    # temperature}; none while prompts is empty
+    steering: Mapping | None = None
     # logit lens
     logit_lens_k: int = 10  # top and bottom tokens shown
     use_ln_final: bool = True  # multiply the direction by the final LayerNorm scale before W_U
@@ -71,6 +74,7 @@ class ReportSettings:
                 f"report.alive_min_frequency={self.alive_min_frequency} and alive_max_frequency={self.alive_max_frequency} "
                 "must satisfy 0 ≤ min < max ≤ 1 (fractions of tokens)"
             )
+        object.__setattr__(self, "steering", _steering_section(self.steering))
         if not self.outlier_mads > 0:
             raise ConfigError(f"report.outlier_mads={self.outlier_mads} must be > 0")
 
@@ -90,6 +94,27 @@ class ReportSettings:
         if unknown:
             raise ConfigError(f"unknown report settings {unknown}; allowed: {sorted(known | set(APP_KEYS))}")
         return cls(**values)
+
+
+_STEERING_KEYS = ("prompts", "strength", "mode", "max_new_tokens", "temperature")
+
+
+def _steering_section(section: Mapping | None) -> dict | None:
+    """report.steering as a plain dict, None when it has no prompts; checked as steer.py checks it."""
+    from saesweep.steering import SteeringSettings
+
+    if not section or not section.get("prompts"):
+        return None
+    section = dict(section)
+    unknown = sorted(set(section) - set(_STEERING_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown report.steering settings {unknown}; allowed: {list(_STEERING_KEYS)}")
+    try:
+        checked = SteeringSettings(feature=0, **{k: (tuple(v) if k == "prompts" and not isinstance(v, str) else v)
+                                                 for k, v in section.items()})
+    except ConfigError as e:
+        raise ConfigError(f"report.steering: {e}") from None
+    return {k: getattr(checked, k) for k in section} | {"prompts": list(checked.prompts)}
 
 
 def _int_tuple(key: str, values) -> tuple[int, ...]:
