@@ -3,7 +3,9 @@
     python benchmarks/report.py                      # trains a small SAE first (not timed as report)
     python benchmarks/report.py --run-dir RUN        # or reports on an existing run of the reference model
 
-Prints the time of each stage of build_report and ends with one `RESULT key=value ...` line. Measures,
+Prints the time of each stage of build_report and ends with one `RESULT key=value ...` line. The report
+is built twice in one run, without and with the context-dependence view, to measure what that view adds
+(target: ≤ 25 %). Measures,
 never asserts. The machine may be shared: the load average before and after is printed with the figures.
 """
 
@@ -88,10 +90,17 @@ def main() -> None:
     model = load_model(run_cfg.get("model_name"), run_cfg.get("model_path"), torch.device("cpu"))
     load_model_s = time.perf_counter() - start
 
+    settings = ReportSettings(top_n=args.features, n_tokens=args.tokens, selection="frequent", context_dependence=False)
+    start = time.perf_counter()
+    build_report(run_dir, settings, model=model)
+    without_context_s = time.perf_counter() - start
     settings = ReportSettings(top_n=args.features, n_tokens=args.tokens, selection="frequent")
     start = time.perf_counter()
     built = build_report(run_dir, settings, model=model)
     total_s = time.perf_counter() - start
+    context_overhead = (total_s - without_context_s) / without_context_s
+    print(f"report without context dependence {without_context_s:.1f} s, with it {total_s:.1f} s: "
+          f"+{100 * context_overhead:.1f} % (its own stage {built.timings.get('context_dependence', 0):.2f} s)")
 
     print(f"\nreport of {len(built.features)} features of d_sae {built.data['run']['d_sae']} over "
           f"{built.data['held_out']['n_tokens']} tokens: {total_s:.1f} s (model loaded beforehand in {load_model_s:.1f} s)")
@@ -109,6 +118,8 @@ def main() -> None:
         "features": len(built.features),
         "tokens": built.data["held_out"]["n_tokens"],
         "total_s": round(total_s, 1),
+        "without_context_dependence_s": round(without_context_s, 1),
+        "context_dependence_overhead_pct": round(100 * context_overhead, 1),
         **{f"{stage}_s": round(seconds, 1) for stage, seconds in built.timings.items()},
         "output_mb": round(size_mb, 1),
         "deletion_batched_speedup": round(single_s / batched_s, 1),

@@ -98,6 +98,17 @@ def test_index_sorts_and_filters_without_console_errors(browser, report, screens
     expected = sorted(f["id"] for f in report.data["features"] if f["frequency"] >= 0.3)
     assert sorted(int(x) for x in browser.evaluate(COLUMN.format(0))) == expected
     type_into(browser, "minfreq", "")
+
+    # the context-dependence column: sorted by a click, filtered by a minimum
+    browser.evaluate("document.querySelector('th[data-key=ctx]').click()")
+    scores = [float(x) for x in browser.evaluate(COLUMN.format(4))]
+    assert len(scores) == len(report.features) and scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
+    middle = sorted(f["context_dependence"] for f in report.data["features"])[len(report.features) // 2]
+    type_into(browser, "minctx", str(middle))
+    expected = sorted(f["id"] for f in report.data["features"] if f["context_dependence"] >= middle)
+    assert sorted(int(x) for x in browser.evaluate(COLUMN.format(0))) == expected
+    type_into(browser, "minctx", "")
+    assert browser.evaluate("document.body.textContent.includes('Context dependence of the')")
     assert_clean(browser)
     browser.screenshot(screenshot_dir / "report_index.png")
 
@@ -110,7 +121,10 @@ def test_feature_page_shows_coloured_tokens(browser, report, screenshot_dir):
     assert browser.evaluate("location.pathname").endswith(f"/features/{feature['id']}.html")
     assert_clean(browser)
     headings = browser.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-    assert headings == ["Logit lens", "Top examples", "Uniform examples", "Ablated text", "Direction ablation"]
+    assert headings == ["Logit lens", "Top examples", "Uniform examples", "Ablated text", "Context dependence",
+                        "Direction ablation"]
+    bars = browser.evaluate("Array.from(document.querySelectorAll('svg rect title')).map(t => t.textContent)")
+    assert any(t.startswith("offset -1: mean drop") for t in bars)  # the per-offset bars
     coloured = browser.evaluate("""
         Array.from(document.querySelectorAll('.t')).filter(s => getComputedStyle(s).backgroundColor !== 'rgba(0, 0, 0, 0)')
              .map(s => [s.title, getComputedStyle(s).backgroundColor])""")
