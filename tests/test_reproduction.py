@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from saesweep.evaluate import evaluate_sweep
 from saesweep.reproduction import by_size, read_evaluation, targets, write_reproduction
@@ -37,3 +39,18 @@ def test_an_unevaluated_sweep_is_one_clear_error(tmp_path):
                            str(tmp_path / "R.md")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "run `python evaluate.py sweep_dir=" in done.stderr and not (tmp_path / "R.md").exists()
+
+
+@pytest.mark.parametrize("experiment", ["seed_reference", "seed"])
+def test_the_experiment_configs_sweep_sizes_and_seeds_as_ensembles(experiment):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert dict(cfg.hydra.sweeper.params) == {"dict_ratio": "1,2,4,8", "seed": "0,1"}
+    assert cfg.hydra.launcher._target_.endswith("EnsembleLauncher")
+    assert (cfg.layer, cfg.hook, cfg.ctx_len) == (2, "resid_post", 25)
+    if experiment == "seed":
+        assert cfg.model.name == "EleutherAI/pythia-70m-deduped" and cfg.data.name == "NeelNanda/pile-10k"
+    else:
+        assert cfg.model.path.endswith("shared/reference/model") and cfg.data.path.endswith("train.jsonl.gz")
