@@ -35,7 +35,7 @@ DEFAULT_GRID = [
 FULL_GRID = [
     *[(f"relu_l1 l1={v}", ["sae=relu_l1", f"l1_coef={v}"]) for v in (1, 2, 4)],
     *[(f"{a} k={k}", [f"sae={a}", f"sae.k={k}"]) for a in ("topk", "batchtopk", "matryoshka_batchtopk") for k in (16, 32, 64)],
-    *[(f"jumprelu l0={v}", ["sae=jumprelu", f"sae.l0_coef={v}"]) for v in (0.003, 0.01, 0.03)],
+    *[(f"jumprelu l0={v}", ["sae=jumprelu", f"sae.l0_coef={v}"]) for v in (0.3, 0.7, 2.0)],  # 0.7: L0 ≈ 29 (RESULTS.md)
     *[(f"gated l1={v}", ["sae=gated", f"l1_coef={v}"]) for v in (1, 2, 4)],
 ]
 

@@ -460,6 +460,10 @@ def test_default_selection_is_alive_features_alone_and_found_again_in_a_sweep():
     # a run compared with a sweep: the features found again, best first
     sweep = SweepComparison(["1 (d_sae=8)"], torch.tensor([[0.2, 0.95, 0.5, 0.99, 0.1, 0.3, 0.92, 0.0]]), [])
     assert select_features(settings, 8, frequency, sweep) == ("found_again", [3, 1, 6])
+    nothing_found = SweepComparison(["1 (d_sae=8)"], torch.zeros(1, 8), [])
+    assert select_features(settings, 8, frequency, nothing_found) == ("random", [2, 3, 4, 5])  # the default falls back
+    # asked for by name, found_again stays empty (build_report then says no feature was selected)
+    assert select_features(ReportSettings(selection="found_again"), 8, frequency, nothing_found) == ("found_again", [])
     assert select_features(ReportSettings(features=(7, 0)), 8, frequency, sweep) == ("explicit", [7, 0])
     assert select_features(ReportSettings(selection="frequent", top_n=2), 8, frequency, sweep) == ("frequent", [7, 6])
     with pytest.raises(ConfigError, match="alive_min_frequency=0.2 and alive_max_frequency=0.1"):

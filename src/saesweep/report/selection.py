@@ -80,7 +80,14 @@ def select_features(
     """The selection in force and the feature ids in the order their pages are listed (see
     ReportSettings.selection)."""
     selection = settings.resolved_selection(in_sweep=sweep is not None and bool(sweep.run_names))
-    return selection, _select(selection, settings, d_sae, frequency, sweep)
+    features = _select(selection, settings, d_sae, frequency, sweep)
+    if not features and settings.selection is None and selection == "found_again":
+        # the default for a run of a sweep; a run with nothing found again still gets a report
+        log.info("no feature is found again in the sweep at MCS ≥ %g: a random sample of alive features instead",
+                 settings.found_threshold)
+        selection = "random"
+        features = _select(selection, settings, d_sae, frequency, sweep)
+    return selection, features
 
 
 def _select(
