@@ -109,6 +109,10 @@ def main() -> None:
     pages = list((built.report_dir / "features").glob("*.html"))
     size_mb = sum(p.stat().st_size for p in [built.index_html, built.features_json, *pages]) / 1e6
     print(f"output: {built.report_dir} ({len(pages)} pages, {size_mb:.1f} MB with features.json)")
+    # readable tokens: no U+FFFD (a byte piece of a character decoded alone) on any page
+    replacement_chars = sum(p.read_text(encoding="utf-8").count("\ufffd") for p in [built.index_html, *pages])
+    escaped_bytes = sum(p.read_text(encoding="utf-8").count("⟨0x") for p in [built.index_html, *pages])
+    print(f"U+FFFD on the pages: {replacement_chars}; ⟨0x..⟩ byte escapes: {escaped_bytes}")
     n_sequences, batched_s, single_s, difference = deletion_batching(model, run_dir, built.data, n_features=10)
     print(f"token deletion for the examples of 10 features ({n_sequences} deleted sequences): batched {batched_s:.2f} s, "
           f"one forward pass per deletion {single_s:.2f} s ({single_s / batched_s:.1f}× slower; results agree "
@@ -122,6 +126,7 @@ def main() -> None:
         "context_dependence_overhead_pct": round(100 * context_overhead, 1),
         **{f"{stage}_s": round(seconds, 1) for stage, seconds in built.timings.items()},
         "output_mb": round(size_mb, 1),
+        "replacement_chars": replacement_chars,
         "deletion_batched_speedup": round(single_s / batched_s, 1),
         "cpus": os.cpu_count(),
         "load_before": round(load_before, 2),
