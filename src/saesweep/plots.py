@@ -129,14 +129,7 @@ def plot_features_found(path: Path, panels: list[FoundPanel], thresholds: tuple[
                 linestyle="--",
                 label=f"random baseline, MCS ≥ {lowest:g}{suffix}",
             )
-        sizes = sorted({p.d_sae for p in panel.points})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("dictionary size (features)")
-        ax.set_ylabel("features found again (MCS ≥ threshold)")
-        ax.set_title(panel.title, fontsize=10)
-        ax.grid(alpha=0.3)
+        _size_axis(ax, sorted({p.d_sae for p in panel.points}), "features found again (MCS ≥ threshold)", panel.title)
         ax.legend(fontsize=8)
     fig.suptitle("Features of each dictionary found again in the largest one")
     _save(fig, path)
@@ -173,13 +166,7 @@ def plot_found_by_size(
                         alpha=0.7, label=f"chance ({one.label})")
         sizes = sorted({d for one in series for d in one.d_sae})
         for ax, ylabel in ((count_ax, "features found again"), (fraction_ax, "fraction of the dictionary")):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sizes, [str(d) for d in sizes])
-            ax.minorticks_off()
-            ax.set_xlabel("dictionary size (features)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{title} (MCS ≥ {threshold:g})", fontsize=10)
-            ax.grid(alpha=0.3)
+            _size_axis(ax, sizes, ylabel, f"{title} (MCS ≥ {threshold:g})")
         fraction_ax.set_ylim(0.0, 1.0)
         count_ax.legend(fontsize=8)
     fig.suptitle("Features found again, by dictionary size")
@@ -347,6 +334,17 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
         suptitle += f"; every run has l1_coef={l1_values[0]:g}"
     fig.suptitle(suptitle)
     _save(fig, path)
+
+
+def _size_axis(ax, sizes: list[int], ylabel: str, title: str) -> None:
+    """An x axis of dictionary sizes (log 2, a tick at each size), the y label, the title and a grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(d) for d in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("dictionary size (features)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def _color_norm(values: list[float]) -> Normalize:
