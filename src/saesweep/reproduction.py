@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from saesweep.errors import ConfigError
-from saesweep.evaluate import MCS_FILE, PLOT_FILES, SUMMARY_FILE, evaluation_dir
+from saesweep.evaluate import MCS_FILE, PLOT_FILES, RELEASED_PREFIX, SUMMARY_FILE, evaluation_dir
 from saesweep.io import atomic_write_bytes
 from saesweep.rundir import load_run_config
 
@@ -63,7 +63,7 @@ def read_evaluation(sweep_dir: Path) -> tuple[dict, list[RunRow]]:
     try:
         report = json.loads((out / MCS_FILE).read_text())
         with open(out / SUMMARY_FILE, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if row["status"] == "ok"]
+            rows = [row for row in csv.DictReader(f) if row["status"] == "ok" and not row["run"].startswith(RELEASED_PREFIX)]
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{out} has no readable evaluation ({e}); run `python evaluate.py sweep_dir={sweep_dir}` first") from None
     runs = []
