@@ -181,8 +181,9 @@ def _compute_views(
         histograms = views.activation_histograms(acts, settings.histogram_bins)
         causal = [_causal_examples(t, u, settings) for t, u in zip(tops, uniforms)]
 
+    # the BOS the run's contexts begin with (the token-alone and steering inputs begin with it too)
+    bos = int(contexts[0, 0]) if run_setting(run_cfg, "dataset", "prepend_bos") else None
     with watch("context_dependence"):
-        bos = int(contexts[0, 0]) if run_setting(run_cfg, "dataset", "prepend_bos") else None
         alone = (_token_alone(model, sae, hook_point, contexts, features, tops, uniforms, bos, settings)
                  if settings.context_dependence else None)
 
@@ -210,7 +211,6 @@ def _compute_views(
         from saesweep.steering import SteeringResult, SteeringSettings, steer_with
 
         with watch("steering"):
-            bos = int(contexts[0, 0]) if run_setting(run_cfg, "dataset", "prepend_bos") else None
             for feature in features:
                 scale = float(stats.max_activation[feature])
                 steered = SteeringSettings(feature=feature, seed=settings.seed, **settings.steering)
