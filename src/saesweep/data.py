@@ -152,7 +152,7 @@ class ContextSource:
         self.tokenizer = tokenizer
         self.ctx_len = ctx_len
         self.seed = seed
-        self.bos = _bos_token_id(tokenizer) if prepend_bos else None
+        self.bos = bos_token_id(tokenizer) if prepend_bos else None
         self.piece_len = ctx_len - 1 if prepend_bos else ctx_len
         self.contexts_per_document = contexts_per_document
         self.mix_pool_contexts = mix_pool_contexts
@@ -275,7 +275,8 @@ def make_contexts(
     raise not_enough_text(ctx_len, have, n_train_contexts, "training")
 
 
-def _bos_token_id(tokenizer) -> int:
+def bos_token_id(tokenizer) -> int:
+    """The token a context begins with: the tokenizer's BOS, else its EOS (GPT-NeoX: <|endoftext|>)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS token; set data.prepend_bos=false")

@@ -174,6 +174,7 @@ def steer(
     model=None,
 ) -> SteeringResult:
     """Steer the model of a saesweep run with one of its features (see the module docstring)."""
+    from saesweep.data import bos_token_id
     from saesweep.lm import load_model, resolve_device, validate_hook_point
     from saesweep.report.heldout import run_setting
     from saesweep.rundir import CFG_FILE, load_feature_stats, load_run_config, load_sae
@@ -195,7 +196,7 @@ def steer(
     hook_point = run_setting(run_cfg, "hook_point")
     validate_hook_point(model, hook_point)
     prepend_bos = (run_cfg.get("dataset") or {}).get("prepend_bos", True)
-    bos = model.tokenizer.bos_token_id if prepend_bos else None
+    bos = bos_token_id(model.tokenizer) if prepend_bos else None
     scale = float(max_activation[settings.feature])
     continuations, shifts = steer_with(model, sae, hook_point, scale, settings, bos)
     return SteeringResult(settings.feature, settings.mode, float(settings.strength), scale, hook_point,
