@@ -24,6 +24,8 @@ def test_reproduction_holds_the_evaluations_numbers_and_figures(tmp_path):
     # the by-size table: every feature of the 16- and 32-feature dictionaries is found again
     assert "| 1 | 16 | 16.0 (100.0%) | 100.0% | 16.0 (100.0%) | 100.0% |" in text
     assert "| 4 | 64 | – (–) | – | 64.0 (100.0%) | 100.0% |" in text
+    # by frequency band: every feature fires on 5 % of tokens (the top band), both seeds summed
+    assert "| 1 | – | – | 100.0% of 32 |" in text and "| 4 | – | – | 100.0% of 128 |" in text
     for name in ("found_by_size.png", "mcs_vs_frequency.png", "features_found.png", "pareto.png"):
         assert f"(docs/reproduction/{name})" in text and (tmp_path / "docs" / "reproduction" / name).stat().st_size > 1000
     _, runs = read_evaluation(sweep)
