@@ -218,6 +218,8 @@ class Comparison:
     groups: list[Group]
     pairs: dict[tuple[str, str], PairOverlap]  # (A, B) → overlap, for every ordered pair within a group
     values: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (A, B) → (mcs(A → B), A's MCS by chance)
+    seed_partners: dict[str, str]  # run → the run that differs from it only in seed (see seed_partners)
+    up_the_sizes: dict[str, SizeFindings]  # run → its features found again in larger dictionaries of its seed
 
 
 @dataclass(frozen=True)
@@ -404,7 +406,8 @@ def compare_runs(runs: list[Run], settings: EvalSettings) -> Comparison:
                 pairs[b.name, a.name] = overlap(b, a, b_to_a, matched)
                 values[a.name, b.name] = (a_to_b.numpy(), baseline_mcs(a, b.d_sae).numpy())
                 values[b.name, a.name] = (b_to_a.numpy(), baseline_mcs(b, a.d_sae).numpy())
-    return Comparison(groups, pairs, values)
+    return Comparison(groups, pairs, values, seed_partners(runs),
+                      size_findings(runs, pairs, values, settings.found_threshold))
 
 
 # cfg.json keys that may differ between two runs of the same setting (the seed itself, and records)
@@ -460,12 +463,17 @@ class SizeFindings:
     baseline_in_any_larger: int
 
 
-def size_findings(runs: list[Run], comparison: Comparison, threshold: float) -> dict[str, SizeFindings]:
+def size_findings(
+    runs: list[Run],
+    pairs: dict[tuple[str, str], PairOverlap],
+    values: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    threshold: float,
+) -> dict[str, SizeFindings]:
     findings = {}
     for name, larger in larger_dictionaries(runs).items():
-        found = [comparison.values[name, other][0] >= threshold for other in larger]
-        chance = [comparison.values[name, other][1] >= threshold for other in larger]
-        nearest = comparison.pairs[name, larger[0]]
+        found = [values[name, other][0] >= threshold for other in larger]
+        chance = [values[name, other][1] >= threshold for other in larger]
+        nearest = pairs[name, larger[0]]
         findings[name] = SizeFindings(
             next_larger=larger[0],
             in_next_larger=nearest.found_again,
@@ -482,8 +490,7 @@ def build_report(
 ) -> dict:
     """The content of mcs.json."""
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
-    partners = seed_partners(runs)
-    up_the_sizes = size_findings(runs, comparison, settings.found_threshold)
+    partners, up_the_sizes = comparison.seed_partners, comparison.up_the_sizes
     run_entries: dict[str, dict] = {}
     for run in runs:
         largest = largest_of[run.name]
@@ -569,14 +576,11 @@ def headline(runs: list[Run], failed: list[FailedRun], comparison: Comparison) -
     return numbers
 
 
-def summary_rows(
-    runs: list[Run], failed: list[FailedRun], comparison: Comparison, found_threshold: float
-) -> list[dict]:
+def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Comparison) -> list[dict]:
     """One row per run (failed ones included), in name order: hyperparameters, the run's overlap with
     its group's largest dictionary, and every key of its metrics.json."""
     largest_of = {run.name: group.largest for group in comparison.groups for run in group.runs}
-    partners = seed_partners(runs)
-    up_the_sizes = size_findings(runs, comparison, found_threshold)
+    partners, up_the_sizes = comparison.seed_partners, comparison.up_the_sizes
     metric_keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
     # every architecture key of any run (sae.k, sae.l0_coef, ...): a column each, empty where it has none
     sae_keys = list(dict.fromkeys(k for r in [*runs, *failed] for k in (r.cfg.get("sae") or {}) if k != "architecture"))
@@ -781,8 +785,7 @@ def _plot_found_again(paths: dict[str, Path], runs: list[Run], comparison: Compa
     """found_by_size.png and mcs_vs_frequency.png: features found again in the next larger dictionary of
     the same seed, and by the other seed, by size and by feature frequency."""
     by_name = {run.name: run for run in runs}
-    ladders = larger_dictionaries(runs)
-    partners = seed_partners(runs)
+    partners = comparison.seed_partners
     several_architectures = len({trained_architecture(run.cfg) for run in runs}) > 1
 
     def label(run: Run) -> str:
@@ -800,7 +803,7 @@ def _plot_found_again(paths: dict[str, Path], runs: list[Run], comparison: Compa
             out.append(plots.SizeSeries(line_label, [r.d_sae for r in members], found, chance))
         return out
 
-    next_larger = {name: larger[0] for name, larger in ladders.items()}
+    next_larger = {name: found.next_larger for name, found in comparison.up_the_sizes.items()}
     up, across = "in the next larger dictionary, same seed", "by the other seed, same size"
     plots.plot_found_by_size(paths["found_by_size"], {up: series(next_larger), across: series(partners)}, threshold)
 
@@ -894,7 +897,7 @@ def evaluate_sweep(
             sweep_dir, "; ".join(f"{g.label}: {', '.join(r.name for r in g.runs)}" for g in comparison.groups),
         )
     report = build_report(sweep_dir, runs, failed, comparison, settings)
-    summary = summary_rows(runs, failed, comparison, settings.found_threshold)
+    summary = summary_rows(runs, failed, comparison)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / MCS_FILE, report)
     write_summary_csv(out_dir / SUMMARY_FILE, summary)
