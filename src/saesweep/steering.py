@@ -140,13 +140,13 @@ def steer_with(
     for prompt in settings.prompts:
         ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         tokens = torch.tensor([([] if bos is None else [bos]) + ids], device=device)
-        firsts = {}
         for decoding in DECODINGS:
             sampled = decoding == "sampled"
-            plain, firsts["plain"] = _generate(model, tokens, settings, [], sampled)
-            steered, firsts["steered"] = _generate(model, tokens, settings, hooks, sampled)
+            plain, plain_first = _generate(model, tokens, settings, [], sampled)
+            steered, steered_first = _generate(model, tokens, settings, hooks, sampled)
             continuations.append(Continuation(prompt, decoding, text.sequence(plain), text.sequence(steered)))
-        delta = (firsts["steered"] - firsts["plain"]).cpu()
+        # the first position's log-probs are the same whatever the decoding: the prompt's own
+        delta = (steered_first - plain_first).cpu()
         shifts.append({
             "prompt": prompt,
             "rises": _shifts(delta, delta.topk(settings.logit_shift_k).indices, text),
