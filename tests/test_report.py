@@ -659,3 +659,13 @@ def test_context_dependence_score_is_weighted_and_bounded():
     assert views.context_dependence(fired, torch.tensor([9.0, 3.0])) == 0.0  # stronger alone: still read off the token
     assert views.context_dependence(fired, torch.tensor([-1.0, -1.0])) == 1.0
     assert views.context_dependence(torch.zeros(2), torch.zeros(2)) is None
+
+
+def test_a_model_handed_in_decides_the_device(tiny_run, tiny_model, tmp_path):
+    """settings.device names where a model the report loads goes; a model handed in is where it is, and
+    the SAE joins it (a CPU model with device=cuda on a GPU machine failed at the first forward pass).
+    `meta` stands in for any device the model is not on."""
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
+    build_report(run, fast_settings(selection="frequent", top_n=2, device="meta"), model=tiny_model)
+    features = json.loads((run / "report" / "features.json").read_text())["features"]
+    assert len(features) == 2 and features[0]["frequency"] > 0

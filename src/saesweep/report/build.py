@@ -105,7 +105,8 @@ def build_report(
         )
     with watch("load"):
         run_cfg = run_cfg or load_run_config(run_dir)
-        device = resolve_device(settings.device)
+        # a model handed in decides the device: the SAE must sit where the model's activations are
+        device = next(model.parameters()).device if model is not None else resolve_device(settings.device)
         sae = load_sae(run_dir, device, trust_pickle=trust_pickle).eval()
         check_feature_ids(settings, sae.d_sae)
         if model is None:
