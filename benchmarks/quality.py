@@ -2,23 +2,39 @@
 and dead fraction on the held-out tokens, all architectures trained in one pass over the same
 activations (an ensemble: the same batches feed every dictionary).
 
+When SAELens is installed (`pip install -e '.[bench]'`), each setting is trained again with SAELens's
+trainer and SAELens's SAE of the same architecture, on the same (normalised) activations with the same
+sparsity knob, learning rate, batch, schedule and tokens, and judged by the same evaluation on the same
+held-out tokens. Its ce_recovered is compared with saesweep's at matched L0: saesweep's curve over the
+grid's sparsities, interpolated in log L0 (more than 5 % outside the curve's L0 range there is no match).
+
 Prints a table and ends with a `RESULT` line; asserts nothing. The issue's full grid (three sparsities
-per architecture, dict_ratio 4 and 8, SAELens's trainers beside) is `--grid full`; on 2 CPU cores it
-takes hours, so the default grid is one setting per architecture at dict_ratio 4.
+per architecture, dict_ratio 4 and 8) is `--grid full`; on 2 CPU cores it takes hours, so the default
+grid is one setting per architecture at dict_ratio 4.
 
     python benchmarks/quality.py [--n-tokens 2000000] [--ratios 4] [--grid default|full]
+                                 [--saelens-ratios 4,8 | --saelens-ratios none]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import time
 from pathlib import Path
 
+import saelens_contender  # benchmarks/saelens_contender.py
+import torch
 from hydra import compose, initialize_config_dir
 from machine import describe_machine  # benchmarks/machine.py
 
-from saesweep.train import train_ensemble
+from saesweep import load_sae
+from saesweep.lm import hook_point_for, load_model, resolve_device
+from saesweep.metrics import HeldOutSet, evaluate
+from saesweep.store import ActivationStore, StoreStream, default_store_dir
+from saesweep.train import normalisation_sample, sae_hyperparameters, store_spec, total_steps, train_ensemble
+from saesweep.training import activation_scale
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -45,9 +61,11 @@ def main() -> None:
     parser.add_argument("--n-tokens", type=int, default=2_000_000)
     parser.add_argument("--ratios", default="4")
     parser.add_argument("--grid", choices=("default", "full"), default="default")
+    parser.add_argument("--saelens-ratios", default=None,
+                        help="dict_ratios SAELens trains too (default: all of --ratios; 'none': no SAELens)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_quality"))
     args = parser.parse_args()
-    print(describe_machine())
+    print(describe_machine(), flush=True)
     grid = DEFAULT_GRID if args.grid == "default" else FULL_GRID
     base = [
         f"model.path={REFERENCE / 'model'}", "data=jsonl", f"data.path={REFERENCE / 'corpus' / 'train.jsonl.gz'}",
@@ -64,18 +82,109 @@ def main() -> None:
     started = time.monotonic()
     results = train_ensemble(cfgs, run_dirs, out)
     print(f"{len(cfgs)} dictionaries on {args.n_tokens} tokens in one pass: {time.monotonic() - started:.0f} s")
-    print(f"{'setting':<24} {'L0':>14} {'FVU':>17} {'ce_recovered':>17} {'dead':>6}")
-    fields = []
+    print(f"{'setting':<30} {'L0':>14} {'FVU':>17} {'ce_recovered':>17} {'dead':>6}")
+    fields, metrics = [], {}
     for label, result in zip(labels, results):
         if isinstance(result, Exception):
-            print(f"{label:<24} failed: {result}")
+            print(f"{label:<30} failed: {result}")
             continue
-        m = result.metrics
-        print(f"{label:<24} {m['l0']:>7.1f} ± {m['l0_se']:<4.1f} {m['fvu']:>8.4f} ± {m['fvu_se']:.4f} "
-              f"{m['ce_recovered']:>8.4f} ± {m['ce_recovered_se']:.4f} {m['dead_fraction']:>6.3f}")
-        key = label.replace(" ", "_").replace("=", "").replace("×", "x")
-        fields.append(f"{key}_l0={m['l0']:.1f} {key}_fvu={m['fvu']:.4f} {key}_ce_recovered={m['ce_recovered']:.4f}")
+        metrics[label] = m = result.metrics
+        print(f"{label:<30} {_cells(m)}")
+        fields.append(_fields(label, m))
+    print(flush=True)
+
+    saelens_ratios = args.ratios if args.saelens_ratios is None else args.saelens_ratios
+    if not saelens_contender.available():
+        print(saelens_contender.NOT_INSTALLED)
+    elif saelens_ratios != "none":
+        chosen = [i for i, c in enumerate(cfgs) if f"{c.dict_ratio:g}" in saelens_ratios.split(",")]
+        fields += saelens_rows([cfgs[i] for i in chosen], [labels[i] for i in chosen], metrics, out / "saelens")
     print("RESULT " + " ".join(fields))
+
+
+def _cells(m: dict) -> str:
+    return (f"{m['l0']:>7.1f} ± {m['l0_se']:<4.1f} {m['fvu']:>8.4f} ± {m['fvu_se']:.4f} "
+            f"{m['ce_recovered']:>8.4f} ± {m['ce_recovered_se']:.4f} {m['dead_fraction']:>6.3f}")
+
+
+def _fields(label: str, m: dict, prefix: str = "") -> str:
+    key = prefix + label.replace(" ", "_").replace("=", "_").replace("×", "x")
+    return (f"{key}_l0={m['l0']:.1f} {key}_fvu={m['fvu']:.4f} {key}_ce_recovered={m['ce_recovered']:.4f} "
+            f"{key}_dead={m['dead_fraction']:.4f}")
+
+
+def _setting(label: str) -> tuple[str, str]:
+    """('topk', '×4') from 'topk k=32 ×4': the architecture's curve a setting belongs to."""
+    words = label.split()
+    return words[0], words[-1]
+
+
+def matched_ce_recovered(l0: float, curve: list[tuple[float, float]]) -> float | None:
+    """saesweep's ce_recovered at `l0` on its (L0, ce_recovered) curve, interpolated in log L0. Up to 5 %
+    beyond the curve's ends counts as the end point (BatchTopK's L0 wanders a little around k); further
+    out there is no match."""
+    points = sorted(curve)
+    if not points:
+        return None
+    (low_l0, low_ce), (high_l0, high_ce) = points[0], points[-1]
+    if low_l0 / 1.05 <= l0 <= low_l0:
+        return low_ce
+    if high_l0 <= l0 <= high_l0 * 1.05:
+        return high_ce
+    for (l0_a, ce_a), (l0_b, ce_b) in zip(points, points[1:]):
+        if l0_a <= l0 <= l0_b:
+            t = (math.log(l0) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a)) if l0_b > l0_a else 0.0
+            return ce_a + t * (ce_b - ce_a)
+    return None
+
+
+def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], out: Path) -> list[str]:
+    """Each setting trained by SAELens on the activations saesweep trained on (the same store, stream
+    seed and normalisation), evaluated like saesweep's; prints a row per setting as it finishes and
+    returns the RESULT fields."""
+    cfg = cfgs[0]
+    device = resolve_device(cfg.model.device)
+    model = load_model(cfg.model.name, cfg.model.path, device, cfg.model.dtype)
+    hook_point = hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
+    store_root = Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
+    store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
+
+    def not_cached() -> dict:
+        raise RuntimeError(f"{store.path} holds no held-out set: saesweep's run should have built it")
+
+    held_out = HeldOutSet.from_named_tensors(store.held_out(-(-cfg.eval.n_tokens // cfg.ctx_len), not_cached))
+    sample = normalisation_sample(store)
+    scale, d_in = activation_scale(sample), sample.shape[-1]
+    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for label, m in ours.items():
+        curves.setdefault(_setting(label), []).append((m["l0"], m["ce_recovered"]))
+
+    print("SAELens's trainer and SAE of each architecture on the same activations; Δ = saesweep's ce_recovered "
+          "at SAELens's L0 minus SAELens's (≥ -0.005 is the target)")
+    print(f"{'SAELens setting':<30} {'L0':>14} {'FVU':>17} {'ce_recovered':>17} {'dead':>6} {'Δ':>8} {'fit s':>6}",
+          flush=True)
+    fields, deltas = [], []
+    for c, label in zip(cfgs, labels):
+        stream = StoreStream(store, c.train.batch_size, c.store.buffer_tokens, c.seed)
+        steps = total_steps(c.trainer, len(stream))
+        # the stream repeated: SAELens's loop may ask past the steps it was given
+        batches = (b.to(device, torch.float32) / scale for _ in itertools.count() for b in stream)
+        directory = out / label.replace(" ", "_").replace("×", "x")
+        seconds = saelens_contender.train_saelens_architecture(
+            c.sae.architecture, sae_hyperparameters(c), d_in, int(c.dict_ratio * d_in), batches, steps, c.train.batch_size, c.train.lr, c.train.lr_warmup_steps,
+            int(steps * c.train.lr_decay_fraction), directory,
+        )
+        sae = load_sae(directory).rescaled(scale)  # trained on x / scale, judged on raw activations
+        m = evaluate(sae, model, hook_point, held_out, c.eval.batch_contexts).metrics
+        match = matched_ce_recovered(m["l0"], curves.get(_setting(label), []))
+        delta = "—" if match is None else f"{match - m['ce_recovered']:+.4f}"
+        if match is not None:
+            deltas.append(match - m["ce_recovered"])
+        print(f"{label:<30} {_cells(m)} {delta:>8} {seconds:>6.0f}", flush=True)
+        fields.append(_fields(label, m, prefix="saelens_"))
+    if deltas:
+        fields.append(f"worst_delta_vs_saelens={min(deltas):.4f} matched_settings={len(deltas)}")
+    return fields
 
 
 if __name__ == "__main__":

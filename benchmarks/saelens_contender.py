@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from saesweep.sae import ARCHITECTURES
+
 try:
     from sae_lens import (
         StandardTrainingSAE,
@@ -20,6 +22,7 @@ try:
         TopKTrainingSAEConfig,
     )
     from sae_lens.config import SAETrainerConfig
+    from sae_lens.registry import get_sae_training_class
     from sae_lens.training.sae_trainer import SAETrainer
 except ImportError:  # the `bench` extra is not installed
     SAETrainer = None
@@ -30,6 +33,10 @@ NOT_INSTALLED = "SAELens: not installed (pip install -c constraints.txt -e '.[be
 
 def available() -> bool:
     return SAETrainer is not None
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _batches(x: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
@@ -46,17 +53,56 @@ def train_saelens(
     """Trains one SAELens SAE (ReLU/L1, or TopK when `k` is given) for `steps` steps on `x` [n, d_in];
     returns the wall seconds of its `fit` (the trainer's whole loop, start-up included)."""
     if k is None:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1_coef))
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+            d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1_coef, device=_device()))
     else:
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device=_device()))
     cfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-3, lr_end=3e-3,
-        n_checkpoints=0, device="cpu" if not torch.cuda.is_available() else "cuda",
+        n_checkpoints=0, device=_device(),
     )
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(x, batch))
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(x.to(_device()), batch))
     start = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - start
+
+
+# saesweep's architecture -> SAELens's name for it, and saesweep's keys -> SAELens's config fields
+SAELENS_ARCHITECTURE = {
+    "relu_l1": "standard", "gated": "gated", "jumprelu": "jumprelu",
+    "topk": "topk", "batchtopk": "batchtopk", "matryoshka_batchtopk": "matryoshka_batchtopk",
+}
+_SAELENS_FIELD = {
+    "l1_coef": "l1_coefficient", "k": "k", "l0_coef": "l0_coefficient",
+    "threshold_init": "jumprelu_init_threshold", "bandwidth": "jumprelu_bandwidth",
+}
+
+
+def train_saelens_architecture(
+    architecture: str, hyperparameters: dict, d_in: int, d_sae: int, batches: Iterator[torch.Tensor], steps: int,
+    batch: int, lr: float, warmup_steps: int, decay_steps: int, out_dir,
+) -> float:
+    """Trains SAELens's SAE of saesweep's `architecture` with SAELens's trainer on `batches` (already
+    normalised, as saesweep trains) and saves its inference form into `out_dir` with SAELens's writer;
+    returns the seconds of the fit. Keys saesweep has and SAELens lacks (AuxK coefficient, group sizes
+    other than as widths, resampling) keep SAELens's defaults: this is SAELens's recipe at saesweep's
+    sparsity knob, learning rate, batch, schedule and tokens."""
+    name = SAELENS_ARCHITECTURE[architecture]
+    sae_class, config_class = get_sae_training_class(name)
+    fields = {_SAELENS_FIELD[k]: v for k, v in hyperparameters.items() if k in _SAELENS_FIELD and v is not None}
+    if name == "matryoshka_batchtopk":  # saesweep's nested prefixes, as SAELens's widths
+        fields["matryoshka_widths"] = ARCHITECTURES[architecture](d_in, d_sae, **hyperparameters).prefix_widths()
+    sae = sae_class(config_class(d_in=d_in, d_sae=d_sae, device=_device(), **fields))
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr / 100,
+        lr_warm_up_steps=warmup_steps, lr_decay_steps=decay_steps, n_checkpoints=0, device=_device(),
+    )
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches)
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    trainer.sae.save_inference_model(out_dir)
+    return seconds
 
 
 def saelens_job(model_dir: str, corpus: str, hook_point: str, ctx_len: int, n_tokens: int, d_sae_ratio: int,

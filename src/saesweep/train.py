@@ -102,7 +102,7 @@ def train_ensemble(
 
     held_out = HeldOutSet.from_named_tensors(store.held_out(n_eval_contexts, build_held_out))
 
-    sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
+    sample = normalisation_sample(store)
     scale = activation_scale(sample)
     saes = []
     for c, d_sae in zip(cfgs, d_saes):
@@ -219,6 +219,12 @@ def train_ensemble(
                 run_logger.experiment.finish()
         log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
     return outcomes
+
+
+def normalisation_sample(store: ActivationStore) -> torch.Tensor:
+    """The activations that set the training scale (training sees x / activation_scale(sample)) and
+    the decoder bias's starting point: the first rows of the store's first shard."""
+    return store.read_shard(store.manifest()["shards"][0])[:_INIT_SAMPLE].float()
 
 
 def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
