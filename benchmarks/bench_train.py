@@ -27,19 +27,34 @@ from saesweep.sae import ReluSae, Sae, TopKSae
 from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, write_store
 from saesweep.training import SaeTrainingModule
 
+# where Lightning's accelerator="auto" trains: the peak and the bare loop are measured there too
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PEAK_N = 4096 if DEVICE.type == "cuda" else 2048  # big enough to reach the peak, small enough for 2 CPU cores
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_flops(repeats: int = 10) -> float:
+    """float32 matmul FLOP/s on DEVICE (default precision: on a GPU, no TF32, as saesweep trains)."""
+    n = PEAK_N
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     a @ b
+    _sync()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _sync()
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def bare_loop(x: torch.Tensor, d_sae: int, steps: int, batch: int, l1_coef: float = 2.0) -> float:
-    """Activations/s of the plain step: forward, backward, Adam, decoder renorm; no framework."""
-    sae = ReluSae(x.shape[1], d_sae)
+    """Activations/s of the plain step on DEVICE, data already there: forward, backward, Adam, decoder
+    renorm; no framework, no data path."""
+    x = x.to(DEVICE)
+    sae = ReluSae(x.shape[1], d_sae).to(DEVICE)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
 
     def step(i: int) -> None:
@@ -54,9 +69,11 @@ def bare_loop(x: torch.Tensor, d_sae: int, steps: int, batch: int, l1_coef: floa
 
     for i in range(3):
         step(i)
+    _sync()
     start = time.perf_counter()
     for i in range(steps):
         step(i)
+    _sync()
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -121,7 +138,7 @@ def main() -> None:
         return
     flops_per_row = 12 * args.d_in * args.d_sae
     peak = matmul_peak_flops()
-    print(f"float32 matmul peak (2048², measured): {peak / 1e9:.1f} GFLOP/s")
+    print(f"float32 matmul peak on {DEVICE.type} ({PEAK_N}², measured): {peak / 1e9:.1f} GFLOP/s")
 
     n_rows = (args.steps + 3) * args.batch
     x = torch.randn(n_rows, args.d_in)
