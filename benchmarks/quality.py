@@ -13,7 +13,7 @@ per architecture, dict_ratio 4 and 8) is `--grid full`; on 2 CPU cores it takes 
 grid is one setting per architecture at dict_ratio 4.
 
     python benchmarks/quality.py [--n-tokens 2000000] [--ratios 4] [--grid default|full]
-                                 [--saelens-ratios 4,8 | --saelens-ratios none]
+                                 [--architectures relu_l1,topk] [--saelens-ratios 4,8 | none]
 """
 
 from __future__ import annotations
@@ -61,12 +61,20 @@ def main() -> None:
     parser.add_argument("--n-tokens", type=int, default=2_000_000)
     parser.add_argument("--ratios", default="4")
     parser.add_argument("--grid", choices=("default", "full"), default="default")
+    parser.add_argument("--architectures", default=None,
+                        help="comma-separated architectures of the grid to run (default: all)")
     parser.add_argument("--saelens-ratios", default=None,
                         help="dict_ratios SAELens trains too (default: all of --ratios; 'none': no SAELens)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_quality"))
     args = parser.parse_args()
     print(describe_machine(), flush=True)
     grid = DEFAULT_GRID if args.grid == "default" else FULL_GRID
+    if args.architectures:
+        wanted = args.architectures.split(",")
+        grid = [(label, overrides) for label, overrides in grid if overrides[0].removeprefix("sae=") in wanted]
+        if not grid:
+            parser.error(f"--architectures={args.architectures!r} selects nothing; allowed: relu_l1, topk, "
+                         "batchtopk, matryoshka_batchtopk, jumprelu, gated")
     base = [
         f"model.path={REFERENCE / 'model'}", "data=jsonl", f"data.path={REFERENCE / 'corpus' / 'train.jsonl.gz'}",
         f"n_tokens={args.n_tokens}", "logger=none", "trainer.enable_progress_bar=false", "eval.every_n_steps=100000",
