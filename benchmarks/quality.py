@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--grid", choices=("default", "full"), default="default")
     parser.add_argument("--architectures", default=None,
                         help="comma-separated architectures of the grid to run (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every setting (repeatable), e.g. train.grad_clip_norm=1")
     parser.add_argument("--saelens-ratios", default=None,
                         help="dict_ratios SAELens trains too (default: all of --ratios; 'none': no SAELens)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_quality"))
@@ -77,7 +79,7 @@ def main() -> None:
                          "batchtopk, matryoshka_batchtopk, jumprelu, gated")
     base = [
         f"model.path={REFERENCE / 'model'}", "data=jsonl", f"data.path={REFERENCE / 'corpus' / 'train.jsonl.gz'}",
-        f"n_tokens={args.n_tokens}", "logger=none", "trainer.enable_progress_bar=false", "eval.every_n_steps=100000",
+        f"n_tokens={args.n_tokens}", "logger=none", "trainer.enable_progress_bar=false", "eval.every_n_steps=100000", *args.set,
     ]
     labels, cfgs, run_dirs = [], [], []
     out = Path(args.out) / f"{args.n_tokens}"

@@ -52,7 +52,9 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
         "eval_every": (["eval.every_n_steps=0"], "eval.every_n_steps=0 must be a positive integer"),
         "k_zero": (["sae=topk", "sae.k=0"], "sae.k=0 must be ≥ 1"),
         "k_too_large": (["sae=topk", "sae.k=1000"], "sae.k=1000 exceeds d_sae=64"),
-        "foreign_key": (["+sae.k=3"], "sae.k=3 is not a key of sae=relu_l1; its keys: l1_coef"),
+        "foreign_key": (["+sae.k=3"], "sae.k=3 is not a key of sae=relu_l1; its keys: encoder_init_norm, l1_coef, resample_every_tokens"),
+        "encoder_init": (["sae.encoder_init_norm=0"], "sae.encoder_init_norm=0 must be > 0"),
+        "grad_clip": (["train.grad_clip_norm=0"], "train.grad_clip_norm=0 must be > 0, or null for no clipping"),
         "groups": (["sae=matryoshka_batchtopk", "sae.group_sizes=[8,8,8]"],
                    "sae.group_sizes=[8, 8, 8] sum to 24, but d_sae=64"),
     }
@@ -70,6 +72,7 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
 @pytest.mark.parametrize("name", [
     "hook", "layer", "ratio", "l1", "ctx_len", "n_tokens", "data_path", "empty_data", "no_weights", "non_numeric",
     "heldout", "per_document", "architecture", "eval_every", "k_zero", "k_too_large", "foreign_key", "groups",
+    "encoder_init", "grad_clip",
 ])
 def test_bad_input_is_one_readable_message_without_a_traceback(bad_inputs, name):
     tmp, cases, results = bad_inputs

@@ -135,9 +135,12 @@ def test_a_member_that_diverges_leaves_the_ensemble_and_the_others_finish(tmp_pa
 def test_an_ensemble_of_different_architectures_trains_each_as_a_lone_job_would(tmp_path, tiny_model_dir, corpus_path):
     store = tmp_path / "store"
     cfgs = [
-        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=topk", "sae.k=8"),
-        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=jumprelu", "dict_ratio=1"),
-        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=batchtopk", "sae.k=4"),
+        # a clip small enough to act on every step: it must act on each member alone
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=topk", "sae.k=8", "train.grad_clip_norm=0.1"),
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=jumprelu", "dict_ratio=1",
+                 "train.grad_clip_norm=0.1"),
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=batchtopk", "sae.k=4",
+                 "train.grad_clip_norm=0.1"),
     ]
     together = train_ensemble(cfgs, [tmp_path / "ensemble" / str(i) for i in range(3)], tmp_path / "ensemble")
     for i, cfg in enumerate(cfgs):

@@ -9,10 +9,36 @@ from saesweep.sae import (
 )
 
 
-def test_decoder_rows_start_unit_norm_and_encoder_is_transpose():
+def test_decoder_rows_start_unit_norm_and_encoder_is_their_scaled_transpose():
     sae = ReluSae(16, 64)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    torch.testing.assert_close(sae.W_enc, 0.1 * sae.W_dec.T)  # encoder_init_norm's default
+    torch.testing.assert_close(ReluSae(16, 64, encoder_init_norm=1.0).W_enc.norm(dim=0), torch.ones(64))
+    for architecture in ("topk", "batchtopk", "jumprelu"):  # the others start at the plain transpose
+        other = ARCHITECTURES[architecture](16, 64)
+        torch.testing.assert_close(other.W_enc, other.W_dec.T)
+
+
+def test_gradient_clipping_is_per_dictionary():
+    """Each SAE's gradient is clipped to train.grad_clip_norm on its own: a member with a large gradient
+    does not shrink another's step, as one norm over the whole ensemble would."""
+    from saesweep.training import SaeTrainingModule
+
+    saes = [ReluSae(4, 8), ReluSae(4, 8)]
+    module = SaeTrainingModule(
+        saes, metric_prefixes=["a/", "b/"], act_scale=1.0, lr=1e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1,
+        lr_decay_fraction=0.0, total_steps=1, max_bad_steps=1, model=None, hook_point="h", resume_key={},
+        grad_clip_norm=1.0,
+    )
+    for sae, size in zip(saes, (10.0, 0.1)):
+        for name, parameter in sae.named_parameters():  # W_dec's gradient 0: its projection leaves it so
+            parameter.grad = torch.zeros_like(parameter) if name == "W_dec" else torch.full_like(parameter, size)
+    small = {name: p.grad.clone() for name, p in saes[1].named_parameters()}
+    module.on_before_optimizer_step(None)
+    large_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in saes[0].parameters()]))
+    assert large_norm.item() == pytest.approx(1.0, rel=1e-5)
+    for name, parameter in saes[1].named_parameters():  # norm 0.1·√44 ≈ 0.66 < 1: untouched
+        torch.testing.assert_close(parameter.grad, small[name], rtol=0, atol=0)
 
 
 def test_forward_is_relu_of_centred_input_then_linear_decode():

@@ -31,6 +31,9 @@ def check_config(cfg: DictConfig) -> None:
     ):
         if _number(cfg, key, integer=True) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")
+    clip = cfg.train.get("grad_clip_norm")
+    if clip is not None and not _number(cfg, "train.grad_clip_norm") > 0:
+        raise ConfigError(f"train.grad_clip_norm={clip} must be > 0, or null for no clipping")
     if _number(cfg, "n_tokens", integer=True) < cfg.train.batch_size:
         raise ConfigError(
             f"n_tokens={cfg.n_tokens} is less than one batch (train.batch_size={cfg.train.batch_size})"
@@ -59,6 +62,7 @@ _SAE_KEYS = {
     "l0_coef": (False, 0, True, False),
     "threshold_init": (False, 0, False, False),
     "bandwidth": (False, 0, False, False),
+    "encoder_init_norm": (False, 0, False, False),
 }
 
 

@@ -168,6 +168,7 @@ def train_ensemble(
         ),
         compile=cfg.train.compile,
         dead_window_tokens=cfg.train.dead_window_tokens,
+        grad_clip_norm=cfg.train.get("grad_clip_norm"),
     )
 
     pin = device.type == "cuda"

@@ -58,6 +58,7 @@ class SaeTrainingModule(L.LightningModule):
         resume_key: dict[str, object],
         compile: bool = False,
         dead_window_tokens: int = 1_000_000,
+        grad_clip_norm: float | None = None,
     ):
         super().__init__()
         if len(saes) != len(metric_prefixes):
@@ -76,6 +77,7 @@ class SaeTrainingModule(L.LightningModule):
         # per SAE and feature: training tokens since it last fired (checkpointed, cut per member in an ensemble)
         self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
         self.dead_window_tokens = dead_window_tokens
+        self.grad_clip_norm = grad_clip_norm
         self._bad_in_a_row = [0] * len(saes)
         # SAEs that diverged, with why: they train no more, their jobs fail, the others go on
         self.dropped: dict[int, str] = {}
@@ -182,6 +184,9 @@ class SaeTrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         for sae in self.saes:
             sae.before_optimizer_step()
+            # per SAE, not over the ensemble: each member's step stays the one it would take alone
+            if self.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -12,8 +12,15 @@ class ReluSae(Sae):
     architecture = "relu_l1"
     saelens_architecture = "standard"
     # l1_coef: on activations normalised to E‖x‖² = d_in; resample_every_tokens: re-initialise the
-    # features dead over train.dead_window_tokens each time this many training tokens pass (null: never)
-    hyperparameters = {"l1_coef": 2.0, "resample_every_tokens": None}
+    # features dead over train.dead_window_tokens each time this many training tokens pass (null: never);
+    # encoder_init_norm: each encoder column starts as its decoder row times this (Anthropic's April 2024
+    # update, SAELens's decoder_init_norm): small first activations, fewer features killed early
+    hyperparameters = {"l1_coef": 2.0, "resample_every_tokens": None, "encoder_init_norm": 0.1}
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        super().reset_parameters(generator)
+        self.W_enc.mul_(self.hparams["encoder_init_norm"])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_acts(x))
