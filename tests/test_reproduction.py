@@ -9,12 +9,13 @@ import sys
 import pytest
 
 from conftest import REPO
+from saesweep import reproduction
 from saesweep.evaluate import evaluate_sweep
 from saesweep.reproduction import by_size, read_evaluation, targets, write_reproduction
 from test_evaluate import NO_WANDB, seed_size_sweep
 
 
-def test_reproduction_holds_the_evaluations_numbers_and_figures(tmp_path):
+def test_reproduction_holds_the_evaluations_numbers_and_figures(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     seed_size_sweep(sweep)  # sizes 16, 32, 64 (dict_ratio 1, 2, 4), seeds 0 and 1, all nested
     evaluate_sweep(sweep, wandb_settings=NO_WANDB)
@@ -33,6 +34,10 @@ def test_reproduction_holds_the_evaluations_numbers_and_figures(tmp_path):
     assert rises_up[1:] == ("1×: 16.0, 2×: 32.0", True) and rises_across[1:] == ("1×: 16.0, 2×: 32.0, 4×: 64.0", True)
     assert next_size[1:] == ("–", None)  # no 8× dictionary in this sweep: not measurable
     assert other_seed[1:] == ("100.0%", True)
+    # nothing missed: no "what it would take"; a missed target brings it
+    assert "## What it would take" not in text
+    monkeypatch.setattr(reproduction, "targets", lambda sizes: [("a target", "measured", False)])
+    assert "## What it would take" in write_reproduction(sweep, tmp_path / "MISSED.md", "make reproduce").read_text()
 
 
 def test_an_unevaluated_sweep_is_one_clear_error(tmp_path):
