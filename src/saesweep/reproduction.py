@@ -181,12 +181,13 @@ def by_frequency(sweep_dir: Path, runs: list[RunRow], threshold: float) -> list[
         pairs = [(loaded[r.name], loaded[partners[r.name]]) for r in runs if r.dict_ratio == ratio and r.name in partners]
         if not pairs:
             continue
+        found_again = [(run, mcs(run.decoder, other.decoder).numpy() >= threshold) for run, other in pairs]
         cells = []
         for low, high in FREQUENCY_BANDS:
             found = total = 0
-            for run, other in pairs:
+            for run, found_mask in found_again:
                 band = (run.frequency > 0) & (run.frequency >= low) & (run.frequency < high)
-                found += int((mcs(run.decoder, other.decoder).numpy()[band] >= threshold).sum())
+                found += int(found_mask[band].sum())
                 total += int(band.sum())
             cells.append(f"{found / total:.1%} of {total}" if total else "–")
         lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
