@@ -117,8 +117,13 @@ def _cells(m: dict) -> str:
             f"{m['ce_recovered']:>8.4f} ± {m['ce_recovered_se']:.4f} {m['dead_fraction']:>6.3f}")
 
 
+def _key(label: str) -> str:
+    """'topk k=32 ×4' → 'topk_k_32_x4': the setting's name in RESULT fields and output directories."""
+    return label.replace(" ", "_").replace("=", "_").replace("×", "x")
+
+
 def _fields(label: str, m: dict, prefix: str = "") -> str:
-    key = prefix + label.replace(" ", "_").replace("=", "_").replace("×", "x")
+    key = prefix + _key(label)
     return (f"{key}_l0={m['l0']:.1f} {key}_fvu={m['fvu']:.4f} {key}_ce_recovered={m['ce_recovered']:.4f} "
             f"{key}_dead={m['dead_fraction']:.4f}")
 
@@ -179,10 +184,10 @@ def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], out: Path
         steps = total_steps(c.trainer, len(stream))
         # the stream repeated: SAELens's loop may ask past the steps it was given
         batches = (b.to(device, torch.float32) / scale for _ in itertools.count() for b in stream)
-        directory = out / label.replace(" ", "_").replace("×", "x")
+        directory = out / _key(label)
         seconds = saelens_contender.train_saelens_architecture(
-            c.sae.architecture, sae_hyperparameters(c), d_in, int(c.dict_ratio * d_in), batches, steps, c.train.batch_size, c.train.lr, c.train.lr_warmup_steps,
-            int(steps * c.train.lr_decay_fraction), directory,
+            c.sae.architecture, sae_hyperparameters(c), d_in, int(c.dict_ratio * d_in), batches, steps,
+            c.train.batch_size, c.train.lr, c.train.lr_warmup_steps, int(steps * c.train.lr_decay_fraction), directory,
         )
         sae = load_sae(directory).rescaled(scale)  # trained on x / scale, judged on raw activations
         m = evaluate(sae, model, hook_point, held_out, c.eval.batch_contexts).metrics
