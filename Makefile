@@ -53,6 +53,7 @@ report:
 # `$(PYTHON) -m pip install -c constraints.txt -e '.[bench]'` (it moves transformer-lens to 3.9, which saesweep supports).
 bench:
 	$(PYTHON) benchmarks/harvest.py
+	$(PYTHON) benchmarks/stream.py
 	$(PYTHON) benchmarks/mcs.py
 	$(PYTHON) benchmarks/report.py
 	$(PYTHON) benchmarks/bench_train.py

@@ -1,5 +1,6 @@
 """The activation store: exact contents, reuse, resume after SIGKILL, corruption, bounded memory."""
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from saesweep.activations import harvest
 from saesweep.data import ContextSource
 from saesweep.errors import ConfigError
 from saesweep.store import (
+    MANIFEST,
     ActivationStore,
     StoreCorruptError,
     StoreSpec,
@@ -146,7 +148,7 @@ def test_sigkilled_harvest_resumes_without_redoing_finished_shards(tmp_path, tin
         assert os.stat(store.path / name).st_mtime_ns == mtime, f"{name} was harvested again"
     fresh = ActivationStore(tmp_path / "fresh", spec_for(tiny_model), 200)
     fresh_manifest = fresh.ensure(tiny_model, train_batches(tiny_model), 8)
-    assert [s["blake2b"] for s in manifest["shards"]] == [s["blake2b"] for s in fresh_manifest["shards"]]
+    assert [s["crc32"] for s in manifest["shards"]] == [s["crc32"] for s in fresh_manifest["shards"]]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -165,9 +167,28 @@ def test_corrupt_shard_is_named_and_reharvested(tmp_path, tiny_model, damage):
         list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0))
     assert not store.is_complete()
     repaired = store.ensure(tiny_model, train_batches(tiny_model), 8)
-    assert repaired["complete"] and repaired["shards"][2]["blake2b"] == manifest["shards"][2]["blake2b"]
+    assert repaired["complete"] and repaired["shards"][2]["crc32"] == manifest["shards"][2]["crc32"]
     rows = torch.cat(list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0)))
     assert rows.shape == (3000, 32)
+
+
+def test_a_store_checksummed_with_blake2b_still_reads_and_its_damage_is_still_found(tmp_path, tiny_model):
+    """Stores written before the crc32 check recorded blake2b: they stream unchanged, and are checked."""
+    store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
+    manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
+    stored = torch.cat([store.read_shard(s) for s in manifest["shards"]])
+    for entry in manifest["shards"]:
+        del entry["crc32"]
+        entry["blake2b"] = hashlib.blake2b((store.path / entry["file"]).read_bytes()).hexdigest()
+    (store.path / MANIFEST).write_text(json.dumps(manifest))
+    rows = torch.cat(list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0)))
+    assert torch.allclose(rows.sum(0), stored.sum(0), atol=1e-3)
+    bad = store.path / manifest["shards"][1]["file"]
+    data = bytearray(bad.read_bytes())
+    data[-10] ^= 0x01
+    bad.write_bytes(bytes(data))
+    with pytest.raises(StoreCorruptError, match=f"{bad.name} is corrupt"):
+        store.read_shard(manifest["shards"][1])
 
 
 def test_stream_yields_every_row_once_in_a_new_order_each_epoch(tmp_path, tiny_model):
@@ -219,7 +240,7 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
     store_bytes = n_rows * d_in * 4
     buffer_bytes = buffer_rows * d_in * 4
     assert result["rows"] == n_rows
-    # buffer + one shard (as file bytes and tensor) + the shuffled copy: about 5 buffers' worth
+    # buffer + two shards (the one shuffled in, the next one read: as file pages and tensor): about 5 buffers' worth
     assert result["peak_increase"] > buffer_bytes / 2, result  # the measurement sees the buffer itself
     assert result["peak_increase"] < 8 * buffer_bytes, result
     assert result["peak_increase"] < store_bytes / 4, result

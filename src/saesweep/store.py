@@ -2,7 +2,7 @@
 job of a sweep and by later sweeps, streamed from disk with bounded memory.
 
 Layout of one store, `<store.dir>/<key digest>/`:
-  manifest.json            the key, dtype, d_in, shard list (rows, bytes, blake2b checksum), `complete`
+  manifest.json            the key, dtype, d_in, shard list (rows, bytes, crc32 checksum), `complete`
   shard_00000.safetensors  one tensor "activations" [rows, d_in] per shard
   held_out_<n>.safetensors the first n held-out contexts: tokens, activations, clean and zero-ablation losses
   .lock                    held (flock) while a process harvests; others wait on it
@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -293,7 +294,7 @@ class ActivationStore:
     def _write_file(self, name: str, tensors: dict[str, torch.Tensor]) -> dict:
         data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
         atomic_write_bytes(self.path / name, data)
-        return {"file": name, "bytes": len(data), "blake2b": hashlib.blake2b(data).hexdigest()}
+        return {"file": name, "bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
 
     def held_out(self, n_contexts: int, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The tensors of the first `n_contexts` held-out contexts (see ContextSource.held_out_contexts),
@@ -353,19 +354,24 @@ def _read_verified(store_path: Path, entry: dict, *names: str) -> dict[str, torc
     """Tensors `names` of a store file, after checking its size and checksum against `entry`.
 
     The checksum is computed while reading in chunks and the tensors then come from a memory map, so
-    reading costs one copy of the data, not two.
+    reading costs one copy of the data, not two. Files are checked with crc32, 5× faster than the
+    blake2b of stores written before it (still read): the check runs on every row training reads.
     """
     path = Path(store_path) / entry["file"]
-    digest = hashlib.blake2b()
-    size = 0
+    size, checksum = 0, 0
+    digest = None if "crc32" in entry else hashlib.blake2b()
     try:
         with open(path, "rb") as f:
             while chunk := f.read(_READ_CHUNK):
-                digest.update(chunk)
+                if digest is None:
+                    checksum = zlib.crc32(chunk, checksum)
+                else:
+                    digest.update(chunk)
                 size += len(chunk)
     except FileNotFoundError:
         raise StoreCorruptError(f"activation shard {path} is missing") from None
-    if size != entry["bytes"] or digest.hexdigest() != entry["blake2b"]:
+    intact = f"{checksum:08x}" == entry["crc32"] if digest is None else digest.hexdigest() == entry["blake2b"]
+    if size != entry["bytes"] or not intact:
         raise StoreCorruptError(
             f"activation shard {path} is corrupt or truncated ({size} bytes, expected {entry['bytes']}, "
             "checksum mismatch); rerun the job to re-harvest it"
@@ -409,7 +415,8 @@ def _prefetched(batches: Iterator[torch.Tensor], depth: int) -> Iterator[torch.T
 
 class StoreStream(IterableDataset):
     """Training batches streamed from a complete store: shards in a random order, rows mixed in a
-    shuffle buffer of `buffer_tokens` rows. Memory: the buffer plus one shard, whatever n_tokens is.
+    shuffle buffer of `buffer_tokens` rows. Memory: the buffer plus two shards (one being shuffled in,
+    the next being read), whatever n_tokens is.
 
     The order of an epoch depends only on (seed, epoch), so a position is two numbers: `state_dict()`
     gives them and `load_state_dict()` makes the next iteration replay that epoch and skip the batches
@@ -479,29 +486,37 @@ class StoreStream(IterableDataset):
         # emit a random half of a full buffer (whole batches), keep the rest to mix with later shards
         n_emit = max(capacity // 2 // self.batch_size, 1) * self.batch_size
         buffer: torch.Tensor | None = None
+        # The buffer is a list of rows in logical order (kept rows first, then new ones); `slots` maps
+        # it to the rows' places in `buffer`, so that keeping half a buffer moves indices, not rows.
+        # (index_select and index_copy_: several times faster on the CPU than buffer[indices])
+        slots = torch.arange(capacity)
         filled = 0
-        for i in torch.randperm(len(self.shards), generator=generator).tolist():
-            entry = self.shards[i]
-            try:
-                rows = self.store.read_shard(entry)
-            except StoreCorruptError:
-                self.store.invalidate(entry)
-                raise
+        order = torch.randperm(len(self.shards), generator=generator).tolist()
+        # the next shard is read and checked in another thread while this one is shuffled
+        for rows in _prefetched((self._read_shard(self.shards[i]).float() for i in order), depth=1):
             if buffer is None:
                 buffer = torch.empty(capacity, rows.shape[1])
             taken = 0
             while taken < len(rows):
                 n = min(capacity - filled, len(rows) - taken)
-                buffer[filled : filled + n] = rows[taken : taken + n]
+                buffer.index_copy_(0, slots[filled : filled + n], rows[taken : taken + n])
                 filled, taken = filled + n, taken + n
                 if filled == capacity:
-                    order = torch.randperm(capacity, generator=generator)
-                    yield from buffer[order[:n_emit]].split(self.batch_size)
-                    buffer[: capacity - n_emit] = buffer[order[n_emit:]]
+                    mixed = torch.randperm(capacity, generator=generator)
+                    yield from (buffer.index_select(0, batch) for batch in slots[mixed[:n_emit]].split(self.batch_size))
+                    slots = torch.cat([slots[mixed[n_emit:]], slots[mixed[:n_emit]]])
                     filled = capacity - n_emit
             del rows
         if filled:
-            yield from buffer[:filled][torch.randperm(filled, generator=generator)].split(self.batch_size)
+            mixed = torch.randperm(filled, generator=generator)
+            yield from (buffer.index_select(0, batch) for batch in slots[:filled][mixed].split(self.batch_size))
+
+    def _read_shard(self, entry: dict) -> torch.Tensor:
+        try:
+            return self.store.read_shard(entry)
+        except StoreCorruptError:
+            self.store.invalidate(entry)
+            raise
 
 
 class ResumableLoader(DataLoader):
