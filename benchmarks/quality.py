@@ -30,11 +30,9 @@ from hydra import compose, initialize_config_dir
 from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep import load_sae
-from saesweep.lm import hook_point_for, load_model, resolve_device
-from saesweep.metrics import HeldOutSet, evaluate
-from saesweep.store import ActivationStore, StoreStream, default_store_dir
-from saesweep.train import normalisation_sample, sae_hyperparameters, store_spec, total_steps, train_ensemble
-from saesweep.training import activation_scale
+from saesweep.metrics import evaluate
+from saesweep.store import StoreStream, default_store_dir
+from saesweep.train import sae_hyperparameters, total_steps, train_ensemble, training_data
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -158,18 +156,7 @@ def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], out: Path
     seed and normalisation), evaluated like saesweep's; prints a row per setting as it finishes and
     returns the RESULT fields."""
     cfg = cfgs[0]
-    device = resolve_device(cfg.model.device)
-    model = load_model(cfg.model.name, cfg.model.path, device, cfg.model.dtype)
-    hook_point = hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
-    store_root = Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
-    store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
-
-    def not_cached() -> dict:
-        raise RuntimeError(f"{store.path} holds no held-out set: saesweep's run should have built it")
-
-    held_out = HeldOutSet.from_named_tensors(store.held_out(-(-cfg.eval.n_tokens // cfg.ctx_len), not_cached))
-    sample = normalisation_sample(store)
-    scale, d_in = activation_scale(sample), sample.shape[-1]
+    data = training_data(cfgs, Path(cfg.store.dir) if cfg.store.dir else default_store_dir())
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for label, m in ours.items():
         curves.setdefault(_setting(label), []).append((m["l0"], m["ce_recovered"]))
@@ -180,17 +167,17 @@ def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], out: Path
           flush=True)
     fields, deltas = [], []
     for c, label in zip(cfgs, labels):
-        stream = StoreStream(store, c.train.batch_size, c.store.buffer_tokens, c.seed)
+        stream = StoreStream(data.store, c.train.batch_size, c.store.buffer_tokens, c.seed)
         steps = total_steps(c.trainer, len(stream))
         # the stream repeated: SAELens's loop may ask past the steps it was given
-        batches = (b.to(device, torch.float32) / scale for _ in itertools.count() for b in stream)
+        batches = (b.to(data.device, torch.float32) / data.scale for _ in itertools.count() for b in stream)
         directory = out / _key(label)
         seconds = saelens_contender.train_saelens_architecture(
-            c.sae.architecture, sae_hyperparameters(c), d_in, int(c.dict_ratio * d_in), batches, steps,
+            c.sae.architecture, sae_hyperparameters(c), data.d_in, int(c.dict_ratio * data.d_in), batches, steps,
             c.train.batch_size, c.train.lr, c.train.lr_warmup_steps, int(steps * c.train.lr_decay_fraction), directory,
         )
-        sae = load_sae(directory).rescaled(scale)  # trained on x / scale, judged on raw activations
-        m = evaluate(sae, model, hook_point, held_out, c.eval.batch_contexts).metrics
+        sae = load_sae(directory).rescaled(data.scale)  # trained on x / scale, judged on raw activations
+        m = evaluate(sae, data.model, data.hook_point, data.held_out, c.eval.batch_contexts).metrics
         match = matched_ce_recovered(m["l0"], curves.get(_setting(label), []))
         delta = "—" if match is None else f"{match - m['ce_recovered']:+.4f}"
         if match is not None:

@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,6 +54,52 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     return result
 
 
+@dataclass
+class TrainingData:
+    """What the jobs of one pass share: the LM and its hook point, the complete activation store, the
+    held-out set they are judged on, and the normalisation sample: training sees x / scale, and the
+    decoder bias starts from the sample's geometric median."""
+
+    model: object
+    device: torch.device
+    hook_point: str
+    d_in: int
+    d_saes: list[int]  # of each config, in order
+    store: ActivationStore
+    manifest: dict
+    held_out: HeldOutSet
+    sample: torch.Tensor
+    scale: float
+
+
+def training_data(cfgs: Sequence[DictConfig], store_root: Path) -> TrainingData:
+    """Loads the LM, checks each config against it, then harvests the store and its held-out set (or
+    reuses them: every job of a sweep, and later sweeps, find them there)."""
+    cfg = cfgs[0]
+    device = resolve_device(cfg.model.device)
+    model = load_model(cfg.model.name, cfg.model.path, device, cfg.model.dtype)
+    hook_point = hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
+    validate_hook_point(model, hook_point)
+    probe = harvest(model, torch.full((1, 2), model.tokenizer.eos_token_id or 0), hook_point, 1)
+    d_in = probe.shape[-1]
+    d_saes = [check_with_model(c, model.cfg.n_ctx, d_in) for c in cfgs]
+
+    contexts = context_source(cfg.data, model.tokenizer, cfg.ctx_len)
+    store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
+    store.check_room(d_in)
+    manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
+    n_eval_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
+
+    def build_held_out() -> dict[str, torch.Tensor]:
+        eval_contexts = contexts.held_out_contexts(n_eval_contexts, "evaluation")
+        log.info("held-out set: %d contexts from %d documents", len(eval_contexts.tokens), eval_contexts.n_documents)
+        return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
+
+    held_out = HeldOutSet.from_named_tensors(store.held_out(n_eval_contexts, build_held_out))
+    sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
+    return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, held_out, sample, activation_scale(sample))
+
+
 def train_ensemble(
     cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None = None, ensemble_name: str = ENSEMBLE_DIR
 ) -> list[EvalResult | TrainingDivergedError]:
@@ -80,34 +127,11 @@ def train_ensemble(
     for run_dir in run_dirs:
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    device = resolve_device(cfg.model.device)
-    model = load_model(cfg.model.name, cfg.model.path, device, cfg.model.dtype)
-    hook_point = hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
-    validate_hook_point(model, hook_point)
-    probe = harvest(model, torch.full((1, 2), model.tokenizer.eos_token_id or 0), hook_point, 1)
-    d_in = probe.shape[-1]
-    d_saes = [check_with_model(c, model.cfg.n_ctx, d_in) for c in cfgs]
-
-    contexts = context_source(cfg.data, model.tokenizer, cfg.ctx_len)
-    store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
-    store.check_room(d_in)
-    manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
-    n_eval_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
-
-    def build_held_out() -> dict[str, torch.Tensor]:
-        eval_contexts = contexts.held_out_contexts(n_eval_contexts, "evaluation")
-        log.info("held-out set: %d contexts from %d documents", len(eval_contexts.tokens), eval_contexts.n_documents)
-        return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
-
-    held_out = HeldOutSet.from_named_tensors(store.held_out(n_eval_contexts, build_held_out))
-
-    sample = normalisation_sample(store)
-    scale = activation_scale(sample)
+    data = training_data(cfgs, store_root)
     saes = []
-    for c, d_sae in zip(cfgs, d_saes):
-        sae = ARCHITECTURES[c.sae.architecture](d_in, d_sae, generator=init_generator(c, d_sae), **sae_hyperparameters(c))
-        sae.init_b_dec(sample / scale)
+    for c, d_sae in zip(cfgs, data.d_saes):
+        sae = ARCHITECTURES[c.sae.architecture](data.d_in, d_sae, generator=init_generator(c, d_sae), **sae_hyperparameters(c))
+        sae.init_b_dec(data.sample / data.scale)
         saes.append(sae)
     lone = len(cfgs) == 1
     prefixes = [""] if lone else [f"{run_dir.name}/" for run_dir in run_dirs]
@@ -140,11 +164,11 @@ def train_ensemble(
         use_distributed_sampler=False,  # the stream and the held-out set are split over ranks here
     )
     stream = StoreStream(
-        store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size
+        data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size
     )
     steps = total_steps(cfg.trainer, len(stream))
     resume_key = {
-        "activation_store": store.path.name,
+        "activation_store": data.store.path.name,
         "seed": cfg.seed,
         "train.batch_size": cfg.train.batch_size,
         "store.buffer_tokens": cfg.store.buffer_tokens,
@@ -154,27 +178,27 @@ def train_ensemble(
     module = SaeTrainingModule(
         saes,
         metric_prefixes=prefixes,
-        act_scale=scale,
+        act_scale=data.scale,
         lr=cfg.train.lr,
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_steps=cfg.train.lr_warmup_steps,
         lr_decay_fraction=cfg.train.lr_decay_fraction,
         total_steps=steps,
         max_bad_steps=cfg.train.max_bad_steps,
-        model=model,
-        hook_point=hook_point,
+        model=data.model,
+        hook_point=data.hook_point,
         resume_key=resume_key | (
-            {"d_sae": d_saes[0]} if lone else {"d_sae": d_saes, "sae": [describe_sae(c) for c in cfgs]}
+            {"d_sae": data.d_saes[0]} if lone else {"d_sae": data.d_saes, "sae": [describe_sae(c) for c in cfgs]}
         ),
         compile=cfg.train.compile,
         dead_window_tokens=cfg.train.dead_window_tokens,
         grad_clip_norm=cfg.train.get("grad_clip_norm"),
     )
 
-    pin = device.type == "cuda"
+    pin = data.device.type == "cuda"
     train_loader = ResumableLoader(stream, pin_memory=pin)
     # under DDP each rank evaluates every world_size-th context; the module adds the ranks' sums up
-    eval_part = Subset(held_out, range(trainer.global_rank, len(held_out), trainer.world_size))
+    eval_part = Subset(data.held_out, range(trainer.global_rank, len(data.held_out), trainer.world_size))
     eval_loader = DataLoader(eval_part, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
     resume_from = str(last) if last.is_file() else None
     if resume_from:
@@ -190,17 +214,17 @@ def train_ensemble(
     if not trainer.is_global_zero:  # under DDP the run directory and the W&B run are rank 0's
         return module.last_evals
 
-    train_contexts = sum(shard["contexts"] for shard in manifest["shards"])
+    train_contexts = sum(shard["contexts"] for shard in data.manifest["shards"])
     if not lone:
         write_member_checkpoints(
             last,
             [d / CHECKPOINT_DIR / "last.ckpt" for d in run_dirs],
-            [resume_key | {"d_sae": d} for d in d_saes],
+            [resume_key | {"d_sae": d} for d in data.d_saes],
             [len(list(sae.parameters())) for sae in module.saes],
         )
     outcomes: list[EvalResult | TrainingDivergedError] = []
     for index, (c, run_dir, d_sae, sae, result, run_logger) in enumerate(zip(
-        cfgs, run_dirs, d_saes, module.raw_saes(), module.last_evals, run_loggers
+        cfgs, run_dirs, data.d_saes, module.raw_saes(), module.last_evals, run_loggers
     )):
         if index in module.dropped:  # diverged and left the ensemble: its checkpoint holds its last good step
             outcomes.append(TrainingDivergedError(module.dropped[index]))
@@ -208,7 +232,7 @@ def train_ensemble(
                 run_logger.experiment.finish(exit_code=1)
             continue
         outcomes.append(result)
-        run_cfg = describe_run(c, hook_point, d_in, d_sae, int(module.tokens_seen), train_contexts)
+        run_cfg = describe_run(c, data.hook_point, data.d_in, d_sae, int(module.tokens_seen), train_contexts)
         write_run_dir(run_dir, sae, run_cfg, result)
         if run_logger:
             final = {f"final/{k}": v for k, v in result.metrics.items()}
@@ -220,12 +244,6 @@ def train_ensemble(
                 run_logger.experiment.finish()
         log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
     return outcomes
-
-
-def normalisation_sample(store: ActivationStore) -> torch.Tensor:
-    """The activations that set the training scale (training sees x / activation_scale(sample)) and
-    the decoder bias's starting point: the first rows of the store's first shard."""
-    return store.read_shard(store.manifest()["shards"][0])[:_INIT_SAMPLE].float()
 
 
 def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
