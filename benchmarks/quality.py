@@ -31,7 +31,7 @@ from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep import load_sae
 from saesweep.metrics import evaluate
-from saesweep.store import StoreStream, default_store_dir
+from saesweep.store import StoreStream
 from saesweep.train import sae_hyperparameters, total_steps, train_ensemble, training_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +155,7 @@ def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], out: Path
     """Each setting trained by SAELens on the activations saesweep trained on (the same store, stream
     seed and normalisation), evaluated like saesweep's; prints a row per setting as it finishes and
     returns the RESULT fields."""
-    cfg = cfgs[0]
-    data = training_data(cfgs, Path(cfg.store.dir) if cfg.store.dir else default_store_dir())
+    data = training_data(cfgs)
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for label, m in ours.items():
         curves.setdefault(_setting(label), []).append((m["l0"], m["ce_recovered"]))

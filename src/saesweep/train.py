@@ -72,7 +72,12 @@ class TrainingData:
     scale: float
 
 
-def training_data(cfgs: Sequence[DictConfig], store_root: Path) -> TrainingData:
+def store_root(cfg: DictConfig) -> Path:
+    """Where activation stores live: `store.dir`, or the user's cache."""
+    return Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
+
+
+def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
     """Loads the LM, checks each config against it, then harvests the store and its held-out set (or
     reuses them: every job of a sweep, and later sweeps, find them there)."""
     cfg = cfgs[0]
@@ -85,7 +90,7 @@ def training_data(cfgs: Sequence[DictConfig], store_root: Path) -> TrainingData:
     d_saes = [check_with_model(c, model.cfg.n_ctx, d_in) for c in cfgs]
 
     contexts = context_source(cfg.data, model.tokenizer, cfg.ctx_len)
-    store = ActivationStore(store_root, store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
+    store = ActivationStore(store_root(cfg), store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
     store.check_room(d_in)
     manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
     n_eval_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
@@ -120,14 +125,13 @@ def train_ensemble(
         check_config(cfg)
     check_ensemble(list(cfgs))
     cfg = cfgs[0]  # every setting but the dictionary's own is the same in all
-    store_root = Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
     for run_dir in run_dirs:
         check_writable_dir("output directory (hydra.run.dir or hydra.sweep.dir)", run_dir)
-    check_writable_dir("store.dir", store_root)
+    check_writable_dir("store.dir", store_root(cfg))
     for run_dir in run_dirs:
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = training_data(cfgs, store_root)
+    data = training_data(cfgs)
     saes = []
     for c, d_sae in zip(cfgs, data.d_saes):
         sae = ARCHITECTURES[c.sae.architecture](data.d_in, d_sae, generator=init_generator(c, d_sae), **sae_hyperparameters(c))
