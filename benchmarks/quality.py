@@ -32,7 +32,8 @@ from machine import describe_machine  # benchmarks/machine.py
 from saesweep import load_sae
 from saesweep.metrics import evaluate
 from saesweep.store import StoreStream
-from saesweep.train import sae_hyperparameters, total_steps, train_ensemble, training_data
+from saesweep.train import TrainingData, sae_hyperparameters, total_steps, train_ensemble, training_data
+from saesweep.training import warmup_steps
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -87,8 +88,9 @@ def main() -> None:
                 labels.append(f"{label} ×{ratio}")
                 cfgs.append(compose("config", overrides=[*base, f"dict_ratio={ratio}", *overrides]))
                 run_dirs.append(out / f"{len(run_dirs)}")
+    data = training_data(cfgs)  # the LM, store and held-out set, shared with SAELens's rows
     started = time.monotonic()
-    results = train_ensemble(cfgs, run_dirs, out)
+    results = train_ensemble(cfgs, run_dirs, out, data=data)
     print(f"{len(cfgs)} dictionaries on {args.n_tokens} tokens in one pass: {time.monotonic() - started:.0f} s")
     print(f"{'setting':<30} {'L0':>14} {'FVU':>17} {'ce_recovered':>17} {'dead':>6}")
     fields, metrics = [], {}
@@ -106,7 +108,7 @@ def main() -> None:
         print(saelens_contender.NOT_INSTALLED)
     elif saelens_ratios != "none":
         chosen = [i for i, c in enumerate(cfgs) if f"{c.dict_ratio:g}" in saelens_ratios.split(",")]
-        fields += saelens_rows([cfgs[i] for i in chosen], [labels[i] for i in chosen], metrics, out / "saelens")
+        fields += saelens_rows([cfgs[i] for i in chosen], [labels[i] for i in chosen], metrics, data, out / "saelens")
     print("RESULT " + " ".join(fields))
 
 
@@ -151,11 +153,10 @@ def matched_ce_recovered(l0: float, curve: list[tuple[float, float]]) -> float |
     return None
 
 
-def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], out: Path) -> list[str]:
+def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], data: TrainingData, out: Path) -> list[str]:
     """Each setting trained by SAELens on the activations saesweep trained on (the same store, stream
     seed and normalisation), evaluated like saesweep's; prints a row per setting as it finishes and
     returns the RESULT fields."""
-    data = training_data(cfgs)
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for label, m in ours.items():
         curves.setdefault(_setting(label), []).append((m["l0"], m["ce_recovered"]))
@@ -173,7 +174,8 @@ def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], out: Path
         directory = out / _key(label)
         seconds = saelens_contender.train_saelens_architecture(
             c.sae.architecture, sae_hyperparameters(c), data.d_in, int(c.dict_ratio * data.d_in), batches, steps,
-            c.train.batch_size, c.train.lr, c.train.lr_warmup_steps, int(steps * c.train.lr_decay_fraction), directory,
+            c.train.batch_size, c.train.lr, warmup_steps(c.train.lr_warmup_steps, steps), int(steps * c.train.lr_decay_fraction),
+            directory,
         )
         sae = load_sae(directory).rescaled(data.scale)  # trained on x / scale, judged on raw activations
         m = evaluate(sae, data.model, data.hook_point, data.held_out, c.eval.batch_contexts).metrics

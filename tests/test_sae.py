@@ -41,6 +41,26 @@ def test_gradient_clipping_is_per_dictionary():
         torch.testing.assert_close(parameter.grad, small[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("total, warmup", [(2000, 500), (1953, 488), (40, 10)])
+def test_learning_rate_warms_up_over_at_most_a_quarter_of_the_run_then_decays_to_zero(total, warmup):
+    """train.lr_warmup_steps=500: a run of 2000 steps warms up over 500; a shorter one over a quarter of its
+    steps, so it still reaches its full learning rate; the last 20 % decay linearly to zero."""
+    from saesweep.training import SaeTrainingModule
+
+    module = SaeTrainingModule(
+        [ReluSae(4, 8)], metric_prefixes=[""], act_scale=1.0, lr=3e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=500,
+        lr_decay_fraction=0.2, total_steps=total, max_bad_steps=1, model=None, hook_point="h", resume_key={},
+    )
+    factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert factor(0) == pytest.approx(1 / warmup)
+    assert factor(warmup - 2) < 1.0
+    assert factor(warmup - 1) == factor(warmup) == 1.0
+    decay_start = int(total * 0.8)
+    assert factor(decay_start - 1) == 1.0
+    assert factor(decay_start + (total - decay_start) // 2) == pytest.approx(0.5, abs=1 / (total - decay_start))
+    assert factor(total) == 0.0
+
+
 def test_forward_is_relu_of_centred_input_then_linear_decode():
     torch.manual_seed(0)
     sae = ReluSae(8, 16)

@@ -106,7 +106,11 @@ def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
 
 
 def train_ensemble(
-    cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None = None, ensemble_name: str = ENSEMBLE_DIR
+    cfgs: Sequence[DictConfig],
+    run_dirs: Sequence[Path],
+    sweep_dir: Path | None = None,
+    ensemble_name: str = ENSEMBLE_DIR,
+    data: TrainingData | None = None,
 ) -> list[EvalResult | TrainingDivergedError]:
     """Several jobs in one pass: the SAE of `cfgs[i]` into `run_dirs[i]`, all fed by the same batches.
 
@@ -117,6 +121,8 @@ def train_ensemble(
     same command resumes from it), and each run directory gets its own SAE's part of the final checkpoint.
     A member that diverges (train.max_bad_steps bad steps in a row) leaves the ensemble: its entry of
     the result is the TrainingDivergedError, its run directory gets no SAE, the others train on.
+    `data`: `training_data(cfgs)` when the caller has loaded it already (a benchmark that goes on to
+    train other tools on the same activations).
     """
     run_dirs = [Path(d) for d in run_dirs]
     if len(cfgs) != len(run_dirs):
@@ -131,7 +137,7 @@ def train_ensemble(
     for run_dir in run_dirs:
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = training_data(cfgs)
+    data = data or training_data(cfgs)
     saes = []
     for c, d_sae in zip(cfgs, data.d_saes):
         sae = ARCHITECTURES[c.sae.architecture](data.d_in, d_sae, generator=init_generator(c, d_sae), **sae_hyperparameters(c))

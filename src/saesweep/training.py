@@ -234,7 +234,7 @@ class SaeTrainingModule(L.LightningModule):
         # train loader up before a resumed job restores the loader's position, which is then lost.
         total = max(self.total_steps, 1)
         decay_start = int(total * (1 - self.lr_decay_fraction))
-        warmup = max(self.lr_warmup_steps, 1)
+        warmup = warmup_steps(self.lr_warmup_steps, total)
 
         def lr_factor(step: int) -> float:
             # linear warm-up, constant, then linear decay to zero over the last lr_decay_fraction
@@ -271,6 +271,12 @@ class StepLosses(NamedTuple):
     mse: torch.Tensor  # ‖x − x̂‖², batch mean (in the training's normalised units)
     l0: torch.Tensor | None  # only when asked for (logged steps)
     fired: torch.Tensor  # [d_sae] bool: the feature fired on some token of the batch
+
+
+def warmup_steps(lr_warmup_steps: int, total_steps: int) -> int:
+    """The steps of the linear warm-up: lr_warmup_steps, but at most a quarter of the run, so a short run
+    still trains at its full learning rate."""
+    return max(min(lr_warmup_steps, total_steps // 4), 1)
 
 
 def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> StepLosses:
