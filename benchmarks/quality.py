@@ -172,10 +172,10 @@ def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], data: Tra
         # the stream repeated: SAELens's loop may ask past the steps it was given
         batches = (b.to(data.device, torch.float32) / data.scale for _ in itertools.count() for b in stream)
         directory = out / _key(label)
+        warmup = warmup_steps(c.train.lr_warmup_steps, steps, c.train.lr_warmup_max_fraction)
         seconds = saelens_contender.train_saelens_architecture(
             c.sae.architecture, sae_hyperparameters(c), data.d_in, int(c.dict_ratio * data.d_in), batches, steps,
-            c.train.batch_size, c.train.lr, warmup_steps(c.train.lr_warmup_steps, steps), int(steps * c.train.lr_decay_fraction),
-            directory,
+            c.train.batch_size, c.train.lr, warmup, int(steps * c.train.lr_decay_fraction), directory,
         )
         sae = load_sae(directory).rescaled(data.scale)  # trained on x / scale, judged on raw activations
         m = evaluate(sae, data.model, data.hook_point, data.held_out, c.eval.batch_contexts).metrics

@@ -41,19 +41,23 @@ def test_gradient_clipping_is_per_dictionary():
         torch.testing.assert_close(parameter.grad, small[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("total, warmup", [(2000, 500), (1953, 488), (40, 10)])
-def test_learning_rate_warms_up_over_at_most_a_quarter_of_the_run_then_decays_to_zero(total, warmup):
-    """train.lr_warmup_steps=500: a run of 2000 steps warms up over 500; a shorter one over a quarter of its
-    steps, so it still reaches its full learning rate; the last 20 % decay linearly to zero."""
+@pytest.mark.parametrize("total, asked, max_fraction, warmup", [
+    (2000, 500, 0.25, 500), (1953, 500, 0.25, 488), (40, 500, 0.25, 10), (1953, 1000, 0.5, 976), (1953, 0, 0.25, 1),
+])
+def test_learning_rate_warms_up_over_at_most_a_share_of_the_run_then_decays_to_zero(total, asked, max_fraction, warmup):
+    """train.lr_warmup_steps=500 (the default): a run of 2000 steps warms up over 500; a shorter one over a
+    quarter of its steps (train.lr_warmup_max_fraction), so it still reaches its full learning rate; the last
+    20 % decay linearly to zero."""
     from saesweep.training import SaeTrainingModule
 
     module = SaeTrainingModule(
-        [ReluSae(4, 8)], metric_prefixes=[""], act_scale=1.0, lr=3e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=500,
+        [ReluSae(4, 8)], metric_prefixes=[""], act_scale=1.0, lr=3e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=asked,
         lr_decay_fraction=0.2, total_steps=total, max_bad_steps=1, model=None, hook_point="h", resume_key={},
+        lr_warmup_max_fraction=max_fraction,
     )
     factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
     assert factor(0) == pytest.approx(1 / warmup)
-    assert factor(warmup - 2) < 1.0
+    assert warmup == 1 or factor(warmup - 2) < 1.0
     assert factor(warmup - 1) == factor(warmup) == 1.0
     decay_start = int(total * 0.8)
     assert factor(decay_start - 1) == 1.0

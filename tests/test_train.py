@@ -98,6 +98,12 @@ def test_speed_options_train_as_well_as_the_plain_step(tmp_path, tiny_model_dir,
         ("hook=resid_mid_typo", "is not a hook of this model"),
         ("layer=7", "layer 7 .* out of range"),
         ("train.max_bad_steps=0", "train.max_bad_steps=0 must be a positive integer"),
+        ("train.lr=0", "train.lr=0 must be > 0"),
+        ("train.lr_warmup_steps=-1", "train.lr_warmup_steps=-1 must be an integer ≥ 0"),
+        ("train.lr_warmup_max_fraction=0", r"train.lr_warmup_max_fraction=0 must be in \(0, 1\]"),
+        ("train.lr_decay_fraction=1.5", r"train.lr_decay_fraction=1.5 must be in \[0, 1\]"),
+        ("train.lr_warmup_max_fraction=0.9", "train.lr_warmup_max_fraction=0.9 and train.lr_decay_fraction=0.2 sum to "
+                                             "more than 1"),
         ("store.dir=/proc/saesweep-store", r"store.dir='/proc/saesweep-store' is not writable"),
         ("n_tokens=100000000000", r"store.dir=.* has .* free, but the activation store needs up to 11920.93 GiB more "
                                   r"\(n_tokens=100000000000 × d_in=32 × 4 bytes of float32\)"),

@@ -34,6 +34,7 @@ def check_config(cfg: DictConfig) -> None:
     clip = cfg.train.get("grad_clip_norm")
     if clip is not None and not _number(cfg, "train.grad_clip_norm") > 0:
         raise ConfigError(f"train.grad_clip_norm={clip} must be > 0, or null for no clipping")
+    check_schedule(cfg)
     if _number(cfg, "n_tokens", integer=True) < cfg.train.batch_size:
         raise ConfigError(
             f"n_tokens={cfg.n_tokens} is less than one batch (train.batch_size={cfg.train.batch_size})"
@@ -50,6 +51,24 @@ def check_config(cfg: DictConfig) -> None:
         )
     if _number(cfg, "eval.n_tokens", integer=True) < cfg.ctx_len:
         raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """The learning rate and its schedule: warm-up, constant, decay to zero."""
+    if not _number(cfg, "train.lr") > 0:
+        raise ConfigError(f"train.lr={cfg.train.lr} must be > 0")
+    if _number(cfg, "train.lr_warmup_steps", integer=True) < 0:
+        raise ConfigError(f"train.lr_warmup_steps={cfg.train.lr_warmup_steps} must be an integer ≥ 0")
+    warmup, decay = _number(cfg, "train.lr_warmup_max_fraction"), _number(cfg, "train.lr_decay_fraction")
+    if not 0 < warmup <= 1:
+        raise ConfigError(f"train.lr_warmup_max_fraction={warmup} must be in (0, 1]: the largest share of the steps "
+                          "the warm-up may take")
+    if not 0 <= decay <= 1:
+        raise ConfigError(f"train.lr_decay_fraction={decay} must be in [0, 1]: the share of the steps over which the "
+                          "learning rate decays to 0")
+    if warmup + decay > 1:
+        raise ConfigError(f"train.lr_warmup_max_fraction={warmup} and train.lr_decay_fraction={decay} sum to more than 1: "
+                          "the warm-up would run into the decay")
 
 
 # Each architecture key and the values it allows: (integer, lowest, lowest allowed itself, may be null)

@@ -192,6 +192,7 @@ def train_ensemble(
         lr=cfg.train.lr,
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_steps=cfg.train.lr_warmup_steps,
+        lr_warmup_max_fraction=cfg.train.lr_warmup_max_fraction,
         lr_decay_fraction=cfg.train.lr_decay_fraction,
         total_steps=steps,
         max_bad_steps=cfg.train.max_bad_steps,

@@ -59,6 +59,7 @@ class SaeTrainingModule(L.LightningModule):
         compile: bool = False,
         dead_window_tokens: int = 1_000_000,
         grad_clip_norm: float | None = None,
+        lr_warmup_max_fraction: float = 0.25,
     ):
         super().__init__()
         if len(saes) != len(metric_prefixes):
@@ -70,6 +71,7 @@ class SaeTrainingModule(L.LightningModule):
         self.lr = lr
         self.adam_betas = tuple(adam_betas)
         self.lr_warmup_steps = lr_warmup_steps
+        self.lr_warmup_max_fraction = lr_warmup_max_fraction
         self.lr_decay_fraction = lr_decay_fraction
         self.total_steps = total_steps
         self.max_bad_steps = max_bad_steps
@@ -234,7 +236,10 @@ class SaeTrainingModule(L.LightningModule):
         # train loader up before a resumed job restores the loader's position, which is then lost.
         total = max(self.total_steps, 1)
         decay_start = int(total * (1 - self.lr_decay_fraction))
-        warmup = warmup_steps(self.lr_warmup_steps, total)
+        warmup = warmup_steps(self.lr_warmup_steps, total, self.lr_warmup_max_fraction)
+        if warmup < self.lr_warmup_steps:
+            log.info("learning-rate warm-up: %d steps, train.lr_warmup_max_fraction=%g of the %d (train.lr_warmup_steps=%d)",
+                     warmup, self.lr_warmup_max_fraction, total, self.lr_warmup_steps)
 
         def lr_factor(step: int) -> float:
             # linear warm-up, constant, then linear decay to zero over the last lr_decay_fraction
@@ -273,10 +278,10 @@ class StepLosses(NamedTuple):
     fired: torch.Tensor  # [d_sae] bool: the feature fired on some token of the batch
 
 
-def warmup_steps(lr_warmup_steps: int, total_steps: int) -> int:
-    """The steps of the linear warm-up: lr_warmup_steps, but at most a quarter of the run, so a short run
-    still trains at its full learning rate."""
-    return max(min(lr_warmup_steps, total_steps // 4), 1)
+def warmup_steps(lr_warmup_steps: int, total_steps: int, max_fraction: float) -> int:
+    """The steps of the linear warm-up: lr_warmup_steps, but at most max_fraction of the run, so a short
+    run still trains at its full learning rate."""
+    return max(min(lr_warmup_steps, int(total_steps * max_fraction)), 1)
 
 
 def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> StepLosses:
