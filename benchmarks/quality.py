@@ -14,6 +14,11 @@ grid is one setting per architecture at dict_ratio 4.
 
     python benchmarks/quality.py [--n-tokens 2000000] [--ratios 4] [--grid default|full]
                                  [--architectures relu_l1,topk] [--saelens-ratios 4,8 | none]
+                                 [--dead-tokens 250000]
+
+`--dead-tokens N` also counts each dictionary's dead fraction on a larger sample of N tokens from the same
+held-out documents: a latent that fires once in 100k tokens is silent on the run's 25k, and the larger
+sample tells rare latents from dead ones.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from hydra import compose, initialize_config_dir
 from machine import describe_machine  # benchmarks/machine.py
+from omegaconf import OmegaConf
 
 from saesweep import load_sae
 from saesweep.metrics import evaluate
@@ -66,6 +72,8 @@ def main() -> None:
                         help="a config override for every setting (repeatable), e.g. train.grad_clip_norm=1")
     parser.add_argument("--saelens-ratios", default=None,
                         help="dict_ratios SAELens trains too (default: all of --ratios; 'none': no SAELens)")
+    parser.add_argument("--dead-tokens", type=int, default=None,
+                        help="also count the dead fraction on this many held-out tokens (e.g. 250000)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_quality"))
     args = parser.parse_args()
     print(describe_machine(), flush=True)
@@ -102,6 +110,8 @@ def main() -> None:
         print(f"{label:<30} {_cells(m)}")
         fields.append(_fields(label, m))
     print(flush=True)
+    if args.dead_tokens:
+        fields += wide_dead_fields(cfgs[0], args.dead_tokens, labels, run_dirs, metrics)
 
     saelens_ratios = args.ratios if args.saelens_ratios is None else args.saelens_ratios
     if not saelens_contender.available():
@@ -151,6 +161,22 @@ def matched_ce_recovered(l0: float, curve: list[tuple[float, float]]) -> float |
             t = (math.log(l0) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a)) if l0_b > l0_a else 0.0
             return ce_a + t * (ce_b - ce_a)
     return None
+
+
+def wide_dead_fields(cfg, n_tokens: int, labels: list[str], run_dirs: list[Path], ours: dict[str, dict]) -> list[str]:
+    """Each trained dictionary's dead fraction on `n_tokens` held-out tokens; prints a row each and returns
+    the RESULT fields (`<setting>_dead_<n>k`)."""
+    wide = training_data([OmegaConf.merge(cfg, {"eval": {"n_tokens": n_tokens}})])
+    print(f"{'setting':<30} {'dead on ' + str(n_tokens) + ' held-out tokens':>34}")
+    fields = []
+    for label, run_dir in zip(labels, run_dirs):
+        if label not in ours:
+            continue
+        m = evaluate(load_sae(run_dir), wide.model, wide.hook_point, wide.held_out, cfg.eval.batch_contexts).metrics
+        print(f"{label:<30} {m['dead_fraction']:>34.4f}", flush=True)
+        fields.append(f"{_key(label)}_dead_{n_tokens // 1000}k={m['dead_fraction']:.4f}")
+    print(flush=True)
+    return fields
 
 
 def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], data: TrainingData, out: Path) -> list[str]:
