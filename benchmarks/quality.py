@@ -33,12 +33,19 @@ import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from hydra import compose, initialize_config_dir
 from machine import describe_machine  # benchmarks/machine.py
-from omegaconf import OmegaConf
 
 from saesweep import load_sae
+from saesweep.data import context_source
 from saesweep.metrics import evaluate
 from saesweep.store import StoreStream
-from saesweep.train import TrainingData, sae_hyperparameters, total_steps, train_ensemble, training_data
+from saesweep.train import (
+    TrainingData,
+    held_out_set,
+    sae_hyperparameters,
+    total_steps,
+    train_ensemble,
+    training_data,
+)
 from saesweep.training import warmup_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +118,7 @@ def main() -> None:
         fields.append(_fields(label, m))
     print(flush=True)
     if args.dead_tokens:
-        fields += wide_dead_fields(cfgs[0], args.dead_tokens, labels, run_dirs, metrics)
+        fields += wide_dead_fields(cfgs[0], data, args.dead_tokens, labels, run_dirs, metrics)
 
     saelens_ratios = args.ratios if args.saelens_ratios is None else args.saelens_ratios
     if not saelens_contender.available():
@@ -163,16 +170,19 @@ def matched_ce_recovered(l0: float, curve: list[tuple[float, float]]) -> float |
     return None
 
 
-def wide_dead_fields(cfg, n_tokens: int, labels: list[str], run_dirs: list[Path], ours: dict[str, dict]) -> list[str]:
-    """Each trained dictionary's dead fraction on `n_tokens` held-out tokens; prints a row each and returns
-    the RESULT fields (`<setting>_dead_<n>k`)."""
-    wide = training_data([OmegaConf.merge(cfg, {"eval": {"n_tokens": n_tokens}})])
+def wide_dead_fields(
+    cfg, data: TrainingData, n_tokens: int, labels: list[str], run_dirs: list[Path], ours: dict[str, dict]
+) -> list[str]:
+    """Each trained dictionary's dead fraction on `n_tokens` held-out tokens (through the LM already
+    loaded); prints a row each and returns the RESULT fields (`<setting>_dead_<n>k`)."""
+    contexts = context_source(cfg.data, data.model.tokenizer, cfg.ctx_len)
+    wide = held_out_set(cfg, data.model, data.hook_point, data.store, contexts, n_tokens)
     print(f"{'setting':<30} {'dead on ' + str(n_tokens) + ' held-out tokens':>34}")
     fields = []
     for label, run_dir in zip(labels, run_dirs):
         if label not in ours:
             continue
-        m = evaluate(load_sae(run_dir), wide.model, wide.hook_point, wide.held_out, cfg.eval.batch_contexts).metrics
+        m = evaluate(load_sae(run_dir), data.model, data.hook_point, wide, cfg.eval.batch_contexts).metrics
         print(f"{label:<30} {m['dead_fraction']:>34.4f}", flush=True)
         fields.append(f"{_key(label)}_dead_{n_tokens // 1000}k={m['dead_fraction']:.4f}")
     print(flush=True)

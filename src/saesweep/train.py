@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 import saesweep
 from saesweep.activations import harvest
 from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
-from saesweep.data import context_source
+from saesweep.data import ContextSource, context_source
 from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError, TrainingDivergedError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
@@ -93,16 +93,24 @@ def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
     store = ActivationStore(store_root(cfg), store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
     store.check_room(d_in)
     manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
-    n_eval_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
+    held_out = held_out_set(cfg, model, hook_point, store, contexts, cfg.eval.n_tokens)
+    sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
+    return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, held_out, sample, activation_scale(sample))
 
-    def build_held_out() -> dict[str, torch.Tensor]:
-        eval_contexts = contexts.held_out_contexts(n_eval_contexts, "evaluation")
+
+def held_out_set(
+    cfg: DictConfig, model, hook_point: str, store: ActivationStore, contexts: ContextSource, n_tokens: int
+) -> HeldOutSet:
+    """n_tokens of held-out text (whole contexts from the held-out documents) with the LM's clean pass
+    over them: built once, then kept in the store beside its activations."""
+    n_contexts = -(-n_tokens // cfg.ctx_len)
+
+    def build() -> dict[str, torch.Tensor]:
+        eval_contexts = contexts.held_out_contexts(n_contexts, "evaluation")
         log.info("held-out set: %d contexts from %d documents", len(eval_contexts.tokens), eval_contexts.n_documents)
         return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
 
-    held_out = HeldOutSet.from_named_tensors(store.held_out(n_eval_contexts, build_held_out))
-    sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
-    return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, held_out, sample, activation_scale(sample))
+    return HeldOutSet.from_named_tensors(store.held_out(n_contexts, build))
 
 
 def train_ensemble(
