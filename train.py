@@ -2,8 +2,10 @@
 
 A job that raises records the error in `<run dir>/error.json` and its train.log; Hydra's launcher then
 runs the remaining jobs and exits non-zero at the end, after which the failed jobs are listed here.
-Ctrl-C stops the sweep; the interrupted job leaves checkpoints/last.ckpt, and the command printed then
-(this one with its output directory pinned, also in each job's train.log) resumes.
+Ctrl-C, or a scheduler's SIGTERM or SIGUSR1, stops the sweep; the stopped job leaves checkpoints/last.ckpt
+at the step it stopped, and the command printed then (this one with its output directory pinned, also in
+each job's train.log and, for a signal, its error.json) resumes. The exit status is the shell's for
+the signal: 130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1 (after which a Slurm job is requeued).
 `train.ensemble=true` runs the sweep's jobs under the ensemble launcher
 (src/hydra_plugins/saesweep_launcher/), which trains all their dictionaries in one pass.
 """
@@ -17,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saesweep import job
-from saesweep.errors import ConfigError
+from saesweep.errors import ConfigError, JobStopped
 
 _MULTIRUN_FLAGS = ("-m", "--multirun")
 _ENSEMBLE_FLAG = "train.ensemble=true"
@@ -60,6 +62,9 @@ if __name__ == "__main__":
     except KeyboardInterrupt as interrupt:
         print(f"\nstopped by Ctrl-C: {interrupt}\nto resume, rerun: {job.resume_command}", file=sys.stderr)
         sys.exit(_EXIT_INTERRUPTED)
+    except JobStopped as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     finally:
         if job.failed_jobs and set(_MULTIRUN_FLAGS) & set(sys.argv):  # a lone job's error was printed above
             print(f"\n{len(job.failed_jobs)} job(s) failed:", *job.failed_jobs, sep="\n  ", file=sys.stderr)

@@ -1,5 +1,6 @@
 """What every training job does around `train_ensemble`, whichever Hydra launcher runs it: log the
-command that resumes it, and record a failure in each of its run directories.
+command that resumes it, record a failure in each of its run directories, and stop cleanly on a
+scheduler's signal (a checkpoint, error.json with the resume command, Slurm's requeue on SIGUSR1).
 
 The Hydra app (train.py) runs one job per call; the ensemble launcher runs all jobs of a sweep in one
 call. Both leave here what train.py prints when the process ends.
@@ -8,8 +9,12 @@ call. Both leave here what train.py prints when the process ends.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.errors import CompactHydraException
@@ -17,9 +22,9 @@ from omegaconf import DictConfig
 
 from saesweep.config import check_distributed
 from saesweep.ensemble import ENSEMBLE_DIR
-from saesweep.errors import SaesweepError
+from saesweep.errors import JobStopped, SaesweepError
 from saesweep.metrics import EvalResult
-from saesweep.rundir import ERROR_FILE, write_job_error
+from saesweep.rundir import ERROR_FILE, is_finished, write_job_error
 from saesweep.train import train_ensemble
 
 log = logging.getLogger("saesweep.train")
@@ -68,8 +73,12 @@ def run_jobs(
     )
     log.info("to resume this job after a crash or a kill: %s", resume_command)
     try:
-        check_distributed(cfgs[0], multirun=sweep_dir is not None)
-        outcomes = train_ensemble(cfgs, run_dirs, sweep_dir, ensemble_name)
+        with _scheduler_signals_stop_the_job():
+            check_distributed(cfgs[0], multirun=sweep_dir is not None)
+            outcomes = train_ensemble(cfgs, run_dirs, sweep_dir, ensemble_name)
+    except JobStopped as stop:
+        _stopped(stop, run_dirs)
+        raise
     except Exception as error:
         failure = _failed(error, run_dirs)
         if failure is error:
@@ -83,14 +92,64 @@ def run_jobs(
 
 def _failed(error: Exception, run_dirs: Sequence[Path]) -> Exception:
     """Record `error` as the failure of these jobs; what to raise for it (or to return, for one member
-    of an ensemble): a JobError for a saesweep error, whose message says everything, else the error."""
-    recorded = ", ".join(str(Path(d) / ERROR_FILE) for d in run_dirs)
+    of an ensemble): a JobError for a saesweep error, whose message says everything, else the error.
+    A run directory that holds a finished run (a rerun refused, say) keeps it: the failure goes to the
+    console and the log only, and the evaluator still finds the run."""
+    recorded = [Path(d) for d in run_dirs if not is_finished(Path(d))]
+    for run_dir in recorded:
+        write_job_error(run_dir, error)
     for run_dir in run_dirs:
-        write_job_error(Path(run_dir), error)
         failed_jobs.append(f"{run_dir}: {type(error).__name__}: {error}")
+    where = ", ".join(str(d / ERROR_FILE) for d in recorded) or "the log only: the finished run is kept"
     if not isinstance(error, SaesweepError):  # a bug: its traceback belongs on the console
-        log.error("job failed; error recorded in %s", recorded, exc_info=error)
+        log.error("job failed; error recorded in %s", where, exc_info=error)
         return error
-    log.error("job failed with a %s (recorded in %s)", type(error).__name__, recorded)
+    log.error("job failed with a %s (recorded in %s)", type(error).__name__, where)
     _traceback_to_log_files(error)
-    return JobError.of(error, run_dirs)
+    return JobError.of(error, run_dirs, recorded=bool(recorded))
+
+
+@contextmanager
+def _scheduler_signals_stop_the_job() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 before or after training (loading, harvesting, the final evaluation) stop the
+    job at once: the store keeps its finished shards and the run directory's files are written
+    atomically. During training, training.StopOnSignal takes them over to stop at a step boundary."""
+
+    def stop(signum, frame) -> None:
+        raise JobStopped(signum, f"stopped by {signal.Signals(signum).name} outside training")
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _stopped(stop: JobStopped, run_dirs: Sequence[Path]) -> None:
+    """A job stopped by a signal: the resume command joins its message, which goes to error.json of
+    every run directory that holds no finished run; on Slurm, SIGUSR1 also requeues the job."""
+    stop.args = (f"{stop.args[0]}; to resume: {resume_command}",)
+    for run_dir in run_dirs:
+        if not is_finished(Path(run_dir)):
+            write_job_error(Path(run_dir), stop)
+    log.error("%s", stop)
+    if stop.signum == signal.SIGUSR1 and "SLURM_JOB_ID" in os.environ:
+        _requeue_slurm_job()
+
+
+def _requeue_slurm_job() -> None:
+    """Put this Slurm job back in the queue (what Lightning's SLURMEnvironment does on its requeue
+    signal); rerunning its command resumes from the checkpoint just written."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("could not requeue Slurm job %s: %s", job_id, e)
+        return
+    if done.returncode == 0:
+        log.info("requeued Slurm job %s: it resumes from the checkpoint when it starts again", job_id)
+    else:
+        log.error("scontrol requeue %s failed (%d): %s", job_id, done.returncode, done.stderr.strip())

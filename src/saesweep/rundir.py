@@ -46,6 +46,11 @@ def write_run_dir(run_dir: Path, sae: Sae, cfg: dict, result: EvalResult) -> Non
     atomic_write_json(run_dir / CFG_FILE, cfg)
 
 
+def is_finished(run_dir: Path) -> bool:
+    """The directory holds a finished run: its weights, metrics.json and cfg.json (written last)."""
+    return all((run_dir / name).is_file() for name in (METRICS_FILE, CFG_FILE)) and weights_file(run_dir).is_file()
+
+
 def write_job_error(run_dir: Path, error: BaseException) -> None:
     """Record why a job failed, in its run directory, for the user and the evaluator."""
     atomic_write_json(

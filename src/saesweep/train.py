@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import platform
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +27,7 @@ from saesweep.activations import harvest
 from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
 from saesweep.data import ContextSource, context_source
 from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
-from saesweep.errors import ConfigError, TrainingDivergedError
+from saesweep.errors import ConfigError, JobStopped, TrainingDivergedError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, write_run_dir
@@ -40,7 +41,7 @@ from saesweep.store import (
     default_store_dir,
     model_fingerprint,
 )
-from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, StopOnInterrupt, activation_scale
+from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, StopOnSignal, activation_scale
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def train_ensemble(
         logger = [RunLogger(lg, prefix, prefixes) for lg, prefix in zip(run_loggers, prefixes) if lg] or False
     checkpoint_dir = (run_dirs[0] if lone else Path(sweep_dir or run_dirs[0].parent) / ensemble_name) / CHECKPOINT_DIR
     last = checkpoint_dir / "last.ckpt"
-    stop_on_interrupt = StopOnInterrupt(last)
+    stop_on_signal = StopOnSignal(last)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dirs[0]),
@@ -174,7 +175,7 @@ def train_ensemble(
                 save_top_k=0,
                 every_n_train_steps=cfg.train.checkpoint_every_n_steps,
             ),
-            stop_on_interrupt,
+            stop_on_signal,
         ],
         plugins=[AtomicCheckpointIO()],
         val_check_interval=cfg.eval.every_n_steps,
@@ -226,8 +227,11 @@ def train_ensemble(
     trainer.fit(
         module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from, weights_only=True
     )
-    if stop_on_interrupt.interrupted:
+    if stop_on_signal.signum == signal.SIGINT:
         raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {last} written")
+    if stop_on_signal.signum is not None:
+        name = signal.Signals(stop_on_signal.signum).name
+        raise JobStopped(stop_on_signal.signum, f"stopped by {name} at step {trainer.global_step}; {last} written")
     trainer.save_checkpoint(last)
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
     if not trainer.is_global_zero:  # under DDP the run directory and the W&B run are rank 0's

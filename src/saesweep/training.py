@@ -307,42 +307,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, buffer.getvalue())
 
 
-class StopOnInterrupt(L.Callback):
-    """Ctrl-C (SIGINT) during training: finish the current step, write `checkpoint_path`, stop.
+# What a scheduler sends before it kills a job: Slurm's SIGTERM at the end, SIGUSR1 with --signal (the
+# requeue signal Lightning's SLURMEnvironment uses). SIGUSR2 is submitit's preemption signal: it is
+# taken only where submitit has a handler for it, which is then called after the checkpoint.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_CHAINED_SIGNALS = (signal.SIGUSR2,)
 
-    Lightning's own handling of KeyboardInterrupt exits without a checkpoint, and an interrupt that
-    lands between the optimizer and scheduler steps would leave them inconsistent; waiting for the
-    step boundary avoids both. A second Ctrl-C interrupts at once. `interrupted` tells the caller.
+
+class StopOnSignal(L.Callback):
+    """Ctrl-C (SIGINT) or a scheduler's signal during training: finish the current step, write
+    `checkpoint_path`, stop. `signum` tells the caller which signal stopped it (None: none did).
+
+    Lightning's own handling exits without a checkpoint (and turns SIGTERM into a SystemExit), and a
+    signal that lands between the optimizer and scheduler steps would leave them inconsistent;
+    waiting for the step boundary avoids both. A second Ctrl-C interrupts at once. A chained signal's
+    earlier handler (submitit's requeue) runs once the checkpoint is written.
     """
 
     def __init__(self, checkpoint_path: Path):
         self.checkpoint_path = Path(checkpoint_path)
-        self.interrupted = False
-        self._previous_handler = None
+        self.signum: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    @property
+    def interrupted(self) -> bool:
+        return self.signum is not None
 
     def _request_stop(self, signum, frame) -> None:
-        if self.interrupted:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.interrupted = True
-        log.warning("interrupted: stopping after this step and writing %s (Ctrl-C again to abort)", self.checkpoint_path)
+        self.signum = self.signum or signum
+        again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+        log.warning("%s: stopping after this step and writing %s%s", signal.Signals(signum).name, self.checkpoint_path, again)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # not on_fit_start: Lightning records the signal handlers after that hook and puts them back
         # when fit ends, which would reinstall this one after a failed job
-        self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        chained = [s for s in _CHAINED_SIGNALS if callable(signal.getsignal(s))]
+        for signum in (*STOP_SIGNALS, *chained):
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.interrupted and not trainer.should_stop:
+        if self.signum is not None and not trainer.should_stop:
             trainer.save_checkpoint(self.checkpoint_path)
             trainer.should_stop = True
+            if self.signum in _CHAINED_SIGNALS:
+                handler = self._previous_handlers[self.signum]
+                self._restore_handlers()
+                handler(self.signum, None)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._restore_handler()  # Lightning skips the teardown hooks when fit raises
+        self._restore_handlers()  # Lightning skips the teardown hooks when fit raises
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, handler)
+        self._previous_handlers = {}

@@ -1,0 +1,131 @@
+"""Faults a user hits, through the real entry points: scheduler signals, corrupt checkpoints and
+shards, two jobs in one run directory, unwritable folders. Each case asserts the exit status, one
+message without a traceback, and that nothing finished is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+# The real Hydra app, each training step slowed down and its number written to STEP_FILE, so that the
+# test can signal the job mid-training and know how far it got.
+_SLOW_TRAIN_PY = """
+import os, runpy, sys, time
+from saesweep.training import SaeTrainingModule
+step, pause, step_file = SaeTrainingModule.training_step, float(os.environ["STEP_SLEEP_S"]), os.environ["STEP_FILE"]
+def slow_step(self, *a):
+    time.sleep(pause)
+    with open(step_file, "w") as f:
+        f.write(str(self.global_step))
+    return step(self, *a)
+SaeTrainingModule.training_step = slow_step
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+_STEPS = 32  # ceil(n_tokens 8000 / batch_size 256)
+_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "", "PYTHONPATH": str(REPO / "src")}
+
+
+def _overrides(tiny_model_dir, corpus_path, store_dir, *extra):
+    return [
+        f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={corpus_path}", "layer=1",
+        "ctx_len=16", "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256",
+        "eval.every_n_steps=10", "train.checkpoint_every_n_steps=100", "dict_ratio=2",
+        "trainer.enable_progress_bar=false", f"store.dir={store_dir}", "store.shard_tokens=1000",
+        "store.buffer_tokens=2048", "logger=none", *extra,
+    ]
+
+
+def _start_slow(args, tmp_path, env=None, step_sleep_s=0.15) -> tuple[subprocess.Popen, Path]:
+    step_file = tmp_path / f"step-{time.monotonic_ns()}"
+    env = {**(env or _ENV), "STEP_SLEEP_S": str(step_sleep_s), "STEP_FILE": str(step_file)}
+    job = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN_PY, *args], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return job, step_file
+
+
+def _signal_at_step(job: subprocess.Popen, step_file: Path, step: int, signum: int) -> tuple[int, str]:
+    """Send `signum` once the job has begun training step `step`; the step it had begun then, and the console."""
+    deadline = time.monotonic() + 240
+    while not step_file.is_file() or int(step_file.read_text() or -1) < step:
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"step {step} not reached in time"
+        time.sleep(0.02)
+    seen = int(step_file.read_text())
+    job.send_signal(signum)
+    out, err = job.communicate(timeout=120)
+    return seen, out + err
+
+
+def _train(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env or _ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _checkpoint_step(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_sigterm_checkpoints_at_the_step_records_the_resume_command_and_exits_143(tmp_path, tiny_model_dir, corpus_path):
+    run_dir = tmp_path / "run"
+    args = [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), f"hydra.run.dir={run_dir}"]
+    job, step_file = _start_slow(args, tmp_path)
+    seen, console = _signal_at_step(job, step_file, 5, signal.SIGTERM)
+
+    assert job.returncode == 143, console[-3000:]
+    assert "Traceback" not in console, console[-3000:]
+    assert "stopped by SIGTERM at step" in console and "to resume: python train.py" in console
+    stopped_at = _checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+    assert seen < stopped_at < _STEPS, "the checkpoint is the signal's, not a periodic one (every 100 steps)"
+    error = json.loads((run_dir / "error.json").read_text())
+    assert error["type"] == "JobStopped" and f"step {stopped_at}" in error["message"]
+    assert f"hydra.run.dir={run_dir}" in error["message"]
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = _train(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    assert json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
+    assert not (run_dir / "error.json").exists()
+
+
+def test_sigterm_stops_the_whole_sweep(tmp_path, tiny_model_dir, corpus_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in _overrides(tiny_model_dir, corpus_path, tmp_path / "store") if not o.startswith("dict_ratio")]
+    job, step_file = _start_slow([*overrides, "dict_ratio=1,2", "-m", f"hydra.sweep.dir={sweep}"], tmp_path)
+    _, console = _signal_at_step(job, step_file, 3, signal.SIGTERM)
+    assert job.returncode == 143 and "Traceback" not in console, console[-3000:]
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file() and (sweep / "0" / "error.json").is_file()
+    assert not (sweep / "1").exists(), "the next job of the sweep did not start"
+
+
+def test_sigusr1_on_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, tiny_model_dir, corpus_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    run_dir = tmp_path / "run"
+    args = [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), f"hydra.run.dir={run_dir}"]
+    job, step_file = _start_slow(args, tmp_path, env=env)
+    _, console = _signal_at_step(job, step_file, 4, signal.SIGUSR1)
+
+    assert job.returncode == 128 + signal.SIGUSR1 and "Traceback" not in console, console[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert "requeued Slurm job 4242" in (run_dir / "train.log").read_text()
+    stopped_at = _checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+    requeued = _train(*args, env=env)  # Slurm reruns the job's command
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in requeued.stdout + requeued.stderr
+    assert stopped_at > 4 and json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
