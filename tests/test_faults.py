@@ -129,3 +129,66 @@ def test_sigusr1_on_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in requeued.stdout + requeued.stderr
     assert stopped_at > 4 and json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, corpus_path):
+    """A run trained to the end, its arguments, and its metrics."""
+    tmp = tmp_path_factory.mktemp("finished")
+    run_dir = tmp / "run"
+    args = [*_overrides(tiny_model_dir, corpus_path, tmp / "store", "train.checkpoint_every_n_steps=8"),
+            f"hydra.run.dir={run_dir}"]
+    done = _train(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, args, json.loads((run_dir / "metrics.json").read_text())
+
+
+def _copy_run(finished_run, tmp_path) -> tuple[Path, list[str]]:
+    import shutil
+
+    run_dir, args, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy, [a if not a.startswith("hydra.run.dir=") else f"hydra.run.dir={copy}" for a in args]
+
+
+def test_a_truncated_last_checkpoint_is_moved_aside_and_the_previous_one_resumed(finished_run, tmp_path):
+    run_dir, args = _copy_run(finished_run, tmp_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert (run_dir / "checkpoints" / "last.previous.ckpt").is_file(), "the checkpoint last.ckpt replaced is kept"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+
+    rerun = _train(*args)
+    console = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "Traceback" not in console, console[-3000:]
+    assert f"checkpoint {last} cannot be read" in console and "weights_only=False" not in console
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.previous.ckpt'}" in console
+    assert [p.name.split("-")[0] for p in (run_dir / "checkpoints").glob("last.ckpt.unreadable-*")] == ["last.ckpt.unreadable"]
+    assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(finished_run[2], rel=1e-5)
+    assert not (run_dir / "error.json").exists()
+
+
+def test_checkpoints_of_random_bytes_are_moved_aside_and_training_starts_over(finished_run, tmp_path):
+    run_dir, args = _copy_run(finished_run, tmp_path)
+    for name in ("last.ckpt", "last.previous.ckpt"):
+        (run_dir / "checkpoints" / name).write_bytes(os.urandom(4096))
+
+    rerun = _train(*args)
+    console = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "Traceback" not in console, console[-3000:]
+    assert "weights_only=False" not in console and "training starts over" in console
+    assert len(list((run_dir / "checkpoints").glob("*.unreadable-*"))) == 2
+    assert json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
+
+
+def test_a_refused_rerun_of_a_finished_run_leaves_it_to_the_evaluator(finished_run, tmp_path):
+    from saesweep.evaluate import discover_runs
+
+    run_dir, args = _copy_run(finished_run, tmp_path)
+    refused = _train(*[a for a in args if not a.startswith("train.batch_size")], "train.batch_size=128")
+    console = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "Traceback" not in console, console[-3000:]
+    assert "belongs to a job with other settings" in console and "the finished run is kept" in console
+    assert not (run_dir / "error.json").exists()
+    runs, failed = discover_runs(tmp_path)
+    assert [r.name for r in runs] == ["run"] and not failed

@@ -41,7 +41,7 @@ from saesweep.store import (
     default_store_dir,
     model_fingerprint,
 )
-from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, StopOnSignal, activation_scale
+from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, StopOnSignal, activation_scale, readable_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +220,12 @@ def train_ensemble(
     # under DDP each rank evaluates every world_size-th context; the module adds the ranks' sums up
     eval_part = Subset(data.held_out, range(trainer.global_rank, len(data.held_out), trainer.world_size))
     eval_loader = DataLoader(eval_part, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
-    resume_from = str(last) if last.is_file() else None
+    resume_from = readable_checkpoint(last)
     if resume_from:
         log.info("resuming from %s", resume_from)
     # weights_only: a checkpoint holds tensors and plain values, so nothing in it needs unpickling
     trainer.fit(
-        module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=resume_from, weights_only=True
+        module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=str(resume_from) if resume_from else None, weights_only=True
     )
     if stop_on_signal.signum == signal.SIGINT:
         raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {last} written")

@@ -7,11 +7,15 @@ evaluation and saving.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import pickle
 import random
 import signal
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from saesweep.errors import CheckpointError, TrainingDivergedError
-from saesweep.io import atomic_write_bytes
+from saesweep.io import atomic_link, atomic_write_bytes
 from saesweep.metrics import EvalResult, MetricAccumulator
 from saesweep.sae import Sae
 
@@ -297,14 +301,52 @@ def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> St
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file, fsynced, then renamed over the old one: a job killed
-    mid-write leaves the previous last.ckpt intact instead of a truncated one."""
+    mid-write leaves the previous last.ckpt intact instead of a truncated one. The checkpoint it
+    replaces is kept as `previous_checkpoint(path)`, for the day the new one is damaged on disk."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        path = Path(path)
+        if path.is_file():
+            atomic_link(path, previous_checkpoint(path))
         atomic_write_bytes(path, buffer.getvalue())
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint that `path` replaced is kept: last.ckpt → last.previous.ckpt."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def readable_checkpoint(last: Path) -> Path | None:
+    """The checkpoint to resume from: `last`, or the one it replaced when `last` cannot be read. A
+    checkpoint that cannot be read is moved aside (named in one log line), never unpickled beyond
+    tensors and plain values; None when no readable one is left, and training starts over."""
+    moved = False
+    for path in (last, previous_checkpoint(last)):
+        if not path.is_file():
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except Exception as e:  # a damaged file fails in many ways (zip, unpickling, EOF, ...)
+            aside = path.with_name(f"{path.name}.unreadable-{datetime.now():%Y%m%d-%H%M%S}")
+            with contextlib.suppress(FileNotFoundError):  # another DDP rank moved it first
+                os.replace(path, aside)
+            moved = True
+            log.warning("checkpoint %s cannot be read (%s); moved aside to %s", path, _why_unreadable(e), aside.name)
+    if moved:
+        log.warning("no readable checkpoint is left in %s: training starts over", last.parent)
+    return None
+
+
+def _why_unreadable(error: Exception) -> str:
+    # torch's unpickling message advises weights_only=False, which is unsafe advice for a damaged file
+    if isinstance(error, pickle.UnpicklingError):
+        return "UnpicklingError: it holds something other than tensors and plain values"
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else 'no detail'}"
 
 
 # What a scheduler sends before it kills a job: Slurm's SIGTERM at the end, SIGUSR1 with --signal (the
