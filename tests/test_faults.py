@@ -192,3 +192,31 @@ def test_a_refused_rerun_of_a_finished_run_leaves_it_to_the_evaluator(finished_r
     assert not (run_dir / "error.json").exists()
     runs, failed = discover_runs(tmp_path)
     assert [r.name for r in runs] == ["run"] and not failed
+
+
+def test_a_truncated_first_shard_of_a_complete_store_is_reharvested_on_the_next_run(finished_run, tmp_path):
+    import shutil
+
+    from saesweep.store import MANIFEST
+
+    run_dir, args, _ = finished_run
+    store_dir = tmp_path / "store"
+    shutil.copytree(run_dir.parent / "store", store_dir)
+    args = [a if not a.startswith("store.dir=") else f"store.dir={store_dir}" for a in args]
+    args = [a if not a.startswith("hydra.run.dir=") else f"hydra.run.dir={tmp_path / 'run'}" for a in args]
+    (store,) = store_dir.iterdir()
+    manifest = json.loads((store / MANIFEST).read_text())
+    first, last = store / manifest["shards"][0]["file"], store / manifest["shards"][-1]["file"]
+    first.write_bytes(first.read_bytes()[:100])
+    untouched = last.stat().st_ino
+
+    failed = _train(*args)
+    console = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "Traceback" not in console, console[-3000:]
+    assert f"activation shard {first} is corrupt or truncated" in console and "rerun the job to re-harvest it" in console
+    rerun = _train(*args)
+    console = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, console[-3000:]
+    assert f"re-harvesting {first.name}" in console
+    assert json.loads((store / MANIFEST).read_text())["shards"] == manifest["shards"]
+    assert last.stat().st_ino == untouched, "nothing else of the store was thrown away"

@@ -151,11 +151,12 @@ def test_sigkilled_harvest_resumes_without_redoing_finished_shards(tmp_path, tin
     assert [s["crc32"] for s in manifest["shards"]] == [s["crc32"] for s in fresh_manifest["shards"]]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_shard_is_named_and_reharvested(tmp_path, tiny_model, damage):
+@pytest.mark.parametrize(("damage", "index"), [("flip", 2), ("truncate", 2), ("truncate", 0)])
+def test_corrupt_shard_is_named_and_reharvested_alone(tmp_path, tiny_model, damage, index):
     store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
     manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
-    bad = store.path / manifest["shards"][2]["file"]
+    others = {s["file"]: (store.path / s["file"]).stat().st_ino for i, s in enumerate(manifest["shards"]) if i != index}
+    bad = store.path / manifest["shards"][index]["file"]
     data = bytearray(bad.read_bytes())
     if damage == "flip":
         data[-10] ^= 0xFF
@@ -167,7 +168,8 @@ def test_corrupt_shard_is_named_and_reharvested(tmp_path, tiny_model, damage):
         list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0))
     assert not store.is_complete()
     repaired = store.ensure(tiny_model, train_batches(tiny_model), 8)
-    assert repaired["complete"] and repaired["shards"][2]["crc32"] == manifest["shards"][2]["crc32"]
+    assert repaired["complete"] and repaired["shards"] == manifest["shards"]
+    assert {f: (store.path / f).stat().st_ino for f in others} == others, "the intact shards were not rewritten"
     rows = torch.cat(list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0)))
     assert rows.shape == (3000, 32)
 

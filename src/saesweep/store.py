@@ -248,11 +248,10 @@ class ActivationStore:
             "saesweep_version": saesweep.__version__,
         }
         kept = self._verified_shards(manifest["shards"])
-        if len(kept) < len(manifest["shards"]):
-            log.warning("activation store %s: re-harvesting from shard %d", self.path, len(kept))
         manifest["shards"] = kept
         manifest["n_rows"] = sum(s["rows"] for s in kept)
         atomic_write_json(self.path / MANIFEST, manifest)
+        present = {s["file"] for s in kept}
 
         contexts_per_shard = max(self.shard_tokens // self.spec.ctx_len, 1)
         target = self.spec.n_tokens
@@ -265,8 +264,10 @@ class ActivationStore:
         for shard_index, shard_contexts in enumerate(_regroup(context_batches, contexts_per_shard)):
             if manifest["n_rows"] >= target:
                 break
-            if shard_index < len(kept):
-                continue  # this shard's contexts were harvested before the interruption
+            if _shard_file(shard_index) in present:
+                continue  # this shard's contexts were harvested before (an interruption, a shard found corrupt)
+            if present and _shard_file(shard_index) < max(present):
+                log.warning("activation store %s: re-harvesting %s", self.path, _shard_file(shard_index))
             acts = harvest(model, shard_contexts, self.spec.hook_point, batch_contexts)
             kept_rows = self.spec.token_filter.apply(shard_contexts, acts, special)
             shard = kept_rows[: target - manifest["n_rows"]].to(STORE_DTYPES[self.spec.dtype])
@@ -284,9 +285,10 @@ class ActivationStore:
         log.info("harvest: %.0f tokens/s", rate)
 
     def _write_shard(self, manifest: dict, index: int, shard: torch.Tensor, n_contexts: int) -> None:
-        entry = self._write_file(f"shard_{index:05d}.safetensors", {"activations": shard})
+        entry = self._write_file(_shard_file(index), {"activations": shard})
         # training contexts read for it: held-out reports skip exactly these
         manifest["shards"].append({**entry, "rows": len(shard), "contexts": n_contexts})
+        manifest["shards"].sort(key=lambda s: s["file"])  # a re-harvested shard goes back to its place
         manifest["n_rows"] += len(shard)
         manifest["d_in"] = shard.shape[1]
         atomic_write_json(self.path / MANIFEST, manifest)
@@ -322,27 +324,36 @@ class ActivationStore:
             return None
 
     def _verified_shards(self, shards: list[dict]) -> list[dict]:
-        """The leading shards whose files are intact; harvesting resumes after them."""
-        for i, entry in enumerate(shards):
+        """The shards whose files are intact; harvesting fills in the others."""
+        intact = []
+        for entry in shards:
             try:
-                self.read_shard(entry)
+                read_shard(self.path, entry)
+                intact.append(entry)
             except StoreCorruptError as e:
                 log.warning("%s", e)
-                return shards[:i]
-        return shards
+        return intact
 
     # -- reading --------------------------------------------------------------------------------
     def read_shard(self, entry: dict) -> torch.Tensor:
-        return read_shard(self.path, entry)
+        """A shard's activations; a shard found corrupt is forgotten, so the next `ensure` re-harvests it."""
+        try:
+            return read_shard(self.path, entry)
+        except StoreCorruptError:
+            self.invalidate(entry)
+            raise
 
     def invalidate(self, entry: dict) -> None:
-        """Forget a bad shard and everything after it, so the next `ensure` re-harvests them."""
+        """Forget a bad shard (only it: the others stay), so the next `ensure` re-harvests it."""
         manifest = self.manifest()
-        index = next(i for i, s in enumerate(manifest["shards"]) if s["file"] == entry["file"])
-        manifest["shards"] = manifest["shards"][:index]
+        manifest["shards"] = [s for s in manifest["shards"] if s["file"] != entry["file"]]
         manifest["n_rows"] = sum(s["rows"] for s in manifest["shards"])
         manifest["complete"] = False
         atomic_write_json(self.path / MANIFEST, manifest)
+
+
+def _shard_file(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
 
 
 def read_shard(store_path: Path, entry: dict) -> torch.Tensor:
@@ -493,7 +504,7 @@ class StoreStream(IterableDataset):
         filled = 0
         order = torch.randperm(len(self.shards), generator=generator).tolist()
         # the next shard is read and checked in another thread while this one is shuffled
-        for rows in _prefetched((self._read_shard(self.shards[i]).float() for i in order), depth=1):
+        for rows in _prefetched((self.store.read_shard(self.shards[i]).float() for i in order), depth=1):
             if buffer is None:
                 buffer = torch.empty(capacity, rows.shape[1])
             taken = 0
@@ -510,13 +521,6 @@ class StoreStream(IterableDataset):
         if filled:
             mixed = torch.randperm(filled, generator=generator)
             yield from (buffer.index_select(0, batch) for batch in slots[:filled][mixed].split(self.batch_size))
-
-    def _read_shard(self, entry: dict) -> torch.Tensor:
-        try:
-            return self.store.read_shard(entry)
-        except StoreCorruptError:
-            self.store.invalidate(entry)
-            raise
 
 
 class ResumableLoader(DataLoader):
