@@ -220,3 +220,49 @@ def test_a_truncated_first_shard_of_a_complete_store_is_reharvested_on_the_next_
     assert f"re-harvesting {first.name}" in console
     assert json.loads((store / MANIFEST).read_text())["shards"] == manifest["shards"]
     assert last.stat().st_ino == untouched, "nothing else of the store was thrown away"
+
+
+def test_a_second_job_into_a_running_jobs_directory_is_refused_naming_the_holder(tmp_path, tiny_model_dir, corpus_path):
+    run_dir = tmp_path / "run"
+    args = [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), f"hydra.run.dir={run_dir}"]
+    first, step_file = _start_slow(args, tmp_path, step_sleep_s=0.6)  # 32 steps: far longer than a start-up
+    deadline = time.monotonic() + 240
+    while not step_file.is_file():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    hydra_config = (run_dir / ".hydra" / "config.yaml").read_text()
+
+    second = _train(*[a for a in args if not a.startswith("dict_ratio")], "dict_ratio=4")
+    console = second.stdout + second.stderr
+    assert first.poll() is None, "the first job was still running"
+    assert second.returncode != 0 and "Traceback" not in console, console[-3000:]
+    assert f"run directory {run_dir} is in use by another job (host " in console, console
+    assert f"pid {first.pid}, started " in console
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == hydra_config, "the second job wrote nothing there"
+
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, (out + err)[-3000:]
+    assert json.loads((run_dir / "cfg.json").read_text())["dict_ratio"] == 2
+    assert not list((run_dir / "checkpoints").glob("last-v*.ckpt")) and not (run_dir / "error.json").exists()
+
+
+def test_a_lock_left_by_a_dead_job_is_taken_over(finished_run, tmp_path):
+    from saesweep.rundir import LOCK_FILE
+
+    run_dir, args = _copy_run(finished_run, tmp_path)
+    (run_dir / LOCK_FILE).write_text(json.dumps({"host": "gone", "pid": 999999, "started": "2026-01-01T00:00:00+00:00"}))
+    rerun = _train(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((run_dir / LOCK_FILE).read_text())["host"] != "gone", "the new job wrote its name"
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "steer.py"])
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(script, tmp_path):
+    args = {"train.py": ["logger=none"], "evaluate.py": [f"sweep_dir={tmp_path}"],
+            "steer.py": [f"run_dir={tmp_path}", "feature=0", "prompts=[a]"]}[script]
+    proc = subprocess.run([sys.executable, script, *args, "hydra.run.dir=/proc/saesweep-out"], cwd=REPO, env=_ENV,
+                          capture_output=True, text=True, timeout=120)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in console, console[-3000:]
+    assert "hydra.run.dir='/proc/saesweep-out' is not writable" in console
+    assert len(console.strip().splitlines()) <= 2, console

@@ -24,7 +24,7 @@ from saesweep.config import check_distributed
 from saesweep.ensemble import ENSEMBLE_DIR
 from saesweep.errors import JobStopped, SaesweepError
 from saesweep.metrics import EvalResult
-from saesweep.rundir import ERROR_FILE, is_finished, write_job_error
+from saesweep.rundir import ERROR_FILE, RunDirBusyError, is_finished, lock_run_dir, write_job_error
 from saesweep.train import train_ensemble
 
 log = logging.getLogger("saesweep.train")
@@ -71,6 +71,12 @@ def run_jobs(
     resume_command = pinned_command(
         f"hydra.sweep.dir={sweep_dir}" if sweep_dir is not None else f"hydra.run.dir={run_dirs[0]}"
     )
+    try:
+        for run_dir in run_dirs:
+            lock_run_dir(run_dir)
+    except RunDirBusyError as busy:  # the directory is the other job's: nothing is written into it
+        failed_jobs.extend(f"{run_dir}: {type(busy).__name__}: {busy}" for run_dir in run_dirs)
+        raise JobError.of(busy, run_dirs, recorded=False) from None
     log.info("to resume this job after a crash or a kill: %s", resume_command)
     try:
         with _scheduler_signals_stop_the_job():

@@ -6,8 +6,11 @@ refused unless the caller passes trust_pickle=True, since unpickling can run arb
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import socket
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from saesweep.errors import CheckpointError
+from saesweep.errors import CheckpointError, SaesweepError
 from saesweep.foreign import read_foreign
 from saesweep.io import atomic_write_json, atomic_write_safetensors
 from saesweep.metrics import EvalResult
@@ -34,6 +37,50 @@ HYDRA_DIR = ".hydra"  # what Hydra writes into every job directory before the jo
 RUN_MARKERS = (CFG_FILE, SAE_FILE, LEGACY_SAE_FILE, HYDRA_DIR)
 PICKLE_SAE_FILES = ("sae.pt", "sae.pth", "sae.bin", "sae.ckpt")
 ERROR_FILE = "error.json"  # written by a job that failed; removed when a rerun of it starts
+LOCK_FILE = ".saesweep.lock"  # held by the job writing the directory; names it (host, pid, start)
+
+
+class RunDirBusyError(SaesweepError):
+    """Another live job is writing the run directory."""
+
+
+_held_locks: dict[Path, object] = {}  # run directories this process holds, with their open lock files
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold `run_dir`'s lock until this process ends (a no-op where it holds it already), so that no
+    second job writes the same directory at the same time; a second job gets RunDirBusyError naming
+    the holder. The lock is the kernel's (flock): a dead holder's lock is gone with it and is taken over."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir in _held_locks or not _is_first_rank():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        try:
+            holder = json.loads(lock_file.read())
+            who = f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            who = "a job that has not yet written its name"
+        lock_file.close()
+        raise RunDirBusyError(
+            f"run directory {run_dir} is in use by another job ({who}); wait for it to end, or give this job "
+            "its own directory (hydra.run.dir=... or hydra.sweep.dir=...)"
+        ) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lock_file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}))
+    lock_file.flush()
+    _held_locks[run_dir] = lock_file
+
+
+def _is_first_rank() -> bool:
+    """Not one of the extra processes of a DDP job (which share rank 0's run directory)."""
+    return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
 def write_run_dir(run_dir: Path, sae: Sae, cfg: dict, result: EvalResult) -> None:
