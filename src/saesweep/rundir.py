@@ -55,7 +55,7 @@ def lock_run_dir(run_dir: Path) -> None:
     if run_dir in _held_locks or not _is_first_rank():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock_file = open(run_dir / LOCK_FILE, "a+")
+    lock_file = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held open until the process ends
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

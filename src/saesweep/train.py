@@ -41,7 +41,13 @@ from saesweep.store import (
     default_store_dir,
     model_fingerprint,
 )
-from saesweep.training import AtomicCheckpointIO, SaeTrainingModule, StopOnSignal, activation_scale, readable_checkpoint
+from saesweep.training import (
+    AtomicCheckpointIO,
+    SaeTrainingModule,
+    StopOnSignal,
+    activation_scale,
+    readable_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
