@@ -51,6 +51,47 @@ def check_config(cfg: DictConfig) -> None:
         )
     if _number(cfg, "eval.n_tokens", integer=True) < cfg.ctx_len:
         raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
+    check_types(cfg)
+
+
+# Keys not bounded above, by what they must be; each is checked before anything loads, so that
+# `seed=1.5` stops at once instead of after the model is loaded and the store harvested.
+_SEED_KEYS = ("seed", "data.seed")
+_POSITIVE_INTEGER_KEYS = ("store.shard_tokens", "store.buffer_tokens", "trainer.max_epochs")
+_BOOLEAN_KEYS = ("store.drop_special_tokens", "data.prepend_bos", "train.compile", "train.ensemble")
+
+
+def check_types(cfg: DictConfig) -> None:
+    """The keys that only need a type (and a sign): seeds, sizes, switches, Adam's betas, the layer."""
+    for key in _SEED_KEYS:
+        if not 0 <= _number(cfg, key, integer=True) < 2**32:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be an integer in [0, 2^32)")
+    for key in _POSITIVE_INTEGER_KEYS:
+        if OmegaConf.select(cfg, key) is not None and _number(cfg, key, integer=True) <= 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")
+    for key in _BOOLEAN_KEYS:
+        if not isinstance(value := OmegaConf.select(cfg, key), bool):
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed: true or false")
+    if _number(cfg, "layer", integer=True) < 0:
+        raise ConfigError(f"layer={cfg.layer} must be an integer ≥ 0 (a transformer block)")
+    for key, allowed in (("hook", False), ("hook_point", True)):
+        value = OmegaConf.select(cfg, key)
+        if not (isinstance(value, str) and value or (allowed and value is None)):
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed: a hook name{' or null' if allowed else ''}")
+    ratio = cfg.store.get("max_norm_ratio")
+    if ratio is not None and not _number(cfg, "store.max_norm_ratio") > 0:
+        raise ConfigError(f"store.max_norm_ratio={ratio} must be > 0, or null to keep every activation")
+    if cfg.get("target_l0") is not None and not _number(cfg, "target_l0") > 0:
+        raise ConfigError(f"target_l0={cfg.target_l0} must be > 0, or null")
+    betas = cfg.train.adam_betas
+    if not (OmegaConf.is_list(betas) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+    )):
+        raise ConfigError(f"train.adam_betas={_plain(betas)!r} is not allowed; allowed: two numbers in [0, 1)")
+
+
+def _plain(value: object) -> object:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def check_schedule(cfg: DictConfig) -> None:
