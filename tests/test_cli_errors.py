@@ -28,6 +28,8 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
     tmp = tmp_path_factory.mktemp("bad_inputs")
     empty = tmp / "empty.jsonl"
     empty.write_text('{"text": "  "}\n')
+    latin1 = tmp / "latin1.txt"
+    latin1.write_bytes(b"first line\nsecond\nbad \xff here\n")
     weightless = tmp / "weightless_model"
     weightless.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -55,6 +57,7 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
         "foreign_key": (["+sae.k=3"], "sae.k=3 is not a key of sae=relu_l1; its keys: encoder_init_norm, l1_coef, resample_every_tokens"),
         "encoder_init": (["sae.encoder_init_norm=0"], "sae.encoder_init_norm=0 must be > 0"),
         "grad_clip": (["train.grad_clip_norm=0"], "train.grad_clip_norm=0 must be > 0, or null for no clipping"),
+        "txt_bytes": ([f"data.path={latin1}"], f"{latin1}: line 3, byte offset 22: b'\\xff he' is not UTF-8 text"),
         "seed_text": (["seed=abc"], "seed='abc' is not an integer"),
         "seed_fraction": (["seed=1.5"], "seed=1.5 is not an integer"),
         "data_seed": (["data.seed=-1"], "data.seed=-1 must be an integer in [0, 2^32)"),
@@ -79,7 +82,7 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
 @pytest.mark.parametrize("name", [
     "hook", "layer", "ratio", "l1", "ctx_len", "n_tokens", "data_path", "empty_data", "no_weights", "non_numeric",
     "heldout", "per_document", "architecture", "eval_every", "k_zero", "k_too_large", "foreign_key", "groups",
-    "encoder_init", "grad_clip", "seed_text", "seed_fraction", "data_seed", "buffer", "switch", "betas", "layer_text",
+    "encoder_init", "grad_clip", "seed_text", "seed_fraction", "data_seed", "buffer", "switch", "betas", "layer_text", "txt_bytes",
 ])
 def test_bad_input_is_one_readable_message_without_a_traceback(bad_inputs, name):
     tmp, cases, results = bad_inputs

@@ -144,3 +144,16 @@ def test_reference_default_eval_set_spans_hundreds_of_held_out_documents():
     assert held.n_documents >= 500
     assert not set(source.heldout_docs) & set(source.train_docs)
     assert len(source.heldout_docs) + len(source.train_docs) == len(source.texts)
+
+
+def test_text_that_is_not_utf8_names_the_file_line_and_byte_offset(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_bytes("één\nok\n".encode() + b"caf\xe9\n")
+    with pytest.raises(DataError, match=rf"{txt}: line 3, byte offset 12: b'\\xe9\\n' is not UTF-8 text"):
+        load_texts(str(txt), None, "train", "text")
+    packed = tmp_path / "docs.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"text": "fine"}\n{"text": "caf\xe9"}\n'))
+    with pytest.raises(DataError, match=rf"{packed}: line 2, byte offset 30"):
+        load_texts(str(packed), None, "train", "text")
+    txt.write_bytes("één\r\nok\n\nlast".encode())
+    assert load_texts(str(txt), None, "train", "text") == ["één", "ok", "last"]

@@ -67,25 +67,40 @@ def _load_local(path: Path, text_field: str) -> list[str]:
     if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
         return list(_read_jsonl(path, text_field))
     if name.endswith(".txt"):
-        return path.read_text(encoding="utf-8").splitlines()
+        return [piece for _, line in _text_lines(path) for piece in line.splitlines()]
     if name.endswith(".parquet"):
         return _read_parquet(path, text_field)
     raise DataError(f"data.path={str(path)!r} has an unsupported suffix; allowed: {', '.join(LOCAL_SUFFIXES)}")
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for line_no, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no} is not valid JSON: {e}") from None
+        yield _text_of(record, text_field, f"{path}:{line_no}")
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, gunzipped when its name ends in .gz; bytes that are
+    not UTF-8 are one DataError naming the file, the line and the byte offset (of the uncompressed text)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    offset = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no} is not valid JSON: {e}") from None
-                yield _text_of(record, text_field, f"{path}:{line_no}")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+                    yield line_no, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{path}: line {line_no}, byte offset {offset + e.start}: {raw[e.start:e.start + 4]!r} is not "
+                        f"UTF-8 text ({e.reason}); allowed: UTF-8 (re-encode the file, e.g. iconv -t utf-8)"
+                    ) from None
+                offset += len(raw)
+    except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
 
 
