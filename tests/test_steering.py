@@ -114,3 +114,40 @@ def test_steer_command_writes_json_html_and_a_wandb_run_and_refuses_bad_input_in
     bad = subprocess.run([*base, "strength=nan"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "error: strength=nan must be a finite number" in bad.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_generating(promoting_run, tiny_model):
+    run, _ = promoting_run
+    n_ctx = tiny_model.cfg.n_ctx
+    with pytest.raises(ConfigError, match=rf"with max_new_tokens=4 it needs \d+ positions, more than the model's context "
+                                          rf"n_ctx={n_ctx}; allowed: prompts of at most {n_ctx - 4} tokens"):
+        steer(run, 1, 1.0, ["the dog " * n_ctx], max_new_tokens=4, model=tiny_model, device="cpu")
+
+
+def _can_mount_read_only() -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {folder} {folder} && "
+                                    f"mount -o remount,bind,ro {folder} {folder}"], capture_output=True)
+        except FileNotFoundError:
+            return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_read_only(), reason="needs unshare to mount a folder read-only (root ignores modes)")
+def test_steer_on_a_read_only_run_directory_stops_before_generating(promoting_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(promoting_run[0], run, ignore=shutil.ignore_patterns("steering", "wandb"))
+    env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    steer_cmd = (f"{sys.executable} steer.py run_dir={run} feature=1 'prompts=[the dog]' strength=5 max_new_tokens=3 "
+                 f"hydra.run.dir={tmp_path / 'out'}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {run} {run} && mount -o remount,bind,ro {run} {run} "
+                           f"&& exec {steer_cmd}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in console, console[-3000:]
+    assert f"run_dir (its steering/ folder)='{run / 'steering'}' is not writable" in console
+    assert "Loading weights" not in console, "it stopped before loading the model"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from saesweep.config import check_writable_dir
 from saesweep.errors import CheckpointError, ConfigError
 from saesweep.sae import Sae
 from saesweep.tokens import ReadableTokens
@@ -136,10 +137,12 @@ def steer_with(
     device = sae.W_dec.device
     text = ReadableTokens(model.tokenizer)
     hooks = [(hook_point, _steering_hook(sae, settings, max_activation))]
+    prompt_ids = [([] if bos is None else [bos]) + model.tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p in settings.prompts]
+    check_prompt_lengths(settings, [len(ids) for ids in prompt_ids], model.cfg.n_ctx)
     continuations, shifts = [], []
-    for prompt in settings.prompts:
-        ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        tokens = torch.tensor([([] if bos is None else [bos]) + ids], device=device)
+    for prompt, ids in zip(settings.prompts, prompt_ids):
+        tokens = torch.tensor([ids], device=device)
         for decoding in DECODINGS:
             sampled = decoding == "sampled"
             plain, plain_first = _generate(model, tokens, settings, [], sampled)
@@ -153,6 +156,20 @@ def steer_with(
             "falls": _shifts(delta, (-delta).topk(settings.logit_shift_k).indices, text),
         })
     return continuations, shifts
+
+
+def check_prompt_lengths(settings: SteeringSettings, lengths: list[int], n_ctx: int) -> None:
+    """Every prompt and its continuation fit in the model's context (beyond it, positions the model
+    never saw would be generated, slowly and meaninglessly)."""
+    room = n_ctx - settings.max_new_tokens
+    for prompt, length in zip(settings.prompts, lengths):
+        if length > room:
+            raise ConfigError(
+                f"prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} is {length} tokens (BOS included); with "
+                f"max_new_tokens={settings.max_new_tokens} it needs {length + settings.max_new_tokens} positions, more "
+                f"than the model's context n_ctx={n_ctx}; allowed: prompts of at most {max(room, 0)} tokens, or a "
+                "lower max_new_tokens"
+            )
 
 
 def _shifts(delta: torch.Tensor, ids: torch.Tensor, text: ReadableTokens) -> list[TokenShift]:
@@ -267,12 +284,16 @@ def steer_from_config(cfg) -> SteeringResult:
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key} is required: python steer.py run_dir=RUN feature=N strength=S prompts='[\"The cat\"]'")
     prompts = OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts
+    run_dir = Path(cfg.run_dir)
+    # before the model loads and generates: the results must have somewhere to go
+    check_writable_dir("run_dir (its steering/ folder)", run_dir / STEERING_DIR)
+    if cfg.wandb.enabled:
+        check_writable_dir("run_dir (W&B's folder; or wandb.enabled=false)", run_dir)
     result = steer(cfg.run_dir, cfg.feature, cfg.strength, prompts, mode=cfg.mode, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, seed=cfg.seed, logit_shift_k=cfg.logit_shift_k, device=cfg.device)
-    run_dir = Path(cfg.run_dir)
+    print(console_text(result), flush=True)  # printed first: a failed write loses nothing
     json_path, html_path = write_result(result, run_dir / STEERING_DIR)
+    print(f"\nwrote {json_path} and {html_path}")
     if cfg.wandb.enabled:
         log_to_wandb(result, run_dir, OmegaConf.to_container(cfg.wandb))
-    print(console_text(result))
-    print(f"\nwrote {json_path} and {html_path}")
     return result
