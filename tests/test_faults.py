@@ -1,6 +1,8 @@
 """Faults a user hits, through the real entry points: scheduler signals, corrupt checkpoints and
 shards, two jobs in one run directory, unwritable folders. Each case asserts the exit status, one
-message without a traceback, and that nothing finished is lost."""
+message without a traceback, and that nothing finished is lost. The cases that race a slowed-down
+training process are `slow` (make test-slow, which CI runs too); bad config values and corpus bytes are
+in test_cli_errors.py and test_train.py, steering's in test_steering.py."""
 
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ def slow_step(self, *a):
         f.write(str(self.global_step))
     return step(self, *a)
 SaeTrainingModule.training_step = slow_step
+if "REQUEUE_MARK" in os.environ:  # stands in for submitit's preemption handler: it requeues, then exits
+    import signal
+    def requeue(signum, frame):
+        open(os.environ["REQUEUE_MARK"], "w").write(str(signum))
+        sys.exit(0)
+    signal.signal(signal.SIGUSR2, requeue)
 sys.argv[0] = "train.py"
 runpy.run_path("train.py", run_name="__main__")
 """
@@ -99,6 +107,7 @@ def test_sigterm_checkpoints_at_the_step_records_the_resume_command_and_exits_14
     assert not (run_dir / "error.json").exists()
 
 
+@pytest.mark.slow  # a real process signalled or raced mid-training: make test-slow
 def test_sigterm_stops_the_whole_sweep(tmp_path, tiny_model_dir, corpus_path):
     sweep = tmp_path / "sweep"
     overrides = [o for o in _overrides(tiny_model_dir, corpus_path, tmp_path / "store") if not o.startswith("dict_ratio")]
@@ -109,6 +118,7 @@ def test_sigterm_stops_the_whole_sweep(tmp_path, tiny_model_dir, corpus_path):
     assert not (sweep / "1").exists(), "the next job of the sweep did not start"
 
 
+@pytest.mark.slow  # a real process signalled or raced mid-training: make test-slow
 def test_sigusr1_on_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, tiny_model_dir, corpus_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -129,6 +139,18 @@ def test_sigusr1_on_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in requeued.stdout + requeued.stderr
     assert stopped_at > 4 and json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
+
+
+@pytest.mark.slow  # a real process signalled or raced mid-training: make test-slow
+def test_submitits_preemption_signal_checkpoints_first_then_submitit_requeues(tmp_path, tiny_model_dir, corpus_path):
+    run_dir, mark = tmp_path / "run", tmp_path / "requeued"
+    args = [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), f"hydra.run.dir={run_dir}"]
+    job, step_file = _start_slow(args, tmp_path, env={**_ENV, "REQUEUE_MARK": str(mark)})
+    seen, console = _signal_at_step(job, step_file, 4, signal.SIGUSR2)
+    assert mark.read_text() == str(int(signal.SIGUSR2)), console[-3000:]
+    assert seen < _checkpoint_step(run_dir / "checkpoints" / "last.ckpt") < _STEPS, "written before the requeue"
+    requeued = _train(*args)
+    assert requeued.returncode == 0 and "resuming from" in requeued.stdout + requeued.stderr, requeued.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +216,7 @@ def test_a_refused_rerun_of_a_finished_run_leaves_it_to_the_evaluator(finished_r
     assert [r.name for r in runs] == ["run"] and not failed
 
 
+@pytest.mark.slow  # a real process signalled or raced mid-training: make test-slow
 def test_a_truncated_first_shard_of_a_complete_store_is_reharvested_on_the_next_run(finished_run, tmp_path):
     import shutil
 
@@ -222,6 +245,7 @@ def test_a_truncated_first_shard_of_a_complete_store_is_reharvested_on_the_next_
     assert last.stat().st_ino == untouched, "nothing else of the store was thrown away"
 
 
+@pytest.mark.slow  # a real process signalled or raced mid-training: make test-slow
 def test_a_second_job_into_a_running_jobs_directory_is_refused_naming_the_holder(tmp_path, tiny_model_dir, corpus_path):
     run_dir = tmp_path / "run"
     args = [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), f"hydra.run.dir={run_dir}"]

@@ -105,6 +105,13 @@ def test_speed_options_train_as_well_as_the_plain_step(tmp_path, tiny_model_dir,
         ("train.lr_warmup_max_fraction=0.9", "train.lr_warmup_max_fraction=0.9 and train.lr_decay_fraction=0.2 sum to "
                                              "more than 1"),
         ("store.dir=/proc/saesweep-store", r"store.dir='/proc/saesweep-store' is not writable"),
+        ("seed=abc", "seed='abc' is not an integer"),
+        ("data.seed=-1", r"data.seed=-1 must be an integer in \[0, 2\^32\)"),
+        ("store.buffer_tokens=0", "store.buffer_tokens=0 must be a positive integer"),
+        ("data.prepend_bos=maybe", "data.prepend_bos='maybe' is not allowed; allowed: true or false"),
+        ("train.adam_betas=[0.9]", r"train.adam_betas=\[0.9\] is not allowed; allowed: two numbers in \[0, 1\)"),
+        ("layer=two", "layer='two' is not an integer"),
+        ("target_l0=0", "target_l0=0 must be > 0, or null"),
         ("n_tokens=100000000000", r"store.dir=.* has .* free, but the activation store needs up to 11920.93 GiB more "
                                   r"\(n_tokens=100000000000 × d_in=32 × 4 bytes of float32\)"),
     ],

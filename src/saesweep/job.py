@@ -24,7 +24,14 @@ from saesweep.config import check_distributed
 from saesweep.ensemble import ENSEMBLE_DIR
 from saesweep.errors import JobStopped, SaesweepError
 from saesweep.metrics import EvalResult
-from saesweep.rundir import ERROR_FILE, RunDirBusyError, is_finished, lock_run_dir, write_job_error
+from saesweep.rundir import (
+    ERROR_FILE,
+    RunDirBusyError,
+    is_finished,
+    lock_run_dir,
+    unlock_run_dir,
+    write_job_error,
+)
 from saesweep.train import train_ensemble
 
 log = logging.getLogger("saesweep.train")
@@ -71,10 +78,14 @@ def run_jobs(
     resume_command = pinned_command(
         f"hydra.sweep.dir={sweep_dir}" if sweep_dir is not None else f"hydra.run.dir={run_dirs[0]}"
     )
+    locked: list[Path] = []
     try:
         for run_dir in run_dirs:
-            lock_run_dir(run_dir)
+            if lock_run_dir(run_dir):
+                locked.append(run_dir)
     except RunDirBusyError as busy:  # the directory is the other job's: nothing is written into it
+        for run_dir in locked:
+            unlock_run_dir(run_dir)
         failed_jobs.extend(f"{run_dir}: {type(busy).__name__}: {busy}" for run_dir in run_dirs)
         raise JobError.of(busy, run_dirs, recorded=False) from None
     log.info("to resume this job after a crash or a kill: %s", resume_command)
@@ -82,6 +93,10 @@ def run_jobs(
         with _scheduler_signals_stop_the_job():
             check_distributed(cfgs[0], multirun=sweep_dir is not None)
             outcomes = train_ensemble(cfgs, run_dirs, sweep_dir, ensemble_name)
+        return [
+            outcome if isinstance(outcome, EvalResult) else _failed(outcome, [run_dir])
+            for outcome, run_dir in zip(outcomes, run_dirs, strict=True)
+        ]
     except JobStopped as stop:
         _stopped(stop, run_dirs)
         raise
@@ -90,10 +105,9 @@ def run_jobs(
         if failure is error:
             raise
         raise failure from error
-    return [
-        outcome if isinstance(outcome, EvalResult) else _failed(outcome, [run_dir])
-        for outcome, run_dir in zip(outcomes, run_dirs, strict=True)
-    ]
+    finally:  # a sweep of a thousand jobs in one process must not hold a thousand open locks
+        for run_dir in locked:
+            unlock_run_dir(run_dir)
 
 
 def _failed(error: Exception, run_dirs: Sequence[Path]) -> Exception:

@@ -47,13 +47,14 @@ class RunDirBusyError(SaesweepError):
 _held_locks: dict[Path, object] = {}  # run directories this process holds, with their open lock files
 
 
-def lock_run_dir(run_dir: Path) -> None:
-    """Hold `run_dir`'s lock until this process ends (a no-op where it holds it already), so that no
-    second job writes the same directory at the same time; a second job gets RunDirBusyError naming
-    the holder. The lock is the kernel's (flock): a dead holder's lock is gone with it and is taken over."""
+def lock_run_dir(run_dir: Path) -> bool:
+    """Hold `run_dir`'s lock (until `unlock_run_dir` or the end of the process), so that no second job
+    writes the same directory at the same time; a second job gets RunDirBusyError naming the holder.
+    The lock is the kernel's (flock): a dead holder's lock is gone with it and is taken over. False
+    where this process holds it already (or is not a DDP job's first rank): nothing to release."""
     run_dir = Path(run_dir).absolute()
     if run_dir in _held_locks or not _is_first_rank():
-        return
+        return False
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_file = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held open until the process ends
     try:
@@ -76,6 +77,13 @@ def lock_run_dir(run_dir: Path) -> None:
     lock_file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}))
     lock_file.flush()
     _held_locks[run_dir] = lock_file
+    return True
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    lock_file = _held_locks.pop(Path(run_dir).absolute())
+    fcntl.flock(lock_file, fcntl.LOCK_UN)
+    lock_file.close()
 
 
 def _is_first_rank() -> bool:
