@@ -1,11 +1,16 @@
-# saesweep: `make install` once, then `make train`, `make sweep`, `make test`.
+# saesweep: `make install` once, then `make sweep` (the quick start), `make test`.
+# `make train` runs `python train.py $(ARGS)` on the config's defaults (Pythia-70M-deduped and Pile-10k from
+# the Hugging Face hub: it needs the network); `make train-offline` runs it on the reference folder.
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
-export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
+# A reference folder: model/ (a local Hugging Face model directory) and corpus/train.jsonl.gz (the text).
 REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
+
+# Targets that read only the reference folder never ask the hub for anything.
+train-offline reproduce bench test test-slow test-interop test-browser: export HF_HUB_OFFLINE = 1
 
 .PHONY: install train train-offline sweep reproduce evaluate report test test-slow test-interop test-browser lint clean cache-info bench
 
@@ -25,13 +30,13 @@ train:
 train-offline:
 	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 $(ARGS)
 
-# The quick start: dict_ratio 1,2,4,8 TopK dictionaries (k=32) on 200k tokens in one pass (about a
-# minute on 2 cores), then the evaluator's table. TopK because its L0 is the same at every size, so the
-# fidelity column compares the sizes alone (ARGS='sae=relu_l1' for the default architecture).
-QUICK_SWEEP := multirun/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
+# The quick start (conf/experiment/quickstart.yaml): ReLU/L1 dictionaries of 1, 2, 4, 8 × d_model, three
+# passes over 200k tokens in one ensemble, then the evaluation and one table: features found again in the
+# next larger dictionary, beside chance, and fidelity, by size (about two minutes on 2 CPU cores).
+# src/saesweep/quickstart.py picks the data: the reference folder (REFERENCE=DIR) offline when there is
+# one, else Pythia-70M-deduped and Pile-10k from the hub, else it stops with one line saying both ways.
 sweep:
-	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 dict_ratio=1,2,4,8 sae=topk train.ensemble=true hydra.sweep.dir=$(QUICK_SWEEP) $(ARGS)
-	$(PYTHON) evaluate.py sweep_dir=$(QUICK_SWEEP)
+	$(PYTHON) -m saesweep.quickstart --reference $(REFERENCE) $(if $(filter file,$(origin REFERENCE)),,--explicit-reference) $(ARGS)
 
 # The seed's experiment on the reference model (conf/experiment/seed_reference.yaml: dict_ratio 1,2,4,8 ×
 # seeds 0,1), its evaluation, and REPRODUCTION.md with its figures regenerated from that evaluation.
