@@ -119,6 +119,7 @@ class SaeTrainingModule(L.LightningModule):
                     f"{prefix}train/mse": step.mse * self.act_scale**2,
                     f"{prefix}train/l0": step.l0,
                     f"{prefix}train/skipped_steps": self.skipped_steps.float(),
+                    f"{prefix}train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],  # after warm-up/decay
                 }
         # one host sync per step: the price of never letting a NaN into the weights or the optimizer;
         # under DDP every rank must skip the same steps, or their gradient all-reduces fall out of step
