@@ -115,3 +115,36 @@ def test_the_table_says_whether_found_again_and_fidelity_rise_with_size():
     falling = format_table(rows(run(1, 96, 0.22, 0.93), run(2, 50, 0.18, 0.95), run(4, None, 0.19, 0.96)))
     assert "rise with size: no (96 → 50;" in falling and "fidelity rises with size: no" in falling
 
+def test_the_quick_start_on_a_small_reference_folder_prints_the_readme_table(tmp_path, tiny_model_dir, corpus_path):
+    """The whole quick start, small: train.py, evaluate.py, then the table whose shape the README shows;
+    the console carries none of the known third-party noise; the W&B runs are named after their setting
+    and log the learning rate."""
+    from test_docs import readme_quickstart_block
+
+    ref = reference_folder(tmp_path / "ref", tiny_model_dir, corpus_path)
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "saesweep.quickstart", "--reference", str(ref), "layer=1", "ctx_len=16",
+               "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256", "trainer.max_epochs=2", "dict_ratio=1,2,4",
+               "trainer.enable_progress_bar=false", f"store.dir={tmp_path / 'store'}", "store.shard_tokens=1000",
+               f"hydra.sweep.dir={sweep}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "HYDRA_FULL_ERROR", "SAESWEEP_VERBOSE")}
+    done = subprocess.run(command, cwd=REPO, env=env | {"PYTHONPATH": str(REPO / "src")}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
+    table = out[next(i for i, line in enumerate(out) if line.startswith("dict_ratio  d_sae")):]
+    readme = readme_quickstart_block().splitlines()
+    readme_header = next(line for line in readme if line.startswith("dict_ratio"))
+    assert re.split(r"\s{2,}", table[0]) == re.split(r"\s{2,}", readme_header)
+    assert [re.split(r"\s{2,}", line)[:2] for line in table[1:4]] == [["1", "32"], ["2", "64"], ["4", "128"]]
+    assert table[4].startswith("features found again rise with size: ") and table[5].startswith("fidelity rises with size: ")
+    assert table[6].startswith(f"plots and tables: {sweep}/evaluation/") and "quick start took" in table[6]
+    console = done.stdout + done.stderr
+    for noise in ("💡 Tip", "LeafSpec", "IterableDataset", "`weights_only` was not set", "anonymous setting",
+                  "TPU available", "wandb: Run history"):
+        assert noise not in console, noise
+    # each W&B run is named after its setting and logs the learning rate
+    for job, ratio in (("0", 1), ("2", 4)):
+        (record,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+        data = record.read_bytes()
+        assert f"relu_l1-l1=2-x{ratio}-s0 #{job}".encode() in data and b"train/lr" in data
