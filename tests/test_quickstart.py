@@ -93,8 +93,8 @@ def test_a_clone_in_an_empty_folder_gets_one_line_at_once(tmp_path):
     assert elapsed < 30, f"took {elapsed:.0f} s"
 
 
-def rows(*runs):
-    return [RunRow(str(i), 0, ratio, d_sae, {k: str(v) for k, v in values.items()})
+def rows(*runs, seed=0):
+    return [RunRow(str(i), seed, ratio, d_sae, {"architecture": "relu_l1", "l1_coef": "2.0", "k": ""} | {k: str(v) for k, v in values.items()})
             for i, (ratio, d_sae, values) in enumerate(runs)]
 
 
@@ -114,6 +114,16 @@ def test_the_table_says_whether_found_again_and_fidelity_rise_with_size():
     assert lines[6] == "fidelity rises with size: yes (FVU 0.220 → 0.180 → 0.150 → 0.130; ce_recovered 0.930 → 0.950 → 0.960 → 0.970)"
     falling = format_table(rows(run(1, 96, 0.22, 0.93), run(2, 50, 0.18, 0.95), run(4, None, 0.19, 0.96)))
     assert "rise with size: no (96 → 50;" in falling and "fidelity rises with size: no" in falling
+    # a sweep of two RNG seeds (make sweep ARGS='seed=0,1'): a setting column, each seed's sizes judged alone
+    two = format_table(rows(run(1, 96, 0.22, 0.93), run(2, None, 0.18, 0.95))
+                       + rows(run(1, 90, 0.23, 0.92), run(2, None, 0.19, 0.94), seed=1))
+    lines = two.splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == ["setting", *quickstart.HEADER]
+    assert [re.split(r"\s{2,}", line)[:2] for line in lines[1:5]] == [
+        ["relu_l1 l1=2.0 s0", "1"], ["relu_l1 l1=2.0 s0", "2"], ["relu_l1 l1=2.0 s1", "1"], ["relu_l1 l1=2.0 s1", "2"]]
+    assert lines[5] == ("features found again rise with size: no (relu_l1 l1=2.0 s0: 96; chance 0 | "
+                        "relu_l1 l1=2.0 s1: 90; chance 0)")  # one size pair per seed: nothing to rise
+    assert lines[6].startswith("fidelity rises with size: yes (relu_l1 l1=2.0 s0: FVU 0.220 → 0.180;")
 
 def test_the_quick_start_on_a_small_reference_folder_prints_the_readme_table(tmp_path, tiny_model_dir, corpus_path):
     """The whole quick start, small: train.py, evaluate.py, then the table whose shape the README shows;

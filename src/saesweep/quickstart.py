@@ -123,46 +123,67 @@ def _with_se(value: float | None, se: float | None, digits: int) -> str:
     return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
 
-def table_rows(runs) -> list[tuple[str, ...]]:
-    """One row per run (reproduction.RunRow), smallest dictionary first."""
-    rows = []
+def setting(run) -> str:
+    """What a run is beyond its size: architecture, its sparsity key and the RNG seed (`relu_l1 l1=2 s0`)."""
+    values = run.values
+    key = (f"k{values['k']}" if values.get("k") not in (None, "", "None") else
+           f"l0={values['sae.l0_coef']}" if values.get("sae.l0_coef") not in (None, "", "None") else
+           f"l1={values['l1_coef']}" if values.get("l1_coef") not in (None, "", "None") else "")
+    return " ".join(part for part in (values.get("architecture", "?"), key, f"s{run.seed}") if part)
+
+
+def lines_of_sizes(runs) -> dict[str, list]:
+    """The runs by setting, each setting's dictionaries smallest first: the lines along which found again and
+    fidelity should rise (one, unless the user swept seeds or architectures too)."""
+    lines: dict[str, list] = {}
     for r in runs:
-        found = r.number("found_in_next_larger")
-        again = "–" if found is None else f"{int(found)} ({found / r.d_sae:.1%})"
-        chance = "–" if found is None else str(int(r.number("baseline_found_in_next_larger") or 0))
-        rows.append((f"{r.dict_ratio:g}", str(r.d_sae), _with_se(r.number("l0"), r.number("l0_se"), 1),
-                     _with_se(r.number("fvu"), r.number("fvu_se"), 4),
-                     _with_se(r.number("ce_recovered"), r.number("ce_recovered_se"), 4), again, chance))
-    return rows
+        lines.setdefault(setting(r), []).append(r)
+    return {name: sorted(members, key=lambda r: r.dict_ratio) for name, members in lines.items()}
+
+
+def _row(r) -> list[str]:
+    found = r.number("found_in_next_larger")
+    again = "–" if found is None else f"{int(found)} ({found / r.d_sae:.1%})"
+    chance = "–" if found is None else str(int(r.number("baseline_found_in_next_larger") or 0))
+    return [f"{r.dict_ratio:g}", str(r.d_sae), _with_se(r.number("l0"), r.number("l0_se"), 1),
+            _with_se(r.number("fvu"), r.number("fvu_se"), 4),
+            _with_se(r.number("ce_recovered"), r.number("ce_recovered_se"), 4), again, chance]
 
 
 def _rises(values: list[float]) -> bool:
     return len(values) >= 2 and all(b > a for a, b in zip(values, values[1:]))
 
 
-def verdict(runs) -> list[str]:
-    """Two lines: do the features found again rise with size (beside chance), and does fidelity."""
-    counted = [r for r in runs if r.number("found_in_next_larger") is not None]
-    found = [r.number("found_in_next_larger") for r in counted]
-    chance = [r.number("baseline_found_in_next_larger") or 0 for r in counted]
-    fvu = [r.number("fvu") for r in runs]
-    ce = [r.number("ce_recovered") for r in runs]
+def verdict(lines: dict[str, list]) -> list[str]:
+    """Two lines: do the features found again rise with size (beside chance), and does fidelity; along each
+    setting's sizes when there are several."""
     arrow = " → ".join
-    lines = [
-        f"features found again rise with size: {'yes' if _rises(found) else 'no'} "
-        f"({arrow(str(int(f)) for f in found)}; chance {arrow(str(int(c)) for c in chance)})",
-        f"fidelity rises with size: {'yes' if _rises([-f for f in fvu]) and _rises(ce) else 'no'} "
-        f"(FVU {arrow(f'{f:.3f}' for f in fvu)}; ce_recovered {arrow(f'{c:.3f}' for c in ce)})",
-    ]
-    return lines
+    found_parts, fidelity_parts, found_ok, fidelity_ok = [], [], True, True
+    for name, runs in lines.items():
+        label = f"{name}: " if len(lines) > 1 else ""
+        counted = [r for r in runs if r.number("found_in_next_larger") is not None]
+        found = [r.number("found_in_next_larger") for r in counted]
+        chance = [r.number("baseline_found_in_next_larger") or 0 for r in counted]
+        fvu = [r.number("fvu") for r in runs]
+        ce = [r.number("ce_recovered") for r in runs]
+        found_ok &= _rises(found)
+        fidelity_ok &= _rises([-f for f in fvu]) and _rises(ce)
+        found_parts.append(f"{label}{arrow(str(int(f)) for f in found)}; chance {arrow(str(int(c)) for c in chance)}")
+        fidelity_parts.append(f"{label}FVU {arrow(f'{f:.3f}' for f in fvu)}; ce_recovered {arrow(f'{c:.3f}' for c in ce)}")
+    return [f"features found again rise with size: {'yes' if found_ok else 'no'} ({' | '.join(found_parts)})",
+            f"fidelity rises with size: {'yes' if fidelity_ok else 'no'} ({' | '.join(fidelity_parts)})"]
 
 
 def format_table(runs) -> str:
-    """The quick start's table: a header, one row per dictionary, and the verdict."""
-    table = [HEADER, *table_rows(runs)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
-    return "\n".join(lines + verdict(runs))
+    """The quick start's table: a header, one row per dictionary (with a `setting` column first when the sweep
+    has several settings of size lines), and the verdict."""
+    lines = lines_of_sizes(runs)
+    several = len(lines) > 1
+    header = (["setting"] if several else []) + list(HEADER)
+    table = [header] + [([name] if several else []) + _row(r) for name, members in lines.items() for r in members]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    rows = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    return "\n".join(rows + verdict(lines))
 
 
 # --- the run -----------------------------------------------------------------------------------------
