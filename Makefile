@@ -1,22 +1,36 @@
-# saesweep: `make install` once, then `make train`, `make sweep`, `make test`.
+# saesweep: `make install` once, then `make sweep` (the quick start), `make test`.
+# `make train` runs `python train.py $(ARGS)` on the config's defaults (Pythia-70M-deduped and Pile-10k from
+# the Hugging Face hub: it needs the network); `make train-offline` runs it on the reference folder.
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
-export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
+# A reference folder: model/ (a local Hugging Face model directory) and corpus/train.jsonl.gz (the text).
 REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
+
+# Targets that read only the reference folder never ask the hub for anything.
+train-offline reproduce bench test test-slow test-interop test-browser: export HF_HUB_OFFLINE = 1
 
 .PHONY: install train train-offline sweep reproduce evaluate report test test-slow test-interop test-browser lint clean cache-info bench
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-# torch is installed first from the pin (a CPU wheel here; GPU users install their own torch before).
+# torch is installed first from the pin in constraints.txt (a CPU wheel in this workplace). TORCH=skip keeps
+# the torch already in the venv (a GPU build you installed: `$(VENV)/bin/pip install torch --index-url ...`)
+# and installs the rest without the pin.
+TORCH ?= pin
 install: $(VENV)/bin/python
 	$(PYTHON) -m pip install -q --upgrade pip
+ifeq ($(TORCH),skip)
+	@$(PYTHON) -c 'import torch; print("keeping torch", torch.__version__)' 2>/dev/null || \
+		{ echo "error: TORCH=skip keeps the torch in $(VENV), but it has none: install your torch build into it first" >&2; exit 1; }
+	$(PYTHON) -m pip install -q -e ".[dev,slurm,optuna]"
+else
 	$(PYTHON) -m pip install -q -c constraints.txt torch
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev,slurm,optuna]"
+endif
 
 train:
 	$(PYTHON) train.py $(ARGS)
@@ -25,21 +39,26 @@ train:
 train-offline:
 	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 $(ARGS)
 
-# The quick start: dict_ratio 1,2,4,8 TopK dictionaries (k=32) on 200k tokens in one pass (about a
-# minute on 2 cores), then the evaluator's table. TopK because its L0 is the same at every size, so the
-# fidelity column compares the sizes alone (ARGS='sae=relu_l1' for the default architecture).
-QUICK_SWEEP := multirun/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
+# The quick start (conf/experiment/quickstart.yaml): ReLU/L1 dictionaries of 1, 2, 4, 8 × d_model, three
+# passes over 200k tokens in one ensemble, then the evaluation and one table: features found again in the
+# next larger dictionary, beside chance, and fidelity, by size (about two minutes on 2 CPU cores).
+# src/saesweep/quickstart.py picks the data: the reference folder (REFERENCE=DIR) offline when there is
+# one, else Pythia-70M-deduped and Pile-10k from the hub, else it stops with one line saying both ways.
 sweep:
-	$(PYTHON) train.py $(OFFLINE_ARGS) n_tokens=200000 dict_ratio=1,2,4,8 sae=topk train.ensemble=true hydra.sweep.dir=$(QUICK_SWEEP) $(ARGS)
-	$(PYTHON) evaluate.py sweep_dir=$(QUICK_SWEEP)
+	$(PYTHON) -m saesweep.quickstart --reference $(REFERENCE) $(if $(filter file,$(origin REFERENCE)),,--explicit-reference) $(ARGS)
 
-# The seed's experiment on the reference model (conf/experiment/seed_reference.yaml: dict_ratio 1,2,4,8 ×
-# seeds 0,1), its evaluation, and REPRODUCTION.md with its figures regenerated from that evaluation.
+# The seed experiment on the reference model (conf/experiment/seed_reference.yaml: dict_ratio 1,2,4,8 ×
+# seeds 0,1), its evaluation, and REPRODUCTION.md with its figures in the sweep directory; UPDATE_DOCS=1
+# also regenerates the tracked REPRODUCTION.md and docs/reproduction/ from it.
 REPRODUCE_SWEEP := multirun/seed_reference/$(shell date +%Y-%m-%d_%H-%M-%S)
+REPRODUCE_COMMAND := make reproduce   \# = python train.py experiment=seed_reference -m, python evaluate.py sweep_dir=..., python -m saesweep.reproduction ...
 reproduce:
 	$(PYTHON) train.py experiment=seed_reference $(OFFLINE_ARGS) hydra.sweep.dir=$(REPRODUCE_SWEEP) -m $(ARGS)
 	$(PYTHON) evaluate.py sweep_dir=$(REPRODUCE_SWEEP)
-	$(PYTHON) -m saesweep.reproduction $(REPRODUCE_SWEEP) --command "make reproduce   # = python train.py experiment=seed_reference -m, python evaluate.py sweep_dir=..., python -m saesweep.reproduction ..."
+	$(PYTHON) -m saesweep.reproduction $(REPRODUCE_SWEEP) --out $(REPRODUCE_SWEEP)/REPRODUCTION.md --command "$(REPRODUCE_COMMAND)"
+ifeq ($(UPDATE_DOCS),1)
+	$(PYTHON) -m saesweep.reproduction $(REPRODUCE_SWEEP) --command "$(REPRODUCE_COMMAND)"
+endif
 
 # MCS between the runs of a sweep, summary table, plots, W&B evaluation run: make evaluate SWEEP=multirun/<date>/<time>
 evaluate:
@@ -88,6 +107,8 @@ cache-info:
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks train.py evaluate.py report.py steer.py
 
+# Caches and build files only. Results (multirun/, outputs/) are yours: delete a sweep with rm -r; the
+# activation store is listed by `make cache-info` and deleted with saesweep-store rm.
 clean:
-	rm -rf outputs multirun/*/ .pytest_cache
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache .hypothesis build dist src/*.egg-info
+	find . -path ./$(VENV) -prune -o -path ./$(INTEROP_VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from saesweep.cli import errors_without_traceback
+from saesweep.console import quiet_third_party
 from saesweep.evaluate import (
     RELEASED_PREFIX,
     EvalSettings,
@@ -22,6 +23,8 @@ from saesweep.evaluate import (
     evaluation_dir,
 )
 from saesweep.report.app import report_runs, reports_wanted
+
+quiet_third_party()  # known third-party console noise off (SAESWEEP_VERBOSE=1 shows it)
 
 # hydra.run.dir is ${evaluation_dir:${sweep_dir}}: a mistyped sweep_dir fails here, naming the bad
 # value, before Hydra creates its output directory inside it.

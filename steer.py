@@ -5,7 +5,10 @@ import hydra
 from omegaconf import DictConfig
 
 from saesweep.cli import errors_without_traceback
+from saesweep.console import quiet_third_party
 from saesweep.steering import steer_from_config
+
+quiet_third_party()  # known third-party console noise off (SAESWEEP_VERBOSE=1 shows it)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="steer")

@@ -19,10 +19,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saesweep import job
+from saesweep.console import quiet_third_party
 from saesweep.errors import ConfigError, JobStopped
+
+quiet_third_party()  # known third-party console noise off (SAESWEEP_VERBOSE=1 shows it)
 
 _MULTIRUN_FLAGS = ("-m", "--multirun")
 _ENSEMBLE_FLAG = "train.ensemble=true"
+# config groups that config.yaml's defaults list holds as null: `+group=x` (Hydra's "append") would collide
+# with that entry, so it is taken as `group=x`, the override that works
+_NULL_DEFAULT_GROUPS = ("hparams_search", "experiment")
 _EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-terminated process
 
 
@@ -44,7 +50,9 @@ def main(cfg: DictConfig) -> float:
 
 def command_line(args: list[str]) -> list[str]:
     """Hydra's arguments for what the user typed: `-m` anywhere on the line (Hydra's argparse takes
-    overrides only before it), and `train.ensemble=true` as a sweep under the ensemble launcher."""
+    overrides only before it), `train.ensemble=true` as a sweep under the ensemble launcher, and
+    `+hparams_search=...`/`+experiment=...` as the overrides of their null defaults."""
+    args = [a[1:] if a.startswith(tuple(f"+{group}=" for group in _NULL_DEFAULT_GROUPS)) else a for a in args]
     if any(a.lower() == _ENSEMBLE_FLAG for a in args):
         launchers = [a for a in args if a.startswith("hydra/launcher=")]
         if launchers and launchers != ["hydra/launcher=ensemble"]:

@@ -479,7 +479,7 @@ def test_features_are_found_again_up_each_seeds_sizes_and_in_total(tmp_path):
     assert (up["next_larger"], up["in_next_larger"], up["in_any_larger"], up["baseline_in_any_larger"]) == ("2", 16, 16, 0)
     assert runs["3"]["found_again"]["larger_same_seed"]["next_larger"] == "5"  # 32, seed 1 → 64, seed 1
     assert runs["4"]["found_again"]["larger_same_seed"] is None  # the largest of seed 0
-    # the seed's total: every feature of the 16- and 32-feature dictionaries, both seeds
+    # the seed experiment's total: every feature of the 16- and 32-feature dictionaries, both seeds
     assert evaluation.report["found_in_a_larger_dictionary"] == pytest.approx({
         "definition": evaluation.report["found_in_a_larger_dictionary"]["definition"], "features": 2 * (16 + 32),
         "baseline": 0})

@@ -21,7 +21,7 @@ def test_reproduction_holds_the_evaluations_numbers_and_figures(tmp_path, monkey
     evaluate_sweep(sweep, wandb_settings=NO_WANDB)
     out = write_reproduction(sweep, tmp_path / "REPRODUCTION.md", "make reproduce")
     text = out.read_text()
-    assert "make reproduce" in text and "(the seed's total): **96** (chance 0)" in text
+    assert "make reproduce" in text and "(the seed experiment's total): **96** (chance 0)" in text
     # the by-size table: every feature of the 16- and 32-feature dictionaries is found again
     assert "| 1 | 16 | 16.0 (100.0%) | 100.0% | 16.0 (100.0%) | 100.0% |" in text
     assert "| 4 | 64 | – (–) | – | 64.0 (100.0%) | 100.0% |" in text

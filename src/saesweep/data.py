@@ -7,7 +7,7 @@ How documents become contexts (docs/METHODS.md, "Data"):
 - A document is tokenized without special tokens and cut into consecutive pieces of `ctx_len - 1`
   tokens, each given the BOS token in front (`ctx_len` tokens; with `prepend_bos: false`, pieces
   of `ctx_len` and no BOS). A context never spans two documents; a tail shorter than a piece is
-  dropped. `contexts_per_document=k` keeps only each document's first k pieces (k=1 is the seed's
+  dropped. `contexts_per_document=k` keeps only each document's first k pieces (k=1 is the seed experiment's
   setting: the first ctx_len tokens of each document).
 - Held-out contexts are spread over documents: a seeded random piece of every held-out document,
   then a second random piece of every document that has one, and so on. Any prefix of that order

@@ -441,7 +441,7 @@ def seed_partners(runs: list[Run]) -> dict[str, str]:
 
 def larger_dictionaries(runs: list[Run]) -> dict[str, list[str]]:
     """Each run's larger dictionaries trained with the same settings and seed, smallest first (its
-    place on the sweep's size axis): the seed's "found again in a larger dictionary" compares these."""
+    place on the sweep's size axis): the seed experiment's "found again in a larger dictionary" compares these."""
     ladders = {}
     for same in _runs_by_setting(runs, tuple(k for k in _NOT_SETTINGS if k != "seed") + _SIZE_KEYS):
         for run in same:
@@ -547,7 +547,7 @@ def build_report(
         "headline": headline(runs, failed, comparison),
         "found_in_a_larger_dictionary": {
             "definition": "Σ over runs of their features with MCS ≥ found_threshold in at least one larger "
-            "dictionary of the same settings and seed (the seed's count of features found again)",
+            "dictionary of the same settings and seed (the seed experiment's count of features found again)",
             "features": sum(f.in_any_larger for f in up_the_sizes.values()),
             "baseline": sum(f.baseline_in_any_larger for f in up_the_sizes.values()),
         },

@@ -238,7 +238,7 @@ def train_ensemble(
     if stop_on_signal.signum is not None:
         name = signal.Signals(stop_on_signal.signum).name
         raise JobStopped(stop_on_signal.signum, f"stopped by {name} at step {trainer.global_step}; {last} written")
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # the whole state, optimizer and loops included
     trainer.validate(module, dataloaders=eval_loader, verbose=False)
     if not trainer.is_global_zero:  # under DDP the run directory and the W&B run are rank 0's
         return module.last_evals
@@ -340,12 +340,33 @@ def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None, concurre
         return False
     extra: dict = {"save_dir": str(run_dir)}
     if cfg.logger._target_.endswith("WandbLogger"):
-        extra |= {"name": run_dir.name if sweep_dir else None, "group": str(sweep_dir or run_dir), "job_type": "train"}
+        name = run_name(cfg) + (f" #{run_dir.name}" if sweep_dir else "")
+        extra |= {"name": name, "group": str(sweep_dir or run_dir), "job_type": "train"}
         if concurrent:
             extra["reinit"] = "create_new"
     logger = instantiate(cfg.logger, **extra)
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        # Lightning passes anonymous=None, which wandb warns about on every run ("has no effect")
+        del init["anonymous"]
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A W&B run's name: the setting it trains, e.g. `topk-k32-x4-s0` or `relu_l1-l1=2-x8-s1` (architecture,
+    its sparsity key, dict_ratio, seed); a job of a sweep adds its number, ` #3`."""
+    sae = cfg.sae
+    if sae.get("k") is not None:
+        sparsity = f"k{sae.k}"
+    elif sae.get("l0_coef") is not None:
+        sparsity = f"l0={sae.l0_coef:g}"
+    elif sae.get("l1_coef") is not None:
+        sparsity = f"l1={sae.l1_coef:g}"
+    else:
+        sparsity = None
+    parts = [sae.architecture, sparsity, f"x{cfg.dict_ratio:g}", f"s{cfg.seed}"]
+    return "-".join(str(p) for p in parts if p is not None)
 
 
 def describe_run(

@@ -123,6 +123,7 @@ class SaeTrainingModule(L.LightningModule):
                     f"{prefix}train/mse": step.mse * self.act_scale**2,
                     f"{prefix}train/l0": step.l0,
                     f"{prefix}train/skipped_steps": self.skipped_steps.float(),
+                    f"{prefix}train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],  # after warm-up/decay
                 }
         # one host sync per step: the price of never letting a NaN into the weights or the optimizer;
         # under DDP every rank must skip the same steps, or their gradient all-reduces fall out of step
@@ -391,7 +392,7 @@ class StopOnSignal(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.signum is not None and not trainer.should_stop:
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # the whole state
             trainer.should_stop = True
             if self.signum in _CHAINED_SIGNALS:
                 handler = self._previous_handlers[self.signum]
