@@ -9,54 +9,17 @@ from __future__ import annotations
 import html
 import json
 import math
+from importlib.resources import files
 
-_CSS = """
-:root { --fg: #1d2329; --muted: #5f6b76; --line: #d9dee3; --accent: #0b61a4; --bg-soft: #f5f7f9; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", Helvetica, Arial, sans-serif;
-       color: var(--fg); margin: 0; padding: 20px 28px 40px; max-width: 1400px; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 26px 0 8px; border-bottom: 1px solid var(--line);
-     padding-bottom: 4px; } h3 { font-size: 14px; margin: 14px 0 6px; }
-a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
-.meta { color: var(--muted); margin: 2px 0; }
-.note { color: var(--muted); font-size: 12.5px; margin: 4px 0 8px; }
-table { border-collapse: collapse; }
-th, td { text-align: left; padding: 4px 10px 4px 6px; border-bottom: 1px solid var(--line); vertical-align: top; }
-th { background: var(--bg-soft); font-weight: 600; white-space: nowrap; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.tokens { font: 13px/1.9 "DejaVu Sans Mono", Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all; }
-.t { white-space: pre; border-radius: 2px; padding: 1px 0; }
-.t.hit { outline: 2px solid #1d2329; outline-offset: 0; }
-.t.cont { color: var(--muted); font-size: 70%; }
-.ex { display: flex; gap: 12px; padding: 3px 0; border-bottom: 1px dotted var(--line); align-items: baseline; }
-.ex .val { flex: 0 0 170px; color: var(--muted); font: 12px/1.9 "DejaVu Sans Mono", Menlo, monospace; text-align: right;
-           white-space: nowrap; }
-.ex .tokens { flex: 1 1 auto; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 8px 32px; }
-.stat { display: inline-block; margin: 0 26px 6px 0; } .stat b { display: block; font-size: 18px; }
-.stat span { color: var(--muted); font-size: 12px; }
-.legend { display: inline-block; width: 70px; height: 11px; vertical-align: middle; border: 1px solid var(--line); }
-details { margin: 6px 0; } summary { cursor: pointer; color: var(--muted); }
-.chip { display: inline-block; background: var(--bg-soft); border: 1px solid var(--line); border-radius: 3px;
-        padding: 0 4px; margin: 1px 2px; font: 12px/1.6 "DejaVu Sans Mono", Menlo, monospace; white-space: pre; }
-nav { margin-bottom: 10px; } nav a { margin-right: 16px; }
-svg text { font: 10.5px sans-serif; fill: var(--muted); }
-"""
 
-_INDEX_CSS = """
-.controls { display: flex; gap: 18px; align-items: center; flex-wrap: wrap; margin: 14px 0 8px;
-            padding: 8px 10px; background: var(--bg-soft); border: 1px solid var(--line); border-radius: 4px; }
-.controls label { color: var(--muted); } .controls input { font: inherit; padding: 2px 6px; }
-#filter { width: 260px; } .controls input[type=number] { width: 90px; }
-#features { width: 100%; } #features th { cursor: pointer; user-select: none; position: sticky; top: 0; }
-#features th[aria-sort=ascending]::after { content: " \\25B2"; font-size: 10px; }
-#features th[aria-sort=descending]::after { content: " \\25BC"; font-size: 10px; }
-#features td.snip { font: 12.5px/1.6 "DejaVu Sans Mono", Menlo, monospace; white-space: pre; overflow: hidden;
-                    text-overflow: ellipsis; max-width: 520px; }
-#features td.snip mark { background: rgba(255, 128, 0, 0.75); color: inherit; border-radius: 2px; }
-#features tbody tr:hover { background: #eef4fa; }
-#more { margin: 10px 0; font: inherit; padding: 4px 12px; cursor: pointer; }
-"""
+def _asset(name: str) -> str:
+    """A stylesheet or script of the report pages, kept as a file beside this module (report/assets/)."""
+    return files("saesweep.report").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+_CSS = _asset("page.css")
+
+_INDEX_CSS = _asset("index.css")
 
 # Colour scales. Activation: orange by activation / the feature's maximum. Ablation deltas: red where the
 # removal lowers the value, blue where it raises it.
@@ -237,70 +200,7 @@ def index_rows(data: dict) -> list[dict]:
     ]
 
 
-_INDEX_JS = r"""
-"use strict";
-const ROWS = JSON.parse(document.getElementById("rows").textContent);
-const PAGE = 500;  // rows added to the table at a time: the DOM stays small however many features there are
-const body = document.querySelector("#features tbody");
-const heads = Array.from(document.querySelectorAll("#features th"));
-const filterBox = document.getElementById("filter"), minFreq = document.getElementById("minfreq"),
-      minMcs = document.getElementById("minmcs"), minCtx = document.getElementById("minctx"), count = document.getElementById("count"),
-      more = document.getElementById("more");
-let sortKey = "freq", sortDir = -1, view = ROWS, shown = 0;
-
-function esc(s) {
-  return String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
-}
-function fmt(x, digits) { return x === null ? "–" : Number(x).toPrecision(digits); }
-for (const r of ROWS) {
-  r.text = (r.id + " " + r.lens.join(" ") + " " + r.snip.pre + r.snip.hit + r.snip.post).toLowerCase();
-  r.snipText = r.snip.pre + r.snip.hit + r.snip.post;
-}
-function rowHtml(r) {
-  return '<tr><td class="num"><a href="features/' + r.id + '.html">' + r.id + "</a></td>" +
-    '<td class="num">' + fmt(r.freq, 3) + '</td><td class="num">' + fmt(r.max, 4) + "</td>" +
-    '<td class="num">' + fmt(r.mcs, 3) + '</td><td class="num">' + fmt(r.ctx, 2) + "</td><td>" +
-    r.lens.map(t => '<span class="chip">' + esc(t) + "</span>").join("") + "</td>" +
-    '<td class="snip" title="' + esc(r.snipText) + '">' + esc(r.snip.pre) + "<mark>" + esc(r.snip.hit) +
-    "</mark>" + esc(r.snip.post) + "</td></tr>";
-}
-function compare(a, b) {
-  let x = a[sortKey], y = b[sortKey];
-  if (sortKey === "lens") { x = a.lens.join(" "); y = b.lens.join(" "); }
-  if (sortKey === "snip") { x = a.snipText; y = b.snipText; }
-  if (x === null || y === null) return (x === null) - (y === null);  // missing values last either way
-  return (x < y ? -1 : x > y ? 1 : a.id - b.id) * sortDir;
-}
-function showMore() {
-  const next = view.slice(shown, shown + PAGE);
-  body.insertAdjacentHTML("beforeend", next.map(rowHtml).join(""));
-  shown += next.length;
-  count.textContent = "showing " + shown + " of " + view.length + " matching (" + ROWS.length + " features)";
-  more.hidden = shown >= view.length;
-}
-function update() {
-  const q = filterBox.value.trim().toLowerCase();
-  const f = parseFloat(minFreq.value), m = parseFloat(minMcs.value), c = parseFloat(minCtx.value);
-  view = ROWS.filter(r => (!q || r.text.includes(q)) && (isNaN(f) || r.freq >= f) &&
-                          (isNaN(m) || (r.mcs !== null && r.mcs >= m)) &&
-                          (isNaN(c) || (r.ctx !== null && r.ctx >= c)));
-  view.sort(compare);
-  for (const h of heads) h.setAttribute("aria-sort", h.dataset.key === sortKey ? (sortDir > 0 ? "ascending" : "descending") : "none");
-  body.innerHTML = "";
-  shown = 0;
-  showMore();
-}
-for (const h of heads) {
-  h.addEventListener("click", () => {
-    if (sortKey === h.dataset.key) sortDir = -sortDir;
-    else { sortKey = h.dataset.key; sortDir = h.dataset.type === "num" ? -1 : 1; }
-    update();
-  });
-}
-for (const el of [filterBox, minFreq, minMcs, minCtx]) el.addEventListener("input", update);
-more.addEventListener("click", showMore);
-update();
-"""
+_INDEX_JS = _asset("index.js")
 
 
 def render_index(data: dict) -> str:
