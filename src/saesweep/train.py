@@ -1,6 +1,9 @@
-"""One training job: data → LM activations → SAE training → run directory.
+"""Training jobs end to end: data → LM activations → store → SAE training → run directories.
 
-`train(cfg, run_dir)` is what the Hydra app in the top-level train.py calls for each job.
+`train_ensemble(cfgs, run_dirs, ...)` trains one dictionary per config in one pass over the
+activations (a lone job is an ensemble of one); saesweep.job.run_jobs calls it for every launcher,
+the top-level train.py's Hydra app and the ensemble launcher alike. `train(cfg, run_dir)` is the
+one-job form, for Python callers and tests.
 """
 
 from __future__ import annotations

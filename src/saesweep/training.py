@@ -1,7 +1,8 @@
-"""The training step: a LightningModule that fits one SAE to a stream of activations.
+"""The training step: a LightningModule that fits one SAE, or an ensemble of them, to a stream of
+activations; its checkpoints (atomic, the previous one kept) and its stop at a step boundary on a signal.
 
-The SAE trains on activations divided by `act_scale` (chosen so that E‖x/scale‖² = d_in), which makes
-one `l1_coef` mean the same on every model and layer; `raw_sae()` folds the scale back for
+Every SAE trains on activations divided by `act_scale` (chosen so that E‖x/scale‖² = d_in), which makes
+one `l1_coef` mean the same on every model and layer; `raw_saes()` folds the scale back for
 evaluation and saving.
 """
 
