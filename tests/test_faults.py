@@ -84,6 +84,7 @@ def _checkpoint_step(path: Path) -> int:
     return torch.load(path, weights_only=True)["global_step"]
 
 
+@pytest.mark.slow  # a real process signalled or raced mid-training: make test-slow
 def test_sigterm_checkpoints_at_the_step_records_the_resume_command_and_exits_143(tmp_path, tiny_model_dir, corpus_path):
     run_dir = tmp_path / "run"
     args = [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), f"hydra.run.dir={run_dir}"]
