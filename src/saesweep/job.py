@@ -24,14 +24,7 @@ from saesweep.config import check_distributed
 from saesweep.ensemble import ENSEMBLE_DIR
 from saesweep.errors import JobStopped, SaesweepError
 from saesweep.metrics import EvalResult
-from saesweep.rundir import (
-    ERROR_FILE,
-    RunDirBusyError,
-    is_finished,
-    lock_run_dir,
-    unlock_run_dir,
-    write_job_error,
-)
+from saesweep.rundir import ERROR_FILE, RunDirBusyError, is_finished, locked_run_dirs, write_job_error
 from saesweep.train import train_ensemble
 
 log = logging.getLogger("saesweep.train")
@@ -78,25 +71,23 @@ def run_jobs(
     resume_command = pinned_command(
         f"hydra.sweep.dir={sweep_dir}" if sweep_dir is not None else f"hydra.run.dir={run_dirs[0]}"
     )
-    locked: list[Path] = []
     try:
-        for run_dir in run_dirs:
-            if lock_run_dir(run_dir):
-                locked.append(run_dir)
+        with locked_run_dirs(run_dirs):
+            return _run_locked(cfgs, run_dirs, sweep_dir, ensemble_name)
     except RunDirBusyError as busy:  # the directory is the other job's: nothing is written into it
-        for run_dir in locked:
-            unlock_run_dir(run_dir)
         failed_jobs.extend(f"{run_dir}: {type(busy).__name__}: {busy}" for run_dir in run_dirs)
         raise JobError.of(busy, run_dirs, recorded=False) from None
+
+
+def _run_locked(
+    cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], sweep_dir: Path | None, ensemble_name: str
+) -> list[EvalResult | JobError]:
+    """The jobs under their run directories' locks: trained, and each failure recorded."""
     log.info("to resume this job after a crash or a kill: %s", resume_command)
     try:
         with _scheduler_signals_stop_the_job():
             check_distributed(cfgs[0], multirun=sweep_dir is not None)
             outcomes = train_ensemble(cfgs, run_dirs, sweep_dir, ensemble_name)
-        return [
-            outcome if isinstance(outcome, EvalResult) else _failed(outcome, [run_dir])
-            for outcome, run_dir in zip(outcomes, run_dirs, strict=True)
-        ]
     except JobStopped as stop:
         _stopped(stop, run_dirs)
         raise
@@ -105,9 +96,19 @@ def run_jobs(
         if failure is error:
             raise
         raise failure from error
-    finally:  # a sweep of a thousand jobs in one process must not hold a thousand open locks
-        for run_dir in locked:
-            unlock_run_dir(run_dir)
+    return [
+        outcome if isinstance(outcome, EvalResult) else _failed(outcome, [run_dir])
+        for outcome, run_dir in zip(outcomes, run_dirs, strict=True)
+    ]
+
+
+def _record(error: BaseException, run_dirs: Sequence[Path]) -> list[Path]:
+    """`error` into error.json of each run directory that holds no finished run (a finished run
+    stays the evaluator's); the directories it went to."""
+    recorded = [Path(d) for d in run_dirs if not is_finished(Path(d))]
+    for run_dir in recorded:
+        write_job_error(run_dir, error)
+    return recorded
 
 
 def _failed(error: Exception, run_dirs: Sequence[Path]) -> Exception:
@@ -115,9 +116,7 @@ def _failed(error: Exception, run_dirs: Sequence[Path]) -> Exception:
     of an ensemble): a JobError for a saesweep error, whose message says everything, else the error.
     A run directory that holds a finished run (a rerun refused, say) keeps it: the failure goes to the
     console and the log only, and the evaluator still finds the run."""
-    recorded = [Path(d) for d in run_dirs if not is_finished(Path(d))]
-    for run_dir in recorded:
-        write_job_error(run_dir, error)
+    recorded = _record(error, run_dirs)
     for run_dir in run_dirs:
         failed_jobs.append(f"{run_dir}: {type(error).__name__}: {error}")
     where = ", ".join(str(d / ERROR_FILE) for d in recorded) or "the log only: the finished run is kept"
@@ -151,9 +150,7 @@ def _stopped(stop: JobStopped, run_dirs: Sequence[Path]) -> None:
     """A job stopped by a signal: the resume command joins its message, which goes to error.json of
     every run directory that holds no finished run; on Slurm, SIGUSR1 also requeues the job."""
     stop.args = (f"{stop.args[0]}; to resume: {resume_command}",)
-    for run_dir in run_dirs:
-        if not is_finished(Path(run_dir)):
-            write_job_error(Path(run_dir), stop)
+    _record(stop, run_dirs)
     log.error("%s", stop)
     if stop.signum == signal.SIGUSR1 and "SLURM_JOB_ID" in os.environ:
         _requeue_slurm_job()

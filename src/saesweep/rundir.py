@@ -12,6 +12,8 @@ import os
 import re
 import socket
 import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -84,6 +86,22 @@ def unlock_run_dir(run_dir: Path) -> None:
     lock_file = _held_locks.pop(Path(run_dir).absolute())
     fcntl.flock(lock_file, fcntl.LOCK_UN)
     lock_file.close()
+
+
+@contextmanager
+def locked_run_dirs(run_dirs: Sequence[Path]) -> Iterator[None]:
+    """Every one of `run_dirs` locked (lock_run_dir) for the block, and released after it; the locks
+    taken before a RunDirBusyError are released at once. A sweep of many jobs in one process thus
+    holds only the current job's."""
+    locked: list[Path] = []
+    try:
+        for run_dir in run_dirs:
+            if lock_run_dir(run_dir):
+                locked.append(run_dir)
+        yield
+    finally:
+        for run_dir in locked:
+            unlock_run_dir(run_dir)
 
 
 def _is_first_rank() -> bool:

@@ -373,10 +373,6 @@ class StopOnSignal(L.Callback):
         self.signum: int | None = None
         self._previous_handlers: dict[int, Any] = {}
 
-    @property
-    def interrupted(self) -> bool:
-        return self.signum is not None
-
     def _request_stop(self, signum, frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
