@@ -280,23 +280,56 @@ def test_held_out_set_is_built_once_and_checked(tmp_path, tiny_model):
     rebuilt = store.held_out(3, lambda: {k: v + 1 for k, v in made.items()})
     assert torch.equal(rebuilt["tokens"], made["tokens"] + 1)
 
-def test_stream_position_restored_in_a_new_stream_continues_with_the_next_batch(tmp_path, tiny_model):
+@pytest.mark.parametrize("device_buffer", [False, True])
+def test_stream_position_restored_in_a_new_stream_continues_with_the_next_batch(tmp_path, tiny_model, device_buffer):
     store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
     store.ensure(tiny_model, train_batches(tiny_model), 8)
-    uninterrupted = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    uninterrupted = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0, device_buffer=device_buffer)
     epoch_0, epoch_1 = torch.cat(list(uninterrupted)), torch.cat(list(uninterrupted))
-    stream = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    stream = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0, device_buffer=device_buffer)
     list(stream)
     partial = iter(stream)  # epoch 1, interrupted after 5 batches
     consumed = [next(partial) for _ in range(5)]
     assert stream.state_dict() == {"epoch": 1, "batches": 5}
 
-    resumed = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    resumed = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0, device_buffer=device_buffer)
     resumed.load_state_dict(stream.state_dict())
     rest = list(resumed)
     assert len(rest) == 24 - 5 and torch.equal(torch.cat(consumed + rest), epoch_1)
     # a position at the end of an epoch resumes with the next epoch from its start
-    after_epoch = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0)
+    after_epoch = StoreStream(store, batch_size=128, buffer_tokens=1000, seed=0, device_buffer=device_buffer)
     after_epoch.load_state_dict({"epoch": 0, "batches": 24})
     second = torch.cat(list(after_epoch))
     assert torch.equal(second, epoch_1) and not torch.equal(second, epoch_0)
+
+
+@pytest.mark.parametrize(("dtype", "buffer_tokens", "world_size"), [("float32", 1000, 1), ("bfloat16", 10_000, 2)])
+def test_resident_rows_give_the_streamed_batches(tmp_path, dtype, buffer_tokens, world_size):
+    """The resident path draws the streamed path's batches, bit for bit, epoch after epoch and on every
+    rank: the shuffle is the same, run on row numbers instead of rows."""
+    spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, 3000, dtype, TokenFilter())
+    store = write_store(tmp_path, spec, torch.randn(3000, 24), shard_tokens=400)
+    for rank in range(world_size):
+        streamed, resident = (
+            StoreStream(store, 128, buffer_tokens, seed=5, rank=rank, world_size=world_size, device_buffer=buffer)
+            for buffer in (False, True)
+        )
+        assert (streamed.resident, resident.resident) == (False, True)
+        for _ in range(2):
+            a, b = list(streamed), list(resident)
+            assert len(a) == len(b) == len(streamed) and all(x.dtype == torch.float32 for x in b)
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_device_buffer_decides_by_free_memory_and_true_that_cannot_fit_is_refused(tmp_path, monkeypatch):
+    spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, 1000, "float32", TokenFilter())
+    store = write_store(tmp_path, spec, torch.randn(1000, 8), shard_tokens=250)  # 32,000 bytes of rows
+    monkeypatch.setattr("saesweep.store.free_memory", lambda device: 50_000)
+    assert not StoreStream(store, 100, 500, seed=0, device_buffer="auto").resident  # more than half of it
+    assert StoreStream(store, 100, 500, seed=0, device_buffer=True).resident
+    monkeypatch.setattr("saesweep.store.free_memory", lambda device: 70_000)
+    assert StoreStream(store, 100, 500, seed=0, device_buffer="auto").resident
+    monkeypatch.setattr("saesweep.store.free_memory", lambda device: 20_000)
+    with pytest.raises(ConfigError, match=r"store.device_buffer=true: the training activations take 0.03 MiB, more "
+                                          r"than the 0.02 MiB free on cpu"):
+        StoreStream(store, 100, 500, seed=0, device_buffer=True)

@@ -78,6 +78,8 @@ def check_types(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not (isinstance(value, str) and value or (allowed and value is None)):
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: a hook name{' or null' if allowed else ''}")
+    if not (isinstance(buffer := cfg.store.get("device_buffer"), bool) or buffer == "auto"):
+        raise ConfigError(f"store.device_buffer={buffer!r} is not allowed; allowed: auto, true or false")
     ratio = cfg.store.get("max_norm_ratio")
     if ratio is not None and not _number(cfg, "store.max_norm_ratio") > 0:
         raise ConfigError(f"store.max_norm_ratio={ratio} must be > 0, or null to keep every activation")

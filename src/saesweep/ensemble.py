@@ -55,19 +55,14 @@ class RunLogger(Logger):
         self.inner.finalize(status)
 
 
-def write_member_checkpoints(
-    ensemble_ckpt: Path, paths: Sequence[Path], resume_keys: Sequence[dict], parameter_counts: Sequence[int]
-) -> None:
+def write_member_checkpoints(ensemble_ckpt: Path, paths: Sequence[Path], resume_keys: Sequence[dict]) -> None:
     """The ensemble checkpoint cut down to each SAE i, written to `paths[i]`: what a lone job of that SAE
     trained on the same batches would have written (its weights, its Adam moments, the shared schedule
-    and stream position), so each run directory has a checkpoint of its own like every other.
-    `parameter_counts[i]`: SAE i's parameters, its consecutive share of the optimizer's list (SAEs of
-    different architectures have different numbers)."""
+    and stream position), so each run directory has a checkpoint of its own like every other. SAE i's
+    optimizer state is its parameter group i (MemberAdam)."""
     checkpoint = torch.load(ensemble_ckpt, map_location="cpu", weights_only=True)  # read once for all
-    starts = [sum(parameter_counts[:i]) for i in range(len(parameter_counts))]
     for index, (path, resume_key) in enumerate(zip(paths, resume_keys)):
         prefix = f"saes.{index}."
-        own = range(starts[index], starts[index] + parameter_counts[index])
         member = {
             **checkpoint,
             "state_dict": {
@@ -75,16 +70,7 @@ def write_member_checkpoints(
                 for k, v in checkpoint["state_dict"].items()
                 if k.startswith(prefix) or not k.startswith("saes.")
             },
-            "optimizer_states": [
-                {
-                    **optimizer,
-                    "state": {i - own.start: optimizer["state"][i] for i in own if i in optimizer["state"]},
-                    "param_groups": [
-                        {**group, "params": list(range(len(own)))} for group in optimizer["param_groups"]
-                    ],
-                }
-                for optimizer in checkpoint["optimizer_states"]
-            ],
+            "optimizer_states": [_group_alone(optimizer, index) for optimizer in checkpoint["optimizer_states"]],
             "saesweep_resume_key": resume_key,
         }
         for key in ("saesweep_tokens_since_fired",):
@@ -92,3 +78,13 @@ def write_member_checkpoints(
                 member[key] = [checkpoint[key][index]]
         member.pop("saesweep_dropped", None)
         AtomicCheckpointIO().save_checkpoint(member, path)
+
+
+def _group_alone(optimizer: dict, index: int) -> dict:
+    """An optimizer state dict reduced to parameter group `index`, its parameters renumbered from 0."""
+    group = optimizer["param_groups"][index]
+    return {
+        **optimizer,
+        "state": {n: optimizer["state"][p] for n, p in enumerate(group["params"]) if p in optimizer["state"]},
+        "param_groups": [{**group, "params": list(range(len(group["params"])))}],
+    }

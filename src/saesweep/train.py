@@ -192,7 +192,8 @@ def train_ensemble(
         use_distributed_sampler=False,  # the stream and the held-out set are split over ranks here
     )
     stream = StoreStream(
-        data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size
+        data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size,
+        device_buffer=cfg.store.device_buffer, device=trainer.strategy.root_device,
     )
     steps = total_steps(cfg.trainer, len(stream))
     resume_key = {
@@ -225,7 +226,7 @@ def train_ensemble(
     )
 
     pin = data.device.type == "cuda"
-    train_loader = ResumableLoader(stream, pin_memory=pin)
+    train_loader = ResumableLoader(stream, pin_memory=pin and not stream.resident)
     # under DDP each rank evaluates every world_size-th context; the module adds the ranks' sums up
     eval_part = Subset(data.held_out, range(trainer.global_rank, len(data.held_out), trainer.world_size))
     eval_loader = DataLoader(eval_part, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
@@ -252,7 +253,6 @@ def train_ensemble(
             last,
             [d / CHECKPOINT_DIR / "last.ckpt" for d in run_dirs],
             [resume_key | {"d_sae": d} for d in data.d_saes],
-            [len(list(sae.parameters())) for sae in module.saes],
         )
     outcomes: list[EvalResult | TrainingDivergedError] = []
     for index, (c, run_dir, d_sae, sae, result, run_logger) in enumerate(zip(

@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import signal
+from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -81,6 +82,9 @@ class SaeTrainingModule(L.LightningModule):
         self.total_steps = total_steps
         self.max_bad_steps = max_bad_steps
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
+        self._tokens_seen = 0  # tokens_seen as the host knows it (reading the buffer would wait on the device)
+        # per step not yet acted on: (step, members, tokens, its flags on the host, their copy's event)
+        self._pending_flags: deque[tuple[int, list[int], int, torch.Tensor, Any]] = deque()
         # per SAE and feature: training tokens since it last fired (checkpointed, cut per member in an ensemble)
         self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
         self.dead_window_tokens = dead_window_tokens
@@ -103,7 +107,8 @@ class SaeTrainingModule(L.LightningModule):
         """The SAEs in raw activation units and their inference form (what is saved and evaluated)."""
         return [sae.rescaled(float(self.act_scale)).inference_form() for sae in self.saes]
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self._read_step_flags(wait=False)  # what earlier steps' flags told, once they reached the host
         x = batch / self.act_scale
         self._last_batch = x  # for the architectures that revive dead features after the step
         # Lightning's own test for "this step's metrics reach the loggers": L0 (a pass over the whole
@@ -111,46 +116,74 @@ class SaeTrainingModule(L.LightningModule):
         log_now = self.trainer._logger_connector.should_update_logs
         distributed = self.trainer.world_size > 1
         members = [i for i in range(len(self.saes)) if i not in self.dropped]
-        losses, fired, logged = {}, {}, {}
-        for i in members:
-            prefix = self.metric_prefixes[i]
-            step = self._step(self.saes[i], x, self.dead_features(i), log_now)
-            losses[i], fired[i] = step.loss, step.fired
-            if log_now:
-                logged |= {f"{prefix}train/loss": step.loss}
-                logged |= {f"{prefix}train/loss_{name}": term for name, term in step.terms.items()}
-                logged |= {
-                    # reported in raw activation units, comparable with eval/mse and metrics.json
-                    f"{prefix}train/mse": step.mse * self.act_scale**2,
-                    f"{prefix}train/l0": step.l0,
-                    f"{prefix}train/skipped_steps": self.skipped_steps.float(),
-                    f"{prefix}train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],  # after warm-up/decay
-                }
-        # one host sync per step: the price of never letting a NaN into the weights or the optimizer;
-        # under DDP every rank must skip the same steps, or their gradient all-reduces fall out of step
-        finite = torch.stack([torch.isfinite(losses[i]) for i in members])
+        steps = {i: self._step(self.saes[i], x, self.dead_features(i), log_now) for i in members}
+        # Which members' losses are finite is decided and acted on on the device, with no host sync:
+        # a member whose loss is not finite gets no Adam step (MemberAdam.skip) and its counters stand
+        # still; the host reads the flags a step or more later. Under DDP every rank skips the same
+        # members (a min-all-reduce), or their gradient all-reduces would fall out of step.
+        finite = torch.stack([torch.isfinite(steps[i].loss) for i in members])
         if distributed:
             finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
-        bad = [i for i, ok in zip(members, finite.tolist()) if not ok]
-        if bad:
-            self._skip_bad_members(bad, "activations" if not torch.isfinite(batch).all() else "loss")
-        good = [i for i in members if i not in bad]
-        if not good:
-            return None  # Lightning skips backward and the optimizer step
-        # a skipped member's loss is left out: its parameters get no gradient, and Adam leaves them be
-        loss = losses[good[0]] if len(good) == 1 else torch.stack([losses[i] for i in good]).sum()
-        fired = {i: fired[i] for i in good}
-        for i in good:
-            self._bad_in_a_row[i] = 0
+        skip = torch.ones(len(self.saes), dtype=torch.bool, device=x.device)
+        skip[members] = ~finite
+        self.optimizers(use_pl_optimizer=False).skip = skip
         step_tokens = batch.shape[0] * self.trainer.world_size
-        self.tokens_seen += step_tokens
-        self._count_firing(fired, step_tokens, distributed)
+        self._queue_step_flags(members, torch.cat([skip, ~torch.isfinite(batch).all().reshape(1)]), step_tokens)
+        self.tokens_seen += step_tokens * finite.any()
+        self._tokens_seen += step_tokens  # the host's count; a step found skipped is taken back
+        self.skipped_steps += ~finite.all()
+        self._count_firing({i: steps[i].fired for i in members}, finite, step_tokens, distributed)
         if log_now:
-            for i in good:
-                logged[f"{self.metric_prefixes[i]}train/dead_fraction"] = self.dead_features(i).float().mean()
-        if logged:
-            self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
-        return loss
+            self._log_step(steps, distributed)
+        # a skipped member's loss is masked to 0; the NaN gradients it leaves are never applied
+        return torch.stack([torch.where(ok, steps[i].loss, 0.0) for i, ok in zip(members, finite)]).sum()
+
+    def _log_step(self, steps: dict[int, StepLosses], distributed: bool) -> None:
+        logged = {}
+        for i, step in steps.items():
+            prefix = self.metric_prefixes[i]
+            logged |= {f"{prefix}train/loss": step.loss}
+            logged |= {f"{prefix}train/loss_{name}": term for name, term in step.terms.items()}
+            logged |= {
+                # reported in raw activation units, comparable with eval/mse and metrics.json
+                f"{prefix}train/mse": step.mse * self.act_scale**2,
+                f"{prefix}train/l0": step.l0,
+                f"{prefix}train/skipped_steps": self.skipped_steps.float(),
+                f"{prefix}train/lr": self.trainer.optimizers[0].param_groups[i]["lr"],  # after warm-up/decay
+                f"{prefix}train/dead_fraction": self.dead_features(i).float().mean(),
+            }
+        self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
+
+    def _queue_step_flags(self, members: list[int], flags: torch.Tensor, step_tokens: int) -> None:
+        """Start copying this step's flags (per SAE: skipped; last: the batch held NaN/Inf) to the
+        host, without waiting for them."""
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=flags.is_cuda)
+        host.copy_(flags, non_blocking=flags.is_cuda)
+        copied = None
+        if flags.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        self._pending_flags.append((self.global_step, members, step_tokens, host, copied))
+
+    def _read_step_flags(self, wait: bool) -> None:
+        """Act on the flags of earlier steps that reached the host (on all of them when `wait`):
+        count bad steps in a row, warn, drop a member after train.max_bad_steps of them."""
+        while self._pending_flags:
+            step, members, step_tokens, host, copied = self._pending_flags[0]
+            if copied is not None and not wait and not copied.query():
+                return
+            if copied is not None:
+                copied.synchronize()
+            self._pending_flags.popleft()
+            flags = host.numpy()
+            bad = [i for i in members if flags[i]]
+            for i in members:
+                if not flags[i]:
+                    self._bad_in_a_row[i] = 0
+            if len(bad) == len(members):
+                self._tokens_seen -= step_tokens
+            if bad:
+                self._skip_bad_members(bad, "activations" if flags[-1] else "loss", step)
 
     def dead_features(self, i: int) -> torch.Tensor:
         """[d_sae] bool: SAE i's features that did not fire on the last dead_window_tokens training
@@ -159,28 +192,27 @@ class SaeTrainingModule(L.LightningModule):
         return self.tokens_since_fired[i].to(self.tokens_seen.device) >= window
 
     @torch.no_grad()
-    def _count_firing(self, fired: dict[int, torch.Tensor], step_tokens: int, distributed: bool) -> None:
-        for i, f in fired.items():
+    def _count_firing(
+        self, fired: dict[int, torch.Tensor], finite: torch.Tensor, step_tokens: int, distributed: bool
+    ) -> None:
+        for (i, f), ok in zip(fired.items(), finite):
             if distributed:  # a feature fired when it fired on any rank's part of the batch
                 f = self.trainer.strategy.reduce(f.float(), reduce_op="max") > 0
             since = self.tokens_since_fired[i].to(f.device)
-            self.tokens_since_fired[i] = torch.where(f, 0, since + step_tokens)
+            self.tokens_since_fired[i] = torch.where(ok, torch.where(f, 0, since + step_tokens), since)
 
-    def _skip_bad_members(self, members: list[int], what: str) -> None:
-        """Skip the step for these SAEs; one that had train.max_bad_steps bad steps in a row stops the
-        job when it is alone, and leaves the ensemble (its job fails, the others go on) when it is not."""
-        self.skipped_steps += 1
+    def _skip_bad_members(self, members: list[int], what: str, step: int) -> None:
+        """These SAEs skipped `step`; one that had train.max_bad_steps bad steps in a row stops the job
+        when it is alone, and leaves the ensemble (its job fails, the others go on) when it is not."""
         for i in members:
             self._bad_in_a_row[i] += 1
             whose = f" for {self.metric_prefixes[i].rstrip('/')}" if len(self.saes) > 1 else ""
-            log.warning(
-                "step %d skipped%s: NaN/Inf in the %s (%d in a row)", self.global_step, whose, what, self._bad_in_a_row[i]
-            )
+            log.warning("step %d skipped%s: NaN/Inf in the %s (%d in a row)", step, whose, what, self._bad_in_a_row[i])
             if self._bad_in_a_row[i] < self.max_bad_steps:
                 continue
             checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
             error = TrainingDivergedError(
-                f"{self._bad_in_a_row[i]} consecutive steps up to step {self.global_step} had NaN/Inf "
+                f"{self._bad_in_a_row[i]} consecutive steps up to step {step} had NaN/Inf "
                 f"{what} (train.max_bad_steps={self.max_bad_steps}); last good checkpoint: {checkpoint}. "
                 "Check the activations, or lower train.lr and resume from the checkpoint."
             )
@@ -206,12 +238,16 @@ class SaeTrainingModule(L.LightningModule):
             sae.after_optimizer_step()
             if i in self.dropped:
                 continue
-            revived = sae.revive_dead(self.dead_features(i), self._last_batch, optimizer, int(self.tokens_seen), step_tokens)
+            revived = sae.revive_dead(self.dead_features(i), self._last_batch, optimizer, self._tokens_seen, step_tokens)
             if revived is not None:
                 self.tokens_since_fired[i] = torch.where(revived.to(self.tokens_since_fired[i].device), 0, self.tokens_since_fired[i])
                 log.info("step %d: %s%d dead features resampled", self.global_step, self.metric_prefixes[i], int(revived.sum()))
 
+    def on_train_end(self) -> None:
+        self._read_step_flags(wait=True)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._read_step_flags(wait=True)  # a checkpoint holds every drop up to its step
         # Lightning does not save the global RNGs; nothing in training draws from them today, but a
         # resumed job must continue any that a future step uses exactly where they stood.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -229,6 +265,7 @@ class SaeTrainingModule(L.LightningModule):
                 f"checkpoints/last.ckpt of this run directory belongs to a job with other settings ({differences}); "
                 "rerun with the original settings to resume, or use a new output directory to start afresh"
             )
+        self._tokens_seen = int(checkpoint["state_dict"]["tokens_seen"])
         if "saesweep_tokens_since_fired" in checkpoint:
             self.tokens_since_fired = list(checkpoint["saesweep_tokens_since_fired"])
         self.dropped = {int(i): why for i, why in checkpoint.get("saesweep_dropped", {}).items()}
@@ -237,7 +274,7 @@ class SaeTrainingModule(L.LightningModule):
             random.setstate(states["python"])
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.saes.parameters(), lr=self.lr, betas=self.adam_betas)
+        optimizer = MemberAdam([sae.parameters() for sae in self.saes], lr=self.lr, betas=self.adam_betas)
         # total_steps is given, not read from trainer.estimated_stepping_batches: that property sets the
         # train loader up before a resumed job restores the loader's position, which is then lost.
         total = max(self.total_steps, 1)
@@ -274,6 +311,33 @@ class SaeTrainingModule(L.LightningModule):
         for prefix, result in zip(self.metric_prefixes, self.last_evals):
             self.log_dict({f"{prefix}eval/{k}": v for k, v in result.metrics.items()})
         self._accumulators, self._eval_saes = [], []
+
+
+class MemberAdam(torch.optim.Adam):
+    """Adam with one parameter group per SAE (group i: SAE i), which skips the step of the SAEs marked
+    in `skip` ([n_saes] bool on the device, set by each training step) inside its fused kernel: their
+    weights, moments and step counts stay as they were, and the host never waits to find out which."""
+
+    def __init__(self, parameters_per_sae: Sequence[Any], lr: float, betas: tuple[float, float]):
+        super().__init__([{"params": list(p)} for p in parameters_per_sae], lr=lr, betas=betas, fused=True)
+        self.skip: torch.Tensor | None = None
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.skip is None:
+            super().step()
+            return loss
+        groups = self.param_groups
+        try:  # the fused kernel skips on `found_inf`, one flag per call: one call per group
+            for group, skip in zip(groups, self.skip.float()):
+                self.param_groups, self.found_inf = [group], skip
+                super().step()
+        finally:
+            self.param_groups, self.found_inf = groups, None
+        return loss
 
 
 class StepLosses(NamedTuple):

@@ -50,12 +50,12 @@ class BatchTopKSae(TopKSae):
 
     @torch.no_grad()
     def _update_threshold(self, feature_acts: torch.Tensor) -> None:
-        kept = feature_acts[feature_acts > 0]
-        if kept.numel() == 0:
-            return
-        self.threshold_batches += 1
-        weight = torch.clamp(1.0 / self.threshold_batches, min=_THRESHOLD_MOMENTUM)
-        self.running_threshold.lerp_(kept.min(), weight)
+        # the smallest kept activation, without a host sync; a batch with none kept changes nothing
+        smallest = torch.where(feature_acts > 0, feature_acts, torch.inf).amin()
+        any_kept = torch.isfinite(smallest)
+        self.threshold_batches += any_kept
+        weight = torch.clamp(1.0 / self.threshold_batches.clamp_min(1), min=_THRESHOLD_MOMENTUM)
+        self.running_threshold.lerp_(torch.where(any_kept, smallest, self.running_threshold), weight)
 
     def copy_state_to(self, other: Sae, scale: float) -> None:
         other.running_threshold.copy_(self.running_threshold * scale)

@@ -37,15 +37,13 @@ class TopKSae(Sae):
 
     def aux_k_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK: the top aux_k dead latents of each token reconstruct the part of x the live ones missed
-        (no decoder bias), scaled by the share of dead latents up to 1 (as SAELens). Zero when none is dead."""
-        dead_ids = dead.nonzero().squeeze(-1)  # a host sync, cheaper than a second top-k over all latents
-        if len(dead_ids) == 0:
-            return pre.new_zeros(())
-        aux_k = self.hparams["aux_k"] or self.d_in // 2
-        values, positions = pre[..., dead_ids].topk(min(aux_k, len(dead_ids)), dim=-1, sorted=False)
-        aux_recon = sparse_decode(torch.relu(values), dead_ids[positions], self.W_dec)
+        (no decoder bias), scaled by the share of dead latents up to 1 (as SAELens). Zero when none is dead.
+        The live latents are masked out of a top-k over all of them: no host sync for the dead count."""
+        aux_k = min(self.hparams["aux_k"] or self.d_in // 2, self.d_sae)
+        values, indices = pre.masked_fill(~dead, -torch.inf).topk(aux_k, dim=-1, sorted=False)
+        aux_recon = sparse_decode(torch.relu(values), indices, self.W_dec)  # relu(-inf) = 0: a live latent adds nothing
         aux = (aux_recon - residual.detach()).pow(2).sum(dim=-1).mean()
-        return aux * min(len(dead_ids) / aux_k, 1.0)
+        return aux * (dead.sum() / (self.hparams["aux_k"] or self.d_in // 2)).clamp(max=1.0)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
