@@ -1,0 +1,157 @@
+"""What sets the GPU's floor, measured where there is no GPU: the host's cost per training step, the
+batch draw from the resident buffer, and the operators and host syncs a step dispatches.
+
+Prints its figures and ends with one `RESULT key=value ...` line; asserts nothing.
+
+    python benchmarks/host_step.py [--steps 200]
+
+- host_step_ms: saesweep's Lightning fit per steady-state step on a tiny dictionary (d_in 64, d_sae 64,
+  batch 4096, so compute is negligible), activations resident; bare_step_ms: a plain PyTorch loop over
+  the same tensor; saelens_step_ms: SAELens's trainer (when the `bench` extra is installed).
+- resident_draw_act_per_s: batches drawn from the resident buffer at d_in 512, batch 4096 (and the
+  streamed path's rate beside it).
+- ops_per_step / host_syncs_per_step: aten operators dispatched in one steady-state step (no logging
+  that step) of an 8-member ensemble of one shape, counted with a TorchDispatchMode; a host sync is
+  an operator that makes the host wait for the device's result (`_local_scalar_dense` behind
+  `.item()`/`bool()`, `nonzero`, `equal`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import saelens_contender  # benchmarks/saelens_contender.py
+import torch
+from bench_train import bare_loop  # benchmarks/bench_train.py
+from machine import describe_machine  # benchmarks/machine.py
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from saesweep.sae import ReluSae
+from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
+from saesweep.training import SaeTrainingModule
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_consecutive"}
+LOG_EVERY = 50  # Lightning's default log_every_n_steps: the counted step is not a logging step
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten operator dispatched while it is active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func._schema.name.removeprefix("aten::")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class StepProbe(L.Callback):
+    """Times the steady-state steps (from `warmup` on) and counts the operators of step `counted`."""
+
+    def __init__(self, warmup: int, counted: int):
+        self.warmup, self.counted = warmup, counted
+        self.start = self.end = 0.0
+        self.steps = 0
+        self.counter: OpCounter | None = None
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+        if batch_idx == self.counted:
+            self.counter = OpCounter()
+            self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.counts, self.counter = self.counter.counts, None
+        if batch_idx >= self.warmup:
+            self.steps += 1
+            self.end = time.perf_counter()
+
+
+def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted: int) -> StepProbe:
+    """A Lightning fit of `n_saes` ReLU dictionaries through saesweep's training module, batches drawn
+    from the resident buffer, with the progress bar and logging a user gets."""
+    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True)
+    module = SaeTrainingModule(
+        [ReluSae(d_in, d_sae) for _ in range(n_saes)], metric_prefixes=[f"d{i}/" for i in range(n_saes)] if n_saes > 1 else [""],
+        act_scale=1.0, lr=1e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0,
+        total_steps=len(stream), max_bad_steps=10, model=None, hook_point="", resume_key={},
+    )
+    probe = StepProbe(warmup=5, counted=counted)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tempfile.mkdtemp()),
+        enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[probe], log_every_n_steps=LOG_EVERY,
+    )
+    trainer.fit(module, train_dataloaders=ResumableLoader(stream))
+    return probe
+
+
+def draw_rate(store, batch: int, device_buffer: bool) -> float:
+    """Activations/s of one epoch of batches drawn from the store (resident: after the one read)."""
+    stream = StoreStream(store, batch, buffer_tokens=16 * batch, seed=0, device_buffer=device_buffer)
+    if device_buffer:
+        stream._resident_rows()
+    start, rows = time.perf_counter(), 0
+    for b in stream:
+        rows += len(b)
+    if b.is_cuda:
+        torch.cuda.synchronize()
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--draw-rows", type=int, default=262144)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(describe_machine())
+    d, batch = 64, 4096
+    x = torch.randn(args.steps * batch, d)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = StoreSpec("bench-host", "0", "hook", {}, "train", 16, len(x), "float32", TokenFilter())
+        store = write_store(Path(tmp) / "host", spec, x, shard_tokens=16 * batch)
+        lone = saesweep_fit(store, 1, d, d, batch, counted=LOG_EVERY + 10)
+        host_ms = 1000 * (lone.end - lone.start) / lone.steps
+        ensemble = saesweep_fit(store, 8, d, d, batch, counted=LOG_EVERY + 10)
+        wide = torch.randn(args.draw_rows, 512)
+        spec = StoreSpec("bench-draw", "0", "hook", {}, "train", 16, len(wide), "float32", TokenFilter())
+        draw_store = write_store(Path(tmp) / "draw", spec, wide, shard_tokens=32768)
+        resident = draw_rate(draw_store, batch, True)
+        streamed = draw_rate(draw_store, batch, False)
+    bare_ms = 1000 * batch / bare_loop(x, d, args.steps - 5, batch)
+    print(f"host cost per step (d_in {d}, d_sae {d}, batch {batch}): saesweep {host_ms:.3f} ms, bare loop {bare_ms:.3f} ms "
+          f"({host_ms / bare_ms:.2f}×)")
+    for name, probe in (("lone", lone), ("8-member ensemble", ensemble)):
+        syncs = {op: n for op, n in probe.counts.items() if op in SYNC_OPS}
+        print(f"{name}: {sum(probe.counts.values())} aten operators in one steady-state step, host syncs: {syncs or 0}")
+    print(f"batch draw at d_in 512, batch {batch}: resident {resident / 1e6:.2f}M activations/s, "
+          f"streamed {streamed / 1e6:.2f}M/s")
+    result = (
+        f"RESULT host_step_ms={host_ms:.3f} bare_step_ms={bare_ms:.3f} host_vs_bare={host_ms / bare_ms:.3f} "
+        f"resident_draw_act_per_s={resident:.0f} streamed_draw_act_per_s={streamed:.0f} "
+        f"ops_per_step_lone={sum(lone.counts.values())} ops_per_step_8_members={sum(ensemble.counts.values())} "
+        f"host_syncs_per_step={sum(n for op, n in ensemble.counts.items() if op in SYNC_OPS)}"
+    )
+    if saelens_contender.available():
+        seconds = saelens_contender.train_saelens(x, d, batch, args.steps)
+        saelens_ms = 1000 * seconds / args.steps
+        print(f"SAELens (SAETrainer, whole fit per step): {saelens_ms:.3f} ms")
+        result += f" saelens_step_ms={saelens_ms:.3f} host_vs_saelens={host_ms / saelens_ms:.3f}"
+    else:
+        print(saelens_contender.NOT_INSTALLED)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
