@@ -10,9 +10,9 @@ REFERENCE ?= ../shared/reference
 OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/corpus/train.jsonl.gz
 
 # Targets that read only the reference folder never ask the hub for anything.
-train-offline reproduce bench test test-slow test-interop test-browser: export HF_HUB_OFFLINE = 1
+train-offline reproduce bench bench-gpu test test-slow test-interop test-browser: export HF_HUB_OFFLINE = 1
 
-.PHONY: install train train-offline sweep reproduce evaluate report test test-slow test-interop test-browser lint clean cache-info bench
+.PHONY: install train train-offline sweep reproduce evaluate report test test-slow test-interop test-browser lint clean cache-info bench bench-gpu
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -76,7 +76,13 @@ bench:
 	$(PYTHON) benchmarks/mcs.py
 	$(PYTHON) benchmarks/report.py
 	$(PYTHON) benchmarks/bench_train.py
+	$(PYTHON) benchmarks/host_step.py
 	$(PYTHON) benchmarks/bench_sweep.py
+
+# On a machine with a GPU, the project and the `bench` extra installed (no network needed): saesweep
+# against SAELens per dictionary and for a 4-ratio ensemble, FLOP/s against the measured matmul peak.
+bench-gpu:
+	$(PYTHON) benchmarks/gpu.py
 
 test:
 	$(PYTHON) -m pytest -q -m "not browser and not slow and not interop" tests

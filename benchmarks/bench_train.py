@@ -37,10 +37,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak_flops(repeats: int = 10) -> float:
-    """float32 matmul FLOP/s on DEVICE (default precision: on a GPU, no TF32, as saesweep trains)."""
-    n = PEAK_N
-    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+def matmul_peak_flops(repeats: int = 10, dtype: torch.dtype = torch.float32, n: int = PEAK_N) -> float:
+    """Matmul FLOP/s on DEVICE in `dtype` (float32 at default precision: on a GPU, no TF32, as saesweep trains)."""
+    a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
     a @ b
     _sync()
     start = time.perf_counter()
@@ -87,23 +86,28 @@ class _StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
+            _sync()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.start is not None:
             self.rows += len(batch)
+            if batch_idx == trainer.num_training_batches - 1:  # the host runs ahead of a GPU: wait once, at the end
+                _sync()
             self.end = time.perf_counter()
 
 
 def saesweep_lightning(
     store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str, compile: bool = False,
-    sae: Sae | None = None,
+    saes: list[Sae] | None = None, device_buffer: bool = False,
 ) -> tuple[float, float]:
-    """Activations/s of saesweep's training module under Lightning, fed from the store: in the steady
-    state (after 3 warm-up steps), and over the whole `fit` (start-up included). Default SAE: ReLU/L1."""
-    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0)
+    """Activations/s of saesweep's training module under Lightning, fed from the store (streamed from
+    disk, or `device_buffer`: resident on the device): in the steady state (after 3 warm-up steps), and
+    over the whole `fit` (start-up included). Default SAE: ReLU/L1; `saes`: an ensemble of them."""
+    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=device_buffer, device=DEVICE)
+    saes = saes or [ReluSae(d_in, d_sae, l1_coef=2.0)]
     module = SaeTrainingModule(
-        [sae or ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=1.0, lr=1e-3,
+        saes, metric_prefixes=[""] if len(saes) == 1 else [f"d{i}/" for i in range(len(saes))], act_scale=1.0, lr=1e-3,
         adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream),
         max_bad_steps=10, model=None, hook_point="", resume_key={}, compile=compile,
     )
@@ -191,7 +195,7 @@ def topk_rows(args, peak: float) -> str:
         spec = StoreSpec("bench-topk", "0", "hook", {}, "train", 16, n_rows, "float32", TokenFilter())
         store = write_store(Path(tmp), spec, x, shard_tokens=batch * 4)
         relu, relu_whole = saesweep_lightning(store, d_in, d_sae, batch, "32-true")
-        topk, topk_whole = saesweep_lightning(store, d_in, d_sae, batch, "32-true", sae=TopKSae(d_in, d_sae, k=args.k))
+        topk, topk_whole = saesweep_lightning(store, d_in, d_sae, batch, "32-true", saes=[TopKSae(d_in, d_sae, k=args.k)])
     print(f"saesweep dense ReLU:  {relu:9.0f} activations/s (whole fit {relu_whole:.0f}/s)")
     print(f"saesweep TopK:        {topk:9.0f} activations/s (whole fit {topk_whole:.0f}/s), {topk / relu:.2f}× dense ReLU")
     fields = f" topk_act_per_s={topk:.0f} dense_relu_act_per_s={relu:.0f} topk_vs_dense_relu={topk / relu:.3f}"
