@@ -129,6 +129,7 @@ def main() -> None:
         draw_store = write_store(Path(tmp) / "draw", spec, wide, shard_tokens=32768)
         resident = draw_rate(draw_store, batch, True)
         streamed = draw_rate(draw_store, batch, False)
+    bare_loop(x, d, 20, batch)  # the process's first loop pays for allocations and thread start-up
     bare_ms = 1000 * batch / bare_loop(x, d, args.steps - 5, batch)
     print(f"host cost per step (d_in {d}, d_sae {d}, batch {batch}): saesweep {host_ms:.3f} ms, bare loop {bare_ms:.3f} ms "
           f"({host_ms / bare_ms:.2f}×)")

@@ -86,6 +86,14 @@ def test_speed_options_train_as_well_as_the_plain_step(tmp_path, tiny_model_dir,
     assert load_sae(tmp_path / "fast").W_dec.dtype == torch.float32  # weights stay float32 either way
 
 
+def test_resident_and_streamed_activations_train_the_same_dictionary(tmp_path, tiny_model_dir, corpus_path):
+    store = tmp_path / "store"
+    for buffer in ("true", "false"):
+        train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", f"store.device_buffer={buffer}"), tmp_path / buffer)
+    resident, streamed = (load_file(tmp_path / buffer / "sae_weights.safetensors") for buffer in ("true", "false"))
+    assert all(torch.equal(resident[name], streamed[name]) for name in resident)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
