@@ -109,7 +109,7 @@ def test_norm_outlier_filter_drops_rows_above_ratio_of_median():
 _SLOW_HARVEST = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, "tests")
-    import saesweep.store as store_mod
+    import saesweep.store.activation_store as store_mod
     from saesweep.lm import load_model
     from test_store import spec_for, train_batches
     real_harvest = store_mod.harvest
@@ -324,12 +324,12 @@ def test_resident_rows_give_the_streamed_batches(tmp_path, dtype, buffer_tokens,
 def test_device_buffer_decides_by_free_memory_and_true_that_cannot_fit_is_refused(tmp_path, monkeypatch):
     spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, 1000, "float32", TokenFilter())
     store = write_store(tmp_path, spec, torch.randn(1000, 8), shard_tokens=250)  # 32,000 bytes of rows
-    monkeypatch.setattr("saesweep.store.free_memory", lambda device: 50_000)
+    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 50_000)
     assert not StoreStream(store, 100, 500, seed=0, device_buffer="auto").resident  # more than half of it
     assert StoreStream(store, 100, 500, seed=0, device_buffer=True).resident
-    monkeypatch.setattr("saesweep.store.free_memory", lambda device: 70_000)
+    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 70_000)
     assert StoreStream(store, 100, 500, seed=0, device_buffer="auto").resident
-    monkeypatch.setattr("saesweep.store.free_memory", lambda device: 20_000)
+    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 20_000)
     with pytest.raises(ConfigError, match=r"store.device_buffer=true: the training activations take 0.03 MiB, more "
                                           r"than the 0.02 MiB free on cpu"):
         StoreStream(store, 100, 500, seed=0, device_buffer=True)
