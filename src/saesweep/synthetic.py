@@ -1,0 +1,199 @@
+"""Synthetic activations with known features (`data=synthetic`): the ground truth that says whether the
+features a dictionary finds, and finds again, are the real ones.
+
+Each token is x = Σ_i a_i · m_i · d_i + noise: d_i a unit direction per true feature (random, with a share of
+near-duplicates of another feature), a_i ∈ {0, 1} whether it fires, m_i ≥ 0 its magnitude. Firing
+probabilities follow a power law over the features, scaled so that `mean_active` features fire per
+token on average (exactly, unless a probability reaches 1). Two structures make the cases real dictionaries get wrong:
+- correlated groups: the members of a group fire together (one event per group, at the members' mean
+  probability);
+- hierarchies: a child fires only when its parent fires (with probability `child_given_parent` then),
+  the case that makes a dictionary absorb the parent's direction into the child's latent.
+
+The features come from `seed` alone; training and held-out tokens from separate streams of it, so the
+held-out tokens are never trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from saesweep.errors import ConfigError
+from saesweep.io import atomic_write_bytes
+
+TRUE_FEATURES_FILE = "true_features.safetensors"
+_TRAIN_STREAM, _HELD_OUT_STREAM = "train", "held_out"  # the token streams, seeded apart from the features
+BLOCK = 16384  # rows drawn from one seed
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The generator's knobs: `data.<name>` in the config (conf/data/synthetic.yaml documents each)."""
+
+    d_in: int = 64
+    n_features: int = 512
+    mean_active: float = 8.0
+    firing_power: float = 1.0
+    magnitude_mean: float = 1.0
+    magnitude_std: float = 0.25
+    duplicate_fraction: float = 0.0
+    duplicate_cos: float = 0.9
+    n_correlated_groups: int = 0
+    group_size: int = 4
+    n_hierarchies: int = 0
+    children_per_parent: int = 2
+    child_given_parent: float = 0.3
+    noise_std: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, data_cfg) -> SyntheticSpec:
+        """The spec from `cfg.data` (its other keys, such as `name`, are not the generator's)."""
+        spec = cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls) if f.name in data_cfg})
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        positive = ("d_in", "n_features", "group_size", "children_per_parent")
+        for name in positive:
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("n_correlated_groups", "n_hierarchies"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} must be an integer ≥ 0")
+        for name in ("duplicate_fraction", "child_given_parent"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} must be in [0, 1]")
+        if not 0 < self.mean_active <= self.n_features:
+            raise ConfigError(f"data.mean_active={self.mean_active} must be in (0, data.n_features={self.n_features}]")
+        if not -1 < self.duplicate_cos < 1:
+            raise ConfigError(f"data.duplicate_cos={self.duplicate_cos} must be in (-1, 1)")
+        if self.magnitude_mean <= 0 or self.magnitude_std < 0 or self.noise_std < 0:
+            raise ConfigError("data.magnitude_mean must be > 0, data.magnitude_std and data.noise_std ≥ 0")
+        structured = self.n_correlated_groups * self.group_size + self.n_hierarchies * (1 + self.children_per_parent)
+        if structured > self.n_features:
+            raise ConfigError(
+                f"data.n_correlated_groups × data.group_size + data.n_hierarchies × (1 + data.children_per_parent) = "
+                f"{structured} features, more than data.n_features={self.n_features}"
+            )
+
+
+@dataclass(frozen=True)
+class TrueFeatures:
+    """The features behind synthetic activations: directions [n, d_in] (unit rows), their firing
+    probabilities [n] (a child's: given its parent), parent [n] (-1: none) and group [n] (-1: none)."""
+
+    directions: torch.Tensor
+    firing_probability: torch.Tensor  # a child's: given that its parent fires
+    parent: torch.Tensor
+    group: torch.Tensor
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save
+
+        atomic_write_bytes(Path(path), save({f.name: getattr(self, f.name).contiguous() for f in dataclasses.fields(self)}))
+
+    @classmethod
+    def load(cls, path: Path) -> TrueFeatures:
+        return cls(**load_file(Path(path)))
+
+    def hierarchy_pairs(self) -> list[tuple[int, int]]:
+        """(parent, child) for every child."""
+        return [(int(p), child) for child, p in enumerate(self.parent.tolist()) if p >= 0]
+
+
+def make_features(spec: SyntheticSpec) -> TrueFeatures:
+    """The true features of `spec`: directions, probabilities and structure, from spec.seed alone."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    n = spec.n_features
+    directions = _unit(torch.randn(n, spec.d_in, generator=generator))
+    # power law over a random order of the features, scaled to mean_active expected firings per token
+    rank = torch.randperm(n, generator=generator).double() + 1
+    probability = _scaled_to_mean(rank.pow(-spec.firing_power), spec.mean_active)
+    roles = torch.randperm(n, generator=generator).tolist()
+    parent = torch.full((n,), -1, dtype=torch.long)
+    group = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(spec.n_hierarchies):
+        family = roles[:1 + spec.children_per_parent]
+        roles = roles[1 + spec.children_per_parent:]
+        parent[family[1:]] = family[0]
+        probability[family[1:]] = spec.child_given_parent
+    for g in range(spec.n_correlated_groups):
+        members, roles = roles[:spec.group_size], roles[spec.group_size:]
+        group[members] = g
+        probability[members] = probability[members].mean()
+    # structure changed who fires how often: rescale (children follow their parents) to mean_active again
+    children = parent >= 0
+    marginal = probability.clone()
+    marginal[children] = spec.child_given_parent * probability[parent[children]]
+    probability[~children] = (probability[~children] * spec.mean_active / marginal.sum()).clamp(max=1)
+    n_duplicates = round(spec.duplicate_fraction * n)
+    if n_duplicates:
+        copies = roles[:n_duplicates]
+        others = torch.tensor(sorted(set(range(n)) - set(copies)))  # a copy's original is no copy itself
+        originals = others[torch.randint(0, len(others), (n_duplicates,), generator=generator)]
+        orthogonal = torch.randn(n_duplicates, spec.d_in, generator=generator)
+        base = directions[originals]
+        orthogonal = _unit(orthogonal - (orthogonal * base).sum(-1, keepdim=True) * base)
+        directions[copies] = spec.duplicate_cos * base + math.sqrt(1 - spec.duplicate_cos**2) * orthogonal
+    return TrueFeatures(directions, probability.float(), parent, group)
+
+
+def activation_chunks(
+    spec: SyntheticSpec, features: TrueFeatures, n_tokens: int, held_out: bool = False
+) -> Iterator[torch.Tensor]:
+    """n_tokens activations [rows, d_in] in blocks of BLOCK rows: the training stream, or the held-out
+    one. Block b is drawn from its own seed, so a larger n_tokens extends a smaller one."""
+    stream = _HELD_OUT_STREAM if held_out else _TRAIN_STREAM
+    for block, start in enumerate(range(0, n_tokens, BLOCK)):
+        digest = hashlib.blake2b(f"{spec.seed}/{stream}/{block}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        yield sample(spec, features, BLOCK, generator)[0][: n_tokens - start]  # whole blocks: the same rows
+
+
+def sample(
+    spec: SyntheticSpec, features: TrueFeatures, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n tokens: their activations [n, d_in] and the true features' coefficients a_i·m_i [n, n_features]."""
+    probability = features.firing_probability
+    fires = torch.rand(n, len(probability), generator=generator) < probability
+    grouped = features.group >= 0
+    if grouped.any():  # one event per group and token: its members fire together
+        events = torch.rand(n, int(features.group.max()) + 1, generator=generator)
+        fires[:, grouped] = events[:, features.group[grouped]] < probability[grouped]
+    children = features.parent >= 0
+    if children.any():  # a child fires only with its parent
+        fires[:, children] &= fires[:, features.parent[children]]
+    magnitude = (spec.magnitude_mean + spec.magnitude_std * torch.randn(n, len(probability), generator=generator)).clamp_min(0)
+    coefficients = fires * magnitude
+    x = coefficients @ features.directions
+    if spec.noise_std:
+        x += spec.noise_std * torch.randn(x.shape, generator=generator)
+    return x, coefficients
+
+
+def _unit(m: torch.Tensor) -> torch.Tensor:
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _scaled_to_mean(weights: torch.Tensor, mean_active: float) -> torch.Tensor:
+    """Probabilities ∝ weights, capped at 1, summing to mean_active (the cap's excess spread over the rest)."""
+    probability = torch.zeros_like(weights)
+    capped = torch.zeros_like(weights, dtype=torch.bool)
+    for _ in range(len(weights)):
+        free = ~capped
+        probability[free] = weights[free] * (mean_active - capped.sum()) / weights[free].sum()
+        over = free & (probability > 1)
+        if not over.any():
+            break
+        capped |= over
+        probability[capped] = 1.0
+    return probability

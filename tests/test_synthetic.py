@@ -1,0 +1,96 @@
+"""Synthetic activations with known features, and dictionaries judged against them."""
+
+import math
+
+import pytest
+import torch
+
+from saesweep.errors import ConfigError
+from saesweep.ground_truth import ABSORBED_COS, absorption, found_again_truth, recovery
+from saesweep.synthetic import SyntheticSpec, TrueFeatures, activation_chunks, make_features, sample
+
+
+def test_features_follow_the_spec_and_its_seed(tmp_path):
+    spec = SyntheticSpec(d_in=32, n_features=200, mean_active=6, duplicate_fraction=0.1, duplicate_cos=0.9,
+                         n_correlated_groups=3, group_size=4, n_hierarchies=5, children_per_parent=2)
+    features = make_features(spec)
+    assert torch.allclose(features.directions.norm(dim=-1), torch.ones(200), atol=1e-5)
+    assert (features.group >= 0).sum() == 12 and len(features.hierarchy_pairs()) == 10
+    # 20 near-duplicates: each has a partner at cos 0.9 (random pairs in 32 dimensions: |cos| ≈ 0.18)
+    cos = features.directions @ features.directions.T - 2 * torch.eye(200)
+    assert ((cos - 0.9).abs() < 1e-4).any(dim=1).sum() >= 20
+    again = make_features(spec)
+    assert all(torch.equal(getattr(features, f), getattr(again, f)) for f in ("directions", "firing_probability", "parent"))
+    features.save(tmp_path / "truth.safetensors")
+    loaded = TrueFeatures.load(tmp_path / "truth.safetensors")
+    assert torch.equal(loaded.directions, features.directions) and loaded.hierarchy_pairs() == features.hierarchy_pairs()
+
+
+def test_tokens_fire_as_specified():
+    spec = SyntheticSpec(d_in=16, n_features=100, mean_active=5, n_correlated_groups=2, group_size=3,
+                         n_hierarchies=4, children_per_parent=2, child_given_parent=0.4, firing_power=1.2)
+    features = make_features(spec)
+    x, coefficients = sample(spec, features, 40_000, torch.Generator().manual_seed(1))
+    fires = coefficients > 0
+    assert torch.allclose(x, coefficients @ features.directions, atol=1e-4)
+    # unstructured features fire at their probabilities; the expected count per token is mean_active
+    free = (features.group < 0) & (features.parent < 0)
+    assert fires[:, free].float().mean(0).sub(features.firing_probability[free]).abs().max() < 0.02
+    assert fires.sum(1).float().mean() == pytest.approx(5, rel=0.05)
+    for g in range(2):  # a group's members fire together
+        members = fires[:, features.group == g]
+        assert torch.equal(members.all(1), members.any(1)) and members.any()
+    for parent, child in features.hierarchy_pairs():  # a child only with its parent, then at 0.4
+        assert not (fires[:, child] & ~fires[:, parent]).any()
+        assert fires[fires[:, parent], child].float().mean() == pytest.approx(0.4, abs=0.06)
+    train = torch.cat(list(activation_chunks(spec, features, 1000)))
+    held_out = torch.cat(list(activation_chunks(spec, features, 1000, held_out=True)))
+    assert train.shape == (1000, 16) and not torch.equal(train, held_out)
+    longer = torch.cat(list(activation_chunks(spec, features, 40_000)))  # a larger n_tokens extends a smaller one
+    assert len(longer) == 40_000 and torch.equal(train, longer[:1000])
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("n_features", 0, "data.n_features=0 must be a positive integer"),
+    ("duplicate_fraction", 1.5, r"data.duplicate_fraction=1.5 must be in \[0, 1\]"),
+    ("mean_active", 0, r"data.mean_active=0 must be in \(0, data.n_features=512\]"),
+    ("n_hierarchies", 200, "more than data.n_features=512"),
+])
+def test_bad_generator_knobs_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        SyntheticSpec(**{key: value}).check()
+
+
+def test_recovery_of_the_truth_itself_and_of_random_directions():
+    features = make_features(SyntheticSpec(d_in=32, n_features=64))
+    order = torch.randperm(64)
+    exact = recovery(features.directions[order] * 3, features)  # row norms do not matter
+    assert exact.recovered == 64 and exact.fraction == 1 and exact.mean_max_cos == pytest.approx(1)
+    assert exact.learned_is_true.all() and torch.equal(order[exact.true_match], torch.arange(64))
+    noise = recovery(torch.randn(128, 32), features)
+    assert noise.recovered == 0 and not noise.learned_is_true.any() and noise.mean_max_cos < 0.7
+
+
+def test_found_again_precision_and_recall_on_constructed_dictionaries():
+    features = make_features(SyntheticSpec(d_in=32, n_features=40))
+    learned = torch.cat([features.directions, torch.randn(20, 32)])  # 40 true latents, 20 false ones
+    rec = recovery(learned, features)
+    found = torch.zeros(60, dtype=torch.bool)
+    found[:10] = True  # 10 true latents found again
+    found[40:45] = True  # and 5 false ones
+    result = found_again_truth(found, rec, features)
+    assert result.found_again == 15 and result.precision == pytest.approx(10 / 15)
+    assert result.recall == pytest.approx(10 / 40)
+    assert sum(n for *_, n in result.recall_by_frequency) >= 40
+    assert math.isnan(found_again_truth(torch.zeros(60, dtype=torch.bool), rec, features).precision)
+
+
+def test_a_child_latent_leaning_on_its_parent_is_absorbed():
+    spec = SyntheticSpec(d_in=64, n_features=30, n_hierarchies=2, children_per_parent=1)
+    features = make_features(spec)
+    (p1, c1), (p2, c2) = features.hierarchy_pairs()
+    learned = features.directions.clone()
+    learned[c1] = features.directions[c1] + features.directions[p1]  # absorbed: cos with the parent ≈ 0.7
+    result = {a.child: a for a in absorption(learned, features, recovery(learned, features, threshold=0.5))}
+    assert result[c1].absorbed and result[c1].cos_with_parent > ABSORBED_COS
+    assert not result[c2].absorbed and abs(result[c2].cos_with_parent) < ABSORBED_COS
