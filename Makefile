@@ -74,6 +74,7 @@ bench:
 	$(PYTHON) benchmarks/harvest.py
 	$(PYTHON) benchmarks/stream.py
 	$(PYTHON) benchmarks/mcs.py
+	$(PYTHON) benchmarks/similarity.py
 	$(PYTHON) benchmarks/report.py
 	$(PYTHON) benchmarks/bench_train.py
 	$(PYTHON) benchmarks/host_step.py
