@@ -27,10 +27,9 @@ from saesweep.evaluate import (
     evaluate_sweep,
     mcs,
     mcs_both_ways,
-    training_group,
 )
 from saesweep.metrics import EvalResult
-from saesweep.rundir import write_run_dir
+from saesweep.rundir import recorded_wandb_group, write_run_dir
 from saesweep.sae import ReluSae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,8 +304,8 @@ def test_evaluation_joins_the_training_runs_wandb_group(tmp_path):
         "hydra:\n  sweep:\n    dir: multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}\n"
         f"  runtime:\n    cwd: {tmp_path}\n"
     )
-    assert training_group(sweep.absolute(), [sweep / "0"]) == "multirun/2026-01-01/12-00-00"
-    assert training_group(sweep, []) == str(sweep)
+    assert recorded_wandb_group([sweep / "0"], sweep.absolute()) == "multirun/2026-01-01/12-00-00"
+    assert recorded_wandb_group([], sweep) == str(sweep)
 
 
 def test_hydra_app_end_to_end(tmp_path):

@@ -7,7 +7,7 @@ from saesweep import load_sae
 from saesweep.errors import CheckpointError
 from saesweep.io import atomic_write_json, atomic_write_safetensors
 from saesweep.metrics import EvalResult
-from saesweep.rundir import write_run_dir
+from saesweep.rundir import MULTIRUN_FILE, recorded_wandb_group, sweep_dir_of, wandb_group, write_run_dir
 from saesweep.sae import ReluSae, TopKSae
 
 
@@ -144,3 +144,26 @@ def test_foreign_directories_that_cannot_be_read_say_which_file_and_what_was_exp
     (learning / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
     with pytest.raises(CheckpointError, match="dict_class='BatchTopKSAE' is not supported; allowed"):
         load_sae(learning, trust_pickle=True)
+
+
+def test_one_wandb_group_for_a_runs_training_evaluation_report_and_steering(tmp_path):
+    """Training groups by the sweep directory it was given, else by the run directory; the later tools
+    read the same group back from the job's Hydra record, however the directories are spelt now."""
+    sweep = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    run = sweep / "sub" / "3"
+    (run / ".hydra").mkdir(parents=True)
+    (sweep / MULTIRUN_FILE).write_text("{}")
+    (run / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  sweep:\n    dir: multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}\n"
+        f"  runtime:\n    cwd: {tmp_path}\n    output_dir: {run}\n"
+    )
+    trained = wandb_group(run, sweep_dir=sweep.relative_to(tmp_path))
+    assert trained == "multirun/2026-01-01/12-00-00"
+    assert sweep_dir_of(run) == sweep and recorded_wandb_group([run]) == trained
+    lone = tmp_path / "outputs" / "lone"
+    (lone / ".hydra").mkdir(parents=True)
+    (lone / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  sweep:\n    dir: multirun\n  runtime:\n    cwd: {tmp_path}\n    output_dir: {lone}\n"
+    )
+    assert sweep_dir_of(lone) is None and recorded_wandb_group([lone]) == wandb_group(lone) == str(lone)
+    assert recorded_wandb_group([tmp_path / "no_record"]) == str(tmp_path / "no_record")

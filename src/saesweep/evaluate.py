@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from saesweep.rundir import (
     load_run_config,
     load_sae,
     natural_key,
+    recorded_wandb_group,
 )
 from saesweep.sae import trained_architecture
 
@@ -820,25 +820,6 @@ def _plot_found_again(paths: dict[str, Path], runs: list[Run], comparison: Compa
     )
 
 
-def training_group(sweep_dir: Path, run_dirs: list[Path]) -> str:
-    """The W&B group of the sweep's training runs: `str(Path(hydra.sweep.dir))` as the jobs saw it.
-
-    Hydra records sweep.dir unresolved (`multirun/${now:...}`) and the working directory it was
-    relative to, so a relative sweep.dir is rebuilt from those; this keeps the evaluation run in the
-    training runs' group however the user spells sweep_dir. Without a Hydra record: sweep_dir as given.
-    """
-    for run_dir in run_dirs:
-        try:
-            hydra = yaml.safe_load((run_dir / HYDRA_DIR / "hydra.yaml").read_text())["hydra"]
-            configured, cwd = str(hydra["sweep"]["dir"]), str(hydra["runtime"]["cwd"])
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
-            continue
-        if Path(configured).is_absolute():
-            return configured if "${" not in configured else str(Path(sweep_dir).absolute())
-        return os.path.relpath(Path(sweep_dir).absolute(), cwd)
-    return str(Path(sweep_dir))
-
-
 def log_to_wandb(
     settings: WandbSettings,
     out_dir: Path,
@@ -903,7 +884,7 @@ def evaluate_sweep(
     write_summary_csv(out_dir / SUMMARY_FILE, summary)
     plot_paths = write_plots(out_dir, runs, comparison, settings)
     if wandb_settings.mode != "disabled":
-        group = training_group(sweep_dir, [r.path for r in [*runs, *failed]])
+        group = recorded_wandb_group([r.path for r in [*runs, *failed]], sweep_dir)
         config = {"sweep_dir": str(sweep_dir), **asdict(settings)}
         log_to_wandb(wandb_settings, out_dir, group, summary, plot_paths, report["headline"], config)
     log.info("wrote the evaluation of %s to %s", sweep_dir, out_dir)

@@ -1,4 +1,5 @@
-"""The run directory contract (README, "The run directory"): what a training job leaves on disk, and loading it back.
+"""The run directory contract (README, "The run directory"): what a training job leaves on disk, and loading it back;
+a run's settings (cfg.json) and its W&B group, one rule for its training, evaluation, report and steering runs.
 
 Only safetensors and JSON are read back; SAE weights in a pickle file (sae.pt, from other tools) are
 refused unless the caller passes trust_pickle=True, since unpickling can run arbitrary code.
@@ -18,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -36,6 +38,7 @@ METRICS_FILE = "metrics.json"
 FEATURE_STATS_FILE = "feature_stats.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 HYDRA_DIR = ".hydra"  # what Hydra writes into every job directory before the job runs
+MULTIRUN_FILE = "multirun.yaml"  # what Hydra writes into a sweep directory
 RUN_MARKERS = (CFG_FILE, SAE_FILE, LEGACY_SAE_FILE, HYDRA_DIR)
 PICKLE_SAE_FILES = ("sae.pt", "sae.pth", "sae.bin", "sae.ckpt")
 ERROR_FILE = "error.json"  # written by a job that failed; removed when a rerun of it starts
@@ -151,6 +154,16 @@ def load_job_error(run_dir: Path) -> str | None:
 
 def load_run_config(run_dir: Path) -> dict:
     return _load_json_object(Path(run_dir) / CFG_FILE, f"{run_dir} is not a finished saesweep run directory")
+
+
+def run_setting(run_cfg: dict, *keys: str):
+    """A value of cfg.json (nested keys), or a CheckpointError naming the missing key."""
+    value = run_cfg
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise CheckpointError(f"cfg.json has no {'.'.join(keys)}: the run directory is from an older saesweep")
+        value = value[key]
+    return value
 
 
 def load_metrics(run_dir: Path) -> dict[str, float]:
@@ -286,3 +299,44 @@ def run_dirs_in(sweep_dir: str | Path) -> list[Path]:
 def natural_key(name: str) -> list:
     """Sort key that puts "2" before "10"."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def sweep_dir_of(run_dir: Path) -> Path | None:
+    """The sweep a run directory belongs to: the nearest folder above it holding Hydra's multirun.yaml
+    (spelt the way `run_dir` is); None for a job outside a sweep."""
+    return next((d for d in Path(run_dir).parents if (d / MULTIRUN_FILE).is_file()), None)
+
+
+def wandb_group(run_dir: Path, sweep_dir: Path | None = None) -> str:
+    """A run's W&B group, the one rule for its training, evaluation, report and steering runs: the
+    sweep directory its training job was given (hydra.sweep.dir), so that every run of a sweep shares
+    one group; a job outside a sweep is a group of its own, its run directory. Training knows both;
+    the tools that come after it read them back with `recorded_wandb_group`."""
+    return str(Path(sweep_dir or run_dir))
+
+
+def recorded_wandb_group(run_dirs: Sequence[Path], sweep_dir: Path | None = None) -> str:
+    """`wandb_group` of runs trained earlier, from their Hydra record (.hydra/hydra.yaml): the sweep
+    directory as the jobs saw it, however the user spells it now.
+
+    `sweep_dir`: the runs' sweep (default: `sweep_dir_of` the first run). Hydra records sweep.dir
+    unresolved (`multirun/${now:...}`) and the working directory it was relative to, so a relative one
+    is rebuilt from those; a lone job's group is its recorded output directory. Without a Hydra
+    record: the sweep directory, or the run directory, as given.
+    """
+    sweep_dir = sweep_dir or (sweep_dir_of(run_dirs[0]) if run_dirs else None)
+    for run_dir in run_dirs:
+        try:
+            hydra = yaml.safe_load((Path(run_dir) / HYDRA_DIR / "hydra.yaml").read_text())["hydra"]
+            runtime, configured = hydra["runtime"], str(hydra["sweep"]["dir"])
+            cwd = str(runtime["cwd"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        if sweep_dir is None:
+            return wandb_group(Path(runtime.get("output_dir") or run_dir))
+        if not Path(configured).is_absolute():
+            configured = os.path.relpath(Path(sweep_dir).absolute(), cwd)
+        elif "${" in configured:
+            configured = str(Path(sweep_dir).absolute())
+        return wandb_group(Path(run_dir), Path(configured))
+    return wandb_group(Path(run_dirs[0]) if run_dirs else sweep_dir, sweep_dir)

@@ -193,8 +193,7 @@ def steer(
     """Steer the model of a saesweep run with one of its features (see the module docstring)."""
     from saesweep.data import bos_token_id
     from saesweep.lm import load_model, resolve_device, validate_hook_point
-    from saesweep.report.heldout import run_setting
-    from saesweep.rundir import CFG_FILE, load_feature_stats, load_run_config, load_sae
+    from saesweep.rundir import CFG_FILE, load_feature_stats, load_run_config, load_sae, run_setting
 
     settings = SteeringSettings(feature, strength, tuple(prompts) if not isinstance(prompts, str) else prompts,
                                 mode, max_new_tokens, temperature, seed, logit_shift_k)
@@ -255,11 +254,14 @@ def console_text(result: SteeringResult) -> str:
 
 
 def log_to_wandb(result: SteeringResult, run_dir: Path, wandb_cfg: dict) -> None:
-    """A W&B run (job_type=steering) in RUN/wandb/: the continuations and the logit shift as tables."""
+    """A W&B run (job_type=steering) in RUN/wandb/, in the run's group: the continuations and the logit
+    shift as tables."""
     import wandb
 
-    run = wandb.init(project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"),
-                     mode=wandb_cfg.get("mode", "offline"), dir=str(run_dir), group=str(run_dir),
+    from saesweep.rundir import recorded_wandb_group
+
+    run = wandb.init(project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"), mode=wandb_cfg.get("mode", "offline"),
+                     dir=str(run_dir), group=recorded_wandb_group([run_dir]),
                      job_type="steering", name=f"{run_dir.name}-{result_name(result)}",
                      config={k: v for k, v in result.to_dict().items() if k not in ("continuations", "logit_shift")})
     try:

@@ -33,7 +33,7 @@ from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError, JobStopped, TrainingDivergedError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
-from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, write_run_dir
+from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, wandb_group, write_run_dir
 from saesweep.sae import ARCHITECTURES, inference_class
 from saesweep.store import (
     ActivationStore,
@@ -337,14 +337,14 @@ def dataset_description(cfg: DictConfig) -> dict:
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None, concurrent: bool = False):
-    """The configured Lightning logger; a W&B run is grouped by its sweep directory. `concurrent`:
+    """The configured Lightning logger; a W&B run is grouped by its sweep directory (rundir.wandb_group). `concurrent`:
     other runs of this process (an ensemble's) are open at the same time."""
     if cfg.logger is None or cfg.logger.get("_target_") is None:
         return False
     extra: dict = {"save_dir": str(run_dir)}
     if cfg.logger._target_.endswith("WandbLogger"):
         name = run_name(cfg) + (f" #{run_dir.name}" if sweep_dir else "")
-        extra |= {"name": name, "group": str(sweep_dir or run_dir), "job_type": "train"}
+        extra |= {"name": name, "group": wandb_group(run_dir, sweep_dir), "job_type": "train"}
         if concurrent:
             extra["reinit"] = "create_new"
     logger = instantiate(cfg.logger, **extra)

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from saesweep.errors import ConfigError
-from saesweep.rundir import run_dirs_in
+from saesweep.rundir import recorded_wandb_group, run_dirs_in, sweep_dir_of
 
 from .build import BuiltReport, build_report
 from .settings import ReportSettings
@@ -24,8 +24,8 @@ def report_from_config(cfg: DictConfig) -> BuiltReport:
     sweep_dir = Path(section["sweep_dir"]) if section.get("sweep_dir") else None
     run_dir = Path(cfg.run_dir)
     released = released_run_config(run_dir, cfg)
-    if sweep_dir is None and released is None and (run_dir.parent / "multirun.yaml").is_file():
-        sweep_dir = run_dir.parent  # a job of a sweep: its features are compared with the sweep's other runs
+    if sweep_dir is None and released is None and (sweep_dir := sweep_dir_of(run_dir)) is not None:
+        # a job of a sweep: its features are compared with the sweep's other runs
         log.info("run_dir belongs to the sweep %s: MCS against its other runs", sweep_dir)
     return report_runs([run_dir], section, sweep_dir, run_cfg=released, trust_pickle=bool(cfg.trust_pickle))[0]
 
@@ -89,21 +89,18 @@ def log_to_new_wandb_run(
 ) -> None:
     """A W&B run of job_type "report" next to the training run (in RUN/wandb/) and in its group.
 
-    The group follows the training rule: the sweep directory (the run's parent when it holds Hydra's
-    multirun.yaml), else the run directory, as a path written the way it was given.
+    The group is the training run's (rundir.recorded_wandb_group).
     """
     import wandb
 
     from .wandb_log import log_report
 
-    if sweep_dir is None and (run_dir.parent / "multirun.yaml").is_file():
-        sweep_dir = run_dir.parent
     run = wandb.init(
         project=wandb_cfg.get("project"),
         entity=wandb_cfg.get("entity"),
         mode=wandb_cfg.get("mode", "offline"),
         dir=str(run_dir),
-        group=str(sweep_dir or run_dir),
+        group=recorded_wandb_group([run_dir], sweep_dir),
         job_type="report",
         name=f"{run_dir.name}-report",
         config={"run_dir": str(run_dir.resolve()), "report": asdict(settings)},

@@ -20,12 +20,12 @@ import torch
 from saesweep.errors import CheckpointError, ConfigError
 from saesweep.io import atomic_write_bytes
 from saesweep.lm import load_model, resolve_device, validate_hook_point
-from saesweep.rundir import CFG_FILE, SAE_FILE, load_run_config, load_sae, weights_file
+from saesweep.rundir import CFG_FILE, SAE_FILE, load_run_config, load_sae, run_setting, weights_file
 from saesweep.sae import Sae, trained_architecture
 from saesweep.tokens import ReadableTokens
 
 from . import views
-from .heldout import HeldOutTokens, rebuild_held_out, run_setting
+from .heldout import HeldOutTokens, rebuild_held_out
 from .html import feature_page_name, render_feature_page, render_index
 from .selection import SweepComparison, check_feature_ids, compare_with_sweep, select_features
 from .settings import ReportSettings

@@ -8,7 +8,7 @@ import torch
 
 from saesweep.activations import harvest
 from saesweep.data import context_source
-from saesweep.errors import CheckpointError
+from saesweep.rundir import run_setting
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,6 @@ class HeldOutTokens:
             f"{self.n_documents} held-out documents (never trained on); the first {self.n_eval_tokens} are the "
             "run's evaluation set"
         )
-
-
-def run_setting(run_cfg: dict, *keys: str):
-    """A value of cfg.json (nested keys), or a CheckpointError naming the missing key."""
-    value = run_cfg
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            raise CheckpointError(f"cfg.json has no {'.'.join(keys)}: the run directory is from an older saesweep")
-        value = value[key]
-    return value
 
 
 def rebuild_held_out(model, run_cfg: dict, n_tokens: int, batch_contexts: int) -> HeldOutTokens:
