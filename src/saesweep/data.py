@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from saesweep.errors import DataError
 from saesweep.hub import require_hub
@@ -296,3 +297,19 @@ def bos_token_id(tokenizer) -> int:
     if bos is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS token; set data.prepend_bos=false")
     return int(bos)
+
+
+def dataset_description(cfg: DictConfig) -> dict:
+    """What decides the contexts: the dataset, its split and text field, BOS, the shuffle seed, the
+    held-out documents, the pieces taken per document and the mixing of training contexts."""
+    return {
+        "name": cfg.data.name,
+        "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
+        "split": cfg.data.split,
+        "text_field": cfg.data.text_field,
+        "prepend_bos": cfg.data.prepend_bos,
+        "seed": cfg.data.seed,
+        "heldout_fraction": cfg.data.heldout_fraction,
+        "contexts_per_document": cfg.data.contexts_per_document,
+        "mix_pool_contexts": cfg.data.mix_pool_contexts,
+    }

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 import saesweep
 from saesweep.activations import harvest
 from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
-from saesweep.data import ContextSource, context_source
+from saesweep.data import ContextSource, context_source, dataset_description
 from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError, JobStopped, TrainingDivergedError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
@@ -318,22 +318,6 @@ def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
         dtype=cfg.store.dtype,
         token_filter=TokenFilter(cfg.store.drop_special_tokens, cfg.store.max_norm_ratio),
     )
-
-
-def dataset_description(cfg: DictConfig) -> dict:
-    """What decides the contexts: the dataset, its split and text field, BOS, the shuffle seed, the
-    held-out documents, the pieces taken per document and the mixing of training contexts."""
-    return {
-        "name": cfg.data.name,
-        "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
-        "split": cfg.data.split,
-        "text_field": cfg.data.text_field,
-        "prepend_bos": cfg.data.prepend_bos,
-        "seed": cfg.data.seed,
-        "heldout_fraction": cfg.data.heldout_fraction,
-        "contexts_per_document": cfg.data.contexts_per_document,
-        "mix_pool_contexts": cfg.data.mix_pool_contexts,
-    }
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None, concurrent: bool = False):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from saesweep.data import dataset_description
 from saesweep.errors import ConfigError
 from saesweep.rundir import recorded_wandb_group, run_dirs_in, sweep_dir_of
 
@@ -35,7 +36,6 @@ def released_run_config(run_dir: Path, cfg: DictConfig) -> dict | None:
     configuration a report needs, from the command line's model, data, hook_point and ctx_len and what
     the dictionary's own files say. None for a saesweep run, which has its own."""
     from saesweep.rundir import CFG_FILE, load_run_config, load_sae
-    from saesweep.train import dataset_description
 
     if (run_dir / CFG_FILE).is_file() and "dataset" in load_run_config(run_dir):
         return None
