@@ -229,7 +229,7 @@ def result_name(result: SteeringResult) -> str:
 def write_result(result: SteeringResult, out_dir: Path) -> tuple[Path, Path]:
     """<out_dir>/<feature_N_mode_strength>.json and .html."""
     from saesweep.io import atomic_write_bytes, atomic_write_json
-    from saesweep.report.html import render_steering_page
+    from saesweep.pages import render_steering_page
 
     data = result.to_dict()
     json_path = out_dir / f"{result_name(result)}.json"

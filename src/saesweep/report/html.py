@@ -1,25 +1,18 @@
 """Self-contained HTML for a feature report: index.html (a sortable, filterable table over an inline
 JSON blob, vanilla JS) and one static page per feature. No external resource is ever referenced.
 
-All text from the corpus or the tokenizer is escaped here: tokens are untrusted input.
+All text from the corpus or the tokenizer is escaped (saesweep.pages.esc): tokens are untrusted input. The
+page frame and the steering section, which the steering page shows too, are saesweep.pages's.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
-from importlib.resources import files
 
+from saesweep.pages import asset, chip_token, display_token, esc, page, steering_section
 
-def _asset(name: str) -> str:
-    """A stylesheet or script of the report pages, kept as a file beside this module (report/assets/)."""
-    return files("saesweep.report").joinpath("assets", name).read_text(encoding="utf-8")
-
-
-_CSS = _asset("page.css")
-
-_INDEX_CSS = _asset("index.css")
+_INDEX_CSS = asset("index.css")
 
 # Colour scales. Activation: orange by activation / the feature's maximum. Ablation deltas: red where the
 # removal lowers the value, blue where it raises it.
@@ -30,33 +23,6 @@ _SHOWN_TOKENS_IN_TABLE = 5
 
 def feature_page_name(feature: int) -> str:
     return f"{feature}.html"
-
-
-def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def display_token(token: str) -> str:
-    """A token as shown: line breaks and tabs made visible, other control characters as their symbol."""
-    out = []
-    for ch in token:
-        if ch == "\n":
-            out.append("↵")
-        elif ch == "\t":
-            out.append("⇥")
-        elif ch == "\r":
-            out.append("␍")
-        elif ord(ch) < 32:
-            out.append(chr(0x2400 + ord(ch)))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def chip_token(token: str) -> str:
-    """A token standing alone (in a list, not in running text): a token of only spaces shows them as ␣."""
-    shown = display_token(token)
-    return shown.replace(" ", "␣") if not shown.strip() else shown
 
 
 def _rgba(rgb: tuple[int, int, int], strength: float) -> str:
@@ -78,7 +44,7 @@ def token_spans(tokens: list[str], colours: list[str], titles: list[str], hit: i
         style = f' style="background:{colour}"' if colour != "transparent" else ""
         if token == "":  # holds only continuation bytes of a character shown on the token before
             cls, title = cls + " cont", f"{title} (continues the character before)"
-        spans.append(f'<span class="{cls}"{style} title="{_esc(title)}">{_esc(display_token(token) or "·")}</span>')
+        spans.append(f'<span class="{cls}"{style} title="{esc(title)}">{esc(display_token(token) or "·")}</span>')
     return "".join(spans)
 
 
@@ -107,10 +73,10 @@ def _svg_histogram(edges: list[float], counts: list[int], x_label: str, width: i
     def bar(slot: int, count: int, fill: str, tooltip: str) -> None:
         h = plot_h * count / peak
         parts.append(f'<rect x="{left + slot * bar_w:.1f}" y="{axis_y - h:.1f}" width="{max(bar_w - 1, 0.5):.1f}" '
-                     f'height="{h:.1f}" fill="{fill}"><title>{_esc(tooltip)}: {count}</title></rect>')
+                     f'height="{h:.1f}" fill="{fill}"><title>{esc(tooltip)}: {count}</title></rect>')
 
     def label(x: float, text: str, anchor: str = "middle") -> None:
-        parts.append(f'<text x="{x:.1f}" y="{axis_y + 13}" text-anchor="{anchor}">{_esc(text)}</text>')
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 13}" text-anchor="{anchor}">{esc(text)}</text>')
 
     for k, count in enumerate(counts):
         if log_x:
@@ -136,21 +102,9 @@ def _svg_histogram(edges: list[float], counts: list[int], x_label: str, width: i
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{end_x}" y2="{axis_y}" stroke="#9aa5b1"/>')
     parts.append(f'<text x="{left - 4}" y="{top_pad + 9}" text-anchor="end">{peak}</text>')
     parts.append(f'<text x="{left - 4}" y="{axis_y}" text-anchor="end">0</text>')
-    parts.append(f'<text x="{(left + end_x) / 2:.1f}" y="{height - 3}" text-anchor="middle">{_esc(x_label)}</text>')
+    parts.append(f'<text x="{(left + end_x) / 2:.1f}" y="{height - 3}" text-anchor="middle">{esc(x_label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
-
-
-def _page(title: str, body: str, extra_css: str = "", script: str = "") -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        # no network: the page may load nothing from anywhere (inline styles and scripts only)
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
-        "script-src 'unsafe-inline'; img-src data:\">"
-        f"<title>{_esc(title)}</title><style>{_CSS}{extra_css}</style></head>\n<body>\n{body}\n"
-        f"{f'<script>{script}</script>' if script else ''}\n</body></html>\n"
-    )
 
 
 def _json_for_script(obj: object) -> str:
@@ -163,10 +117,10 @@ def _json_for_script(obj: object) -> str:
 def _run_header(data: dict) -> str:
     run, held_out = data["run"], data["held_out"]
     parts = [
-        f'<p class="meta">{_esc(run["run_dir"])}</p>',
-        (f'<p class="meta">{_esc(run["architecture"])} SAE, d_sae {run["d_sae"]} on {_esc(run["hook_point"])} '
-        f'of {_esc(run["model"])} (d_in {run["d_in"]})</p>'),
-        f'<p class="meta">Held-out tokens: {_esc(held_out["description"])}.</p>',
+        f'<p class="meta">{esc(run["run_dir"])}</p>',
+        (f'<p class="meta">{esc(run["architecture"])} SAE, d_sae {run["d_sae"]} on {esc(run["hook_point"])} '
+        f'of {esc(run["model"])} (d_in {run["d_in"]})</p>'),
+        f'<p class="meta">Held-out tokens: {esc(held_out["description"])}.</p>',
     ]
     return "".join(parts)
 
@@ -200,7 +154,7 @@ def index_rows(data: dict) -> list[dict]:
     ]
 
 
-_INDEX_JS = _asset("index.js")
+_INDEX_JS = asset("index.js")
 
 
 def render_index(data: dict) -> str:
@@ -208,21 +162,21 @@ def render_index(data: dict) -> str:
     density = data["density"]
     lens = data["logit_lens"]
     n = len(data["features"])
-    excluded = "".join(f'<span class="chip" title="id {t["id"]}, norm {t["norm"]}">{_esc(chip_token(t["token"]))}'
+    excluded = "".join(f'<span class="chip" title="id {t["id"]}, norm {t["norm"]}">{esc(chip_token(t["token"]))}'
                        f"</span>" for t in lens["excluded_tokens"])
     sweep = data["sweep"]
     sweep_html = ""
     if sweep:
         sweep_html = (f'<p class="meta">MCS against {len(sweep["runs"])} other run(s) of the sweep: '
-                      f'{_esc(", ".join(sweep["runs"]) or "none comparable")}; found again at MCS ≥ '
+                      f'{esc(", ".join(sweep["runs"]) or "none comparable")}; found again at MCS ≥ '
                       f'{sweep["found_threshold"]:g}.</p>')
         if sweep["skipped"]:
-            sweep_html += f'<p class="note">Not compared: {_esc("; ".join(sweep["skipped"]))}</p>'
+            sweep_html += f'<p class="note">Not compared: {esc("; ".join(sweep["skipped"]))}</p>'
     n_features = density.get("dead", 0) + sum(density["counts"])
     body = f"""
-<h1>Feature report: {_esc("/".join(run["run_dir"].rstrip("/").split("/")[-2:]))}</h1>
+<h1>Feature report: {esc("/".join(run["run_dir"].rstrip("/").split("/")[-2:]))}</h1>
 {_run_header(data)}
-<p class="meta">{n} feature(s) selected by <b>{_esc(data["selection"]["method"])}</b>.</p>
+<p class="meta">{n} feature(s) selected by <b>{esc(data["selection"]["method"])}</b>.</p>
 {sweep_html}
 <div class="grid"><div>
 <h3>Firing frequency of all {n_features} features</h3>
@@ -233,7 +187,7 @@ def render_index(data: dict) -> str:
 </div><div>
 <h3>Logit lens</h3>
 <p class="note">Directions through {"the final LayerNorm scale and " if lens["use_ln_final"] else ""}W_U.
-{len(lens["excluded_tokens"])} token(s) excluded ({_esc(lens["excluded_rule"])}; median norm {lens["median_norm"]}).</p>
+{len(lens["excluded_tokens"])} token(s) excluded ({esc(lens["excluded_rule"])}; median norm {lens["median_norm"]}).</p>
 <details><summary>excluded tokens</summary><div>{excluded or "none"}</div></details>
 </div></div>
 <div class="controls">
@@ -255,7 +209,7 @@ def render_index(data: dict) -> str:
 <button id="more" type="button">Show more</button>
 <script type="application/json" id="rows">{_json_for_script(index_rows(data))}</script>
 """
-    return _page(f"Feature report: {run['run_dir']}", body, _INDEX_CSS, _INDEX_JS)
+    return page(f"Feature report: {run['run_dir']}", body, _INDEX_CSS, _INDEX_JS)
 
 
 _CONTEXT_BINS = 10
@@ -337,8 +291,8 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
     if feature["mcs_max"] is not None:
         stats.append(("MCS, best other run", f"{feature['mcs_max']:.3f}" + (" (found again)" if feature["found_again"]
                                                                           else "")))
-    stats_html = "".join(f'<div class="stat"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>' for k, v in stats)
-    mcs_rows = "".join(f'<tr><td>{_esc(name)}</td><td class="num">{v:.3f}</td></tr>' for name, v in feature["mcs"].items())
+    stats_html = "".join(f'<div class="stat"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in stats)
+    mcs_rows = "".join(f'<tr><td>{esc(name)}</td><td class="num">{v:.3f}</td></tr>' for name, v in feature["mcs"].items())
     mcs_html = f"<table><tr><th>other run</th><th class=\"num\">MCS</th></tr>{mcs_rows}</table>" if mcs_rows else ""
     hist = feature["histogram"]
     body = "".join([
@@ -357,7 +311,7 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
         _direction_section(feature),
         steering_section(feature["steering"]) if feature.get("steering") else "",
     ])
-    return _page(f"Feature {fid}", body)
+    return page(f"Feature {fid}", body)
 
 
 def _frequency_text(frequency: float) -> str:
@@ -370,7 +324,7 @@ def _frequency_text(frequency: float) -> str:
 
 def _logit_lens_section(feature: dict, lens_info: dict) -> str:
     def table(entries: list[dict], caption: str) -> str:
-        rows = "".join(f'<tr><td><span class="chip">{_esc(chip_token(e["token"]))}</span></td>'
+        rows = "".join(f'<tr><td><span class="chip">{esc(chip_token(e["token"]))}</span></td>'
                        f'<td class="num">{e["logit"]:+.3f}</td><td class="num note">{e["id"]}</td></tr>'
                        for e in entries)
         return f'<div><h3>{caption}</h3><table><tr><th>token</th><th class="num">logit</th>' \
@@ -391,7 +345,7 @@ def _activation_label(example: dict) -> str:
 
 
 def _example_row(label: str, spans: str) -> str:
-    return f'<div class="ex"><span class="val">{_esc(label)}</span><span class="tokens">{spans}</span></div>'
+    return f'<div class="ex"><span class="val">{esc(label)}</span><span class="tokens">{spans}</span></div>'
 
 
 def _top_examples_section(feature: dict) -> str:
@@ -441,41 +395,13 @@ def _ablated_text_section(feature: dict) -> str:
     return "".join(parts)
 
 
-def steering_section(steering: dict) -> str:
-    """Steered beside unsteered continuations, and the log-prob shift at the first generated token."""
-    mode = ("added" if steering["mode"] == "add" else "clamped to")
-    parts = ["<h2>Steering</h2>",
-             f'<p class="note">Feature {steering["feature"]} {mode} {steering["strength"]:g} × its max activation '
-             f'({steering["max_activation"]:.4g}) at {_esc(steering["hook_point"])}; the same seed for both columns.</p>',
-             '<table class="steer"><tr><th>prompt</th><th>decoding</th><th>unsteered</th><th>steered</th></tr>']
-    for c in steering["continuations"]:
-        parts.append(f'<tr><td class="tokens">{_esc(display_token(c["prompt"]))}</td><td>{_esc(c["decoding"])}</td>'
-                     f'<td class="tokens">{_esc(display_token("".join(c["unsteered"])))}</td>'
-                     f'<td class="tokens">{_esc(display_token("".join(c["steered"])))}</td></tr>')
-    parts.append("</table>")
-    for shift in steering["logit_shift"]:
-        def chips(entries: list[dict]) -> str:
-            return "".join(f'<span class="chip" title="id {e["id"]}">{_esc(chip_token(e["token"]))} '
-                           f'{e["delta_logprob"]:+.2f}</span>' for e in entries)
-
-        parts.append(f'<h3>Log-prob shift at the first generated token of {_esc(repr(shift["prompt"]))}</h3>'
-                     f'<p>rises: {chips(shift["rises"])}</p><p>falls: {chips(shift["falls"])}</p>')
-    return "".join(parts)
-
-
-def render_steering_page(steering: dict) -> str:
-    body = (f'<h1>Steering with feature {steering["feature"]}</h1>'
-            f'<p class="meta">{_esc(steering.get("run_dir") or "")}</p>' + steering_section(steering))
-    return _page(f"Steering with feature {steering['feature']}", body)
-
-
 def _direction_section(feature: dict) -> str:
     direction = feature["direction_ablation"]
     dataset = direction["dataset"]
     scale = max([abs(d) for e in direction["examples"] for d in e["delta_logprob"] if d is not None] + [0.1])
 
     def effects(entries: list[dict], caption: str) -> str:
-        rows = "".join(f'<tr><td><span class="chip">{_esc(chip_token(e["token"]))}</span></td>'
+        rows = "".join(f'<tr><td><span class="chip">{esc(chip_token(e["token"]))}</span></td>'
                        f'<td class="num">{e["mean_delta"]:+.3f}</td><td class="num">{e["count"]}</td></tr>'
                        for e in entries)
         return (f'<div><h3>{caption}</h3><table><tr><th>next token</th><th class="num">mean Δ log p</th>'
