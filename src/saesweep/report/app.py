@@ -10,7 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from saesweep.data import dataset_description
 from saesweep.errors import ConfigError
-from saesweep.rundir import recorded_wandb_group, run_dirs_in, sweep_dir_of
+from saesweep.rundir import (
+    CFG_FILE,
+    load_run_config,
+    load_sae,
+    recorded_wandb_group,
+    run_dirs_in,
+    sweep_dir_of,
+)
 
 from .build import BuiltReport, build_report
 from .settings import ReportSettings
@@ -35,8 +42,6 @@ def released_run_config(run_dir: Path, cfg: DictConfig) -> dict | None:
     """For a dictionary that is not a saesweep run (SAELens, sparsify, dictionary_learning): the run
     configuration a report needs, from the command line's model, data, hook_point and ctx_len and what
     the dictionary's own files say. None for a saesweep run, which has its own."""
-    from saesweep.rundir import CFG_FILE, load_run_config, load_sae
-
     if (run_dir / CFG_FILE).is_file() and "dataset" in load_run_config(run_dir):
         return None
     if not (cfg.model.path or cfg.model.name):
