@@ -1,0 +1,82 @@
+"""`evaluate_sweep`: every run of a sweep loaded, compared and written up under <sweep_dir>/evaluation/."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from saesweep.errors import ConfigError
+from saesweep.io import atomic_write_json
+from saesweep.rundir import recorded_wandb_group
+
+from .compare import Comparison, EvalSettings, compare_runs
+from .figures import write_plots
+from .outputs import SummaryRow, mcs_json, summary_rows, write_summary_csv
+from .runs import FailedRun, Run, discover_runs, load_released
+from .wandb_log import WandbSettings, log_to_wandb
+
+log = logging.getLogger(__name__)
+
+EVALUATION_DIR = "evaluation"
+MCS_FILE = "mcs.json"
+SUMMARY_FILE = "summary.csv"
+
+
+@dataclass(frozen=True)
+class SweepEvaluation:
+    runs: list[Run]
+    failed: list[FailedRun]
+    comparison: Comparison
+    report: dict  # the content of mcs.json
+    summary: list[SummaryRow]  # the rows of summary.csv
+    out_dir: Path
+
+
+def evaluation_dir(sweep_dir: str | Path) -> Path:
+    """Where the evaluation of a sweep goes; checks first that the sweep directory exists."""
+    if not Path(sweep_dir).is_dir():
+        raise ConfigError(
+            f"sweep_dir={str(sweep_dir)!r} is not a directory (expected multirun/<date>/<time>)"
+        )
+    return Path(sweep_dir) / EVALUATION_DIR
+
+
+def evaluate_sweep(
+    sweep_dir: str | Path,
+    settings: EvalSettings | None = None,
+    wandb_settings: WandbSettings | None = None,
+    out_dir: Path | None = None,
+    compare_with: list[Path] | None = None,
+) -> SweepEvaluation:
+    """Evaluate every run of a sweep and write mcs.json, summary.csv, the plots and the W&B run;
+    `compare_with`: released dictionaries (SAELens, sparsify, dictionary_learning or saesweep
+    directories) added to the comparison, named `released:<directory name>`."""
+    settings = settings or EvalSettings()
+    wandb_settings = wandb_settings or WandbSettings()
+    sweep_dir = Path(sweep_dir)
+    default_out_dir = evaluation_dir(sweep_dir)  # checks sweep_dir
+    out_dir = Path(out_dir) if out_dir else default_out_dir
+    runs, failed = discover_runs(sweep_dir, exclude=out_dir)
+    if compare_with:
+        runs = runs + load_released([Path(d) for d in compare_with], runs)
+    log.info("%d runs to compare, %d failed", len(runs), len(failed))
+    comparison = compare_runs(runs, settings)
+    if runs and not comparison.pairs:
+        log.warning(
+            "no two runs of %s can be compared: MCS needs two dictionaries of the same hook point, d_in and model, "
+            "and these runs are %s; fidelity is still summarised",
+            sweep_dir, "; ".join(f"{g.label}: {', '.join(r.name for r in g.runs)}" for g in comparison.groups),
+        )
+    report = mcs_json(sweep_dir, runs, failed, comparison, settings)
+    summary = summary_rows(runs, failed, comparison)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / MCS_FILE, report)
+    write_summary_csv(out_dir / SUMMARY_FILE, summary)
+    plot_paths = write_plots(out_dir, runs, comparison, settings)
+    if wandb_settings.mode != "disabled":
+        group = recorded_wandb_group([r.path for r in [*runs, *failed]], sweep_dir)
+        config = {"sweep_dir": str(sweep_dir), **asdict(settings)}
+        log_to_wandb(wandb_settings, out_dir, group, summary, plot_paths, report["headline"], config)
+    log.info("wrote the evaluation of %s to %s", sweep_dir, out_dir)
+    return SweepEvaluation(runs, failed, comparison, report, summary, out_dir)
