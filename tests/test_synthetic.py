@@ -94,3 +94,41 @@ def test_a_child_latent_leaning_on_its_parent_is_absorbed():
     result = {a.child: a for a in absorption(learned, features, recovery(learned, features, threshold=0.5))}
     assert result[c1].absorbed and result[c1].cos_with_parent > ABSORBED_COS
     assert not result[c2].absorbed and abs(result[c2].cos_with_parent) < ABSORBED_COS
+
+
+def synthetic_cfg(store_dir, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from test_train import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[
+            "data=synthetic", "data.d_in=16", "data.n_features=48", "data.mean_active=4", "n_tokens=6000",
+            "eval.n_tokens=1000", "ctx_len=25", "train.batch_size=256", f"store.dir={store_dir}",
+            "store.shard_tokens=2000", "logger=none", "dict_ratio=4", "trainer.enable_progress_bar=false", *overrides,
+        ])
+
+
+def test_a_synthetic_store_is_generated_once_with_its_truth_and_a_held_out_set_without_losses(tmp_path):
+    from saesweep.config import check_config
+    from saesweep.metrics import MetricAccumulator
+    from saesweep.synthetic import TRUE_FEATURES_FILE, synthetic_data
+
+    cfg = synthetic_cfg(tmp_path)
+    check_config(cfg)  # no document keys needed
+    data = synthetic_data(cfg, tmp_path)
+    assert data.manifest["complete"] and data.manifest["n_rows"] == 6000 and data.manifest["d_in"] == 16
+    rows = torch.cat([data.store.read_shard(s) for s in data.manifest["shards"]])
+    features = make_features(data.spec)
+    assert torch.equal(rows, torch.cat(list(activation_chunks(data.spec, features, 6000))))
+    assert torch.equal(TrueFeatures.load(data.store.path / TRUE_FEATURES_FILE).directions, features.directions)
+    assert len(data.held_out) == 40 and data.held_out.tensors[1].shape == (40, 25, 16)
+    again = synthetic_data(cfg, tmp_path)
+    assert again.store.path == data.store.path and torch.equal(again.held_out.tensors[1], data.held_out.tensors[1])
+
+    from saesweep.sae import ReluSae
+
+    accumulator = MetricAccumulator(16, 64, torch.device("cpu"))
+    accumulator.update(ReluSae(16, 64), None, "synthetic", data.held_out[:10])
+    metrics = accumulator.compute().metrics
+    assert math.isnan(metrics["ce_recovered"]) and math.isnan(metrics["ppl_delta"]) and metrics["fvu"] > 0

@@ -27,7 +27,7 @@ def check_config(cfg: DictConfig) -> None:
     check_architecture(cfg)
     for key in (
         "train.batch_size", "train.checkpoint_every_n_steps", "train.max_bad_steps", "eval.batch_contexts",
-        "harvest_batch_contexts", "train.dead_window_tokens", "data.mix_pool_contexts", "eval.every_n_steps",
+        "harvest_batch_contexts", "train.dead_window_tokens", "eval.every_n_steps",
     ):
         if _number(cfg, key, integer=True) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")
@@ -39,6 +39,17 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"n_tokens={cfg.n_tokens} is less than one batch (train.batch_size={cfg.train.batch_size})"
         )
+    if cfg.data.get("name") != "synthetic":
+        check_documents(cfg)
+    if _number(cfg, "eval.n_tokens", integer=True) < cfg.ctx_len:
+        raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
+    check_types(cfg)
+
+
+def check_documents(cfg: DictConfig) -> None:
+    """The keys that decide how documents become contexts (every data source but synthetic activations)."""
+    if _number(cfg, "data.mix_pool_contexts", integer=True) <= 0:
+        raise ConfigError(f"data.mix_pool_contexts={cfg.data.mix_pool_contexts} must be a positive integer")
     if not 0 < _number(cfg, "data.heldout_fraction") < 1:
         raise ConfigError(
             f"data.heldout_fraction={cfg.data.heldout_fraction} must be in (0, 1): the fraction of documents held out "
@@ -49,9 +60,6 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.contexts_per_document={per_document} must be a positive integer, or null for every piece of a document"
         )
-    if _number(cfg, "eval.n_tokens", integer=True) < cfg.ctx_len:
-        raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
-    check_types(cfg)
 
 
 # Keys not bounded above, by what they must be; each is checked before anything loads, so that
@@ -69,7 +77,10 @@ def check_types(cfg: DictConfig) -> None:
     for key in _POSITIVE_INTEGER_KEYS:
         if OmegaConf.select(cfg, key) is not None and _number(cfg, key, integer=True) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")
+    synthetic = cfg.data.get("name") == "synthetic"
     for key in _BOOLEAN_KEYS:
+        if synthetic and key.startswith("data."):  # synthetic activations have no tokens
+            continue
         if not isinstance(value := OmegaConf.select(cfg, key), bool):
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: true or false")
     if _number(cfg, "layer", integer=True) < 0:

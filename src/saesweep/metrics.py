@@ -20,7 +20,10 @@ DENSE_THRESHOLD = 0.1  # a feature firing on more than 10 % of tokens counts as 
 
 
 class HeldOutSet(TensorDataset):
-    """Rows: (tokens [ctx_len], activations [ctx_len, d_in], ce_clean [ctx_len-1], ce_zero [ctx_len-1])."""
+    """Rows: (tokens [ctx_len], activations [ctx_len, d_in], ce_clean [ctx_len-1], ce_zero [ctx_len-1]).
+
+    Activations made without a language model (data=synthetic) have no tokens (zeros) and no losses
+    (NaN): the metrics that need the model (ce_*, ppl_*) are NaN, not made up."""
 
     @classmethod
     @torch.no_grad()
@@ -90,7 +93,10 @@ class MetricAccumulator:
         x = acts.float()  # [batch, ctx_len, d_in]
         x_hat, feature_acts = sae(x)
         firing = feature_acts > 0
-        ce_spliced = spliced_loss(model, tokens, hook_point, lambda act: sae(act.float()).x_hat)
+        if model is None:  # activations without a language model (data=synthetic): no loss to measure
+            ce_spliced = torch.full_like(ce_clean, math.nan)
+        else:
+            ce_spliced = spliced_loss(model, tokens, hook_point, lambda act: sae(act.float()).x_hat)
 
         def per_context(values: torch.Tensor) -> torch.Tensor:
             return values.reshape(len(values), -1).sum(dim=1, dtype=torch.float64)

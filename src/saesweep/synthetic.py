@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 
 from saesweep.errors import ConfigError
 from saesweep.io import atomic_write_bytes
+from saesweep.metrics import HeldOutSet
+from saesweep.store import ActivationStore, StoreSpec, TokenFilter
 
 TRUE_FEATURES_FILE = "true_features.safetensors"
 _TRAIN_STREAM, _HELD_OUT_STREAM = "train", "held_out"  # the token streams, seeded apart from the features
@@ -197,3 +199,48 @@ def _scaled_to_mean(weights: torch.Tensor, mean_active: float) -> torch.Tensor:
         capped |= over
         probability[capped] = 1.0
     return probability
+
+
+SYNTHETIC = "synthetic"  # data.name of this source; the store key's model and hook point
+
+
+def is_synthetic(data_cfg) -> bool:
+    return data_cfg.get("name") == SYNTHETIC
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """What training needs from a synthetic source: the complete store, its manifest, the held-out set."""
+
+    spec: SyntheticSpec
+    store: ActivationStore
+    manifest: dict
+    held_out: HeldOutSet
+
+
+def synthetic_data(cfg, store_root: Path) -> SyntheticData:
+    """The activation store of `cfg.data` (a synthetic source), generated once under the store's lock
+    like a harvest, with the true features saved beside the shards (TRUE_FEATURES_FILE), and its
+    held-out set: eval.n_tokens held-out tokens in contexts of ctx_len (the units of the standard errors)."""
+    spec = SyntheticSpec.from_config(cfg.data)
+    features = make_features(spec)
+    key = StoreSpec(
+        model=SYNTHETIC, model_fingerprint=hashlib.blake2b(repr(spec).encode(), digest_size=16).hexdigest(),
+        hook_point=SYNTHETIC, dataset=dataclasses.asdict(spec), split="train", ctx_len=cfg.ctx_len,
+        n_tokens=cfg.n_tokens, dtype=cfg.store.dtype, token_filter=TokenFilter(),
+    )
+    store = ActivationStore(store_root, key, shard_tokens=cfg.store.shard_tokens)
+    store.check_room(spec.d_in)
+    manifest = store.ensure_rows(lambda: activation_chunks(spec, features, cfg.n_tokens))
+    if not (store.path / TRUE_FEATURES_FILE).is_file():
+        features.save(store.path / TRUE_FEATURES_FILE)
+    n_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
+
+    def build() -> dict[str, torch.Tensor]:
+        acts = torch.cat(list(activation_chunks(spec, features, n_contexts * cfg.ctx_len, held_out=True)))
+        losses = torch.full((n_contexts, cfg.ctx_len - 1), math.nan)
+        return HeldOutSet(
+            torch.zeros(n_contexts, cfg.ctx_len, dtype=torch.long), acts.reshape(n_contexts, cfg.ctx_len, -1), losses, losses.clone()
+        ).named_tensors()
+
+    return SyntheticData(spec, store, manifest, HeldOutSet.from_named_tensors(store.held_out(n_contexts, build)))

@@ -9,7 +9,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -102,17 +102,34 @@ class ActivationStore:
         `context_batches` yields training contexts in their fixed order; it is only consumed when
         something is left to harvest. Returns the manifest.
         """
+        return self._ensure("harvested", lambda: self._harvest(model, context_batches, batch_contexts))
+
+    def ensure_rows(self, rows: Callable[[], Iterable[torch.Tensor]]) -> dict:
+        """Write the store from rows made without a model (`rows()`: chunks [n, d_in], e.g. synthetic
+        activations) unless it is complete, under the same lock as a harvest. Returns the manifest."""
+        return self._ensure("generated", lambda: self._write_rows(rows()))
+
+    def _ensure(self, work: str, fill: Callable[[], None]) -> dict:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.is_complete():
             self._log("reused")
             return self.manifest()
-        with self._lock("harvested"):
+        with self._lock(work):
             if self.is_complete():  # another job finished it while we waited
                 self._log("reused")
                 return self.manifest()
-            self._harvest(model, context_batches, batch_contexts)
-            self._log("harvested")
+            fill()
+            self._log(work)
             return self.manifest()
+
+    def _write_rows(self, rows: Iterable[torch.Tensor]) -> None:
+        """The whole store from row chunks, re-cut into shards; shards record no training contexts."""
+        manifest = {"key": self.spec.key(), "dtype": self.spec.dtype, "d_in": None, "shards": [], "n_rows": 0,
+                    "complete": False, "saesweep_version": saesweep.__version__}
+        for index, shard in enumerate(_regroup(iter(rows), self.shard_tokens)):
+            self._write_shard(manifest, index, shard.to(STORE_DTYPES[self.spec.dtype]), n_contexts=0)
+        manifest["complete"] = True
+        atomic_write_json(self.path / MANIFEST, manifest)
 
     def _log(self, what: str) -> None:
         manifest = self.manifest()
@@ -261,15 +278,9 @@ def _regroup(batches: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tenso
 
 
 def write_store(root: Path, spec: StoreSpec, activations: torch.Tensor, shard_tokens: int) -> ActivationStore:
-    """A complete store of activations already in memory [n, d_in] (computed elsewhere, or synthetic
-    for tests and benchmarks); shards record no training contexts."""
+    """A complete store of activations already in memory [n, d_in] (computed elsewhere, or made up
+    for tests and benchmarks), written whatever is there."""
     store = ActivationStore(root, spec, shard_tokens)
     store.path.mkdir(parents=True, exist_ok=True)
-    manifest = {"key": spec.key(), "dtype": spec.dtype, "d_in": activations.shape[1], "shards": [], "n_rows": 0,
-                "complete": False, "saesweep_version": saesweep.__version__}
-    for index, start in enumerate(range(0, len(activations), shard_tokens)):
-        rows = activations[start : start + shard_tokens].to(STORE_DTYPES[spec.dtype])
-        store._write_shard(manifest, index, rows, n_contexts=0)
-    manifest["complete"] = True
-    atomic_write_json(store.path / MANIFEST, manifest)
+    store._write_rows(activations.split(shard_tokens))
     return store
