@@ -3,7 +3,9 @@
 `train_ensemble(cfgs, run_dirs, ...)` trains one dictionary per config in one pass over the
 activations (a lone job is an ensemble of one); saesweep.job.run_jobs calls it for every launcher,
 the top-level train.py's Hydra app and the ensemble launcher alike. `train(cfg, run_dir)` is the
-one-job form, for Python callers and tests.
+one-job form, for Python callers and tests. What differs between a lone job, an ensemble and a DDP
+process is decided once, in its TrainingPlan (`training_plan`): the members with their metric prefixes,
+loggers, checkpoints and resume keys, the folder it checkpoints into, this process's rank.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers.logger import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
@@ -34,7 +38,7 @@ from saesweep.errors import ConfigError, JobStopped, TrainingDivergedError
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import EvalResult, HeldOutSet
 from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, wandb_group, write_run_dir
-from saesweep.sae import ARCHITECTURES, inference_class
+from saesweep.sae import ARCHITECTURES, Sae, inference_class
 from saesweep.store import (
     ActivationStore,
     ResumableLoader,
@@ -142,40 +146,145 @@ def train_ensemble(
     `data`: `training_data(cfgs)` when the caller has loaded it already (a benchmark that goes on to
     train other tools on the same activations).
     """
+    run_dirs = prepare_run_dirs(cfgs, run_dirs)
+    L.seed_everything(cfgs[0].seed, workers=True, verbose=False)
+    data = data or training_data(cfgs)
+    saes = [new_sae(cfg, d_sae, data) for cfg, d_sae in zip(cfgs, data.d_saes)]
+    plan = training_plan(cfgs, run_dirs, sweep_dir, data, ensemble_name)
+    train_loader, eval_loader = loaders(plan, data)
+    module = training_module(plan, saes, data)
+    fit(plan, module, train_loader, eval_loader)
+    plan.trainer.validate(module, dataloaders=eval_loader, verbose=False)
+    if plan.rank != 0:  # under DDP the run directory and the W&B run are rank 0's
+        return module.last_evals
+    return write_outcomes(plan, module, data)
+
+
+def prepare_run_dirs(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[Path]:
+    """The configs checked, alone and as one ensemble, and the folders they write checked writable; a
+    failed earlier attempt's error.json removed (a rerun of a failed job starts afresh)."""
     run_dirs = [Path(d) for d in run_dirs]
     if len(cfgs) != len(run_dirs):
         raise ValueError(f"{len(cfgs)} configs for {len(run_dirs)} run directories")
     for cfg in cfgs:
         check_config(cfg)
     check_ensemble(list(cfgs))
-    cfg = cfgs[0]  # every setting but the dictionary's own is the same in all
     for run_dir in run_dirs:
         check_writable_dir("output directory (hydra.run.dir or hydra.sweep.dir)", run_dir)
-    check_writable_dir("store.dir", store_root(cfg))
+    check_writable_dir("store.dir", store_root(cfgs[0]))  # every setting but the dictionary's own is the same in all
     for run_dir in run_dirs:
-        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts afresh
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = data or training_data(cfgs)
-    saes = []
-    for c, d_sae in zip(cfgs, data.d_saes):
-        sae = ARCHITECTURES[c.sae.architecture](data.d_in, d_sae, generator=init_generator(c, d_sae), **sae_hyperparameters(c))
-        sae.init_b_dec(data.sample / data.scale)
-        saes.append(sae)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    return run_dirs
+
+
+def new_sae(cfg: DictConfig, d_sae: int, data: TrainingData) -> Sae:
+    """The config's SAE, initialised: its own seed, the decoder bias at the sample's geometric median."""
+    sae = ARCHITECTURES[cfg.sae.architecture](data.d_in, d_sae, generator=init_generator(cfg, d_sae), **sae_hyperparameters(cfg))
+    sae.init_b_dec(data.sample / data.scale)
+    return sae
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dictionary of a pass: its job's config and run directory, the prefix of its metrics in the
+    module's log ("" for a lone job), its own logger (its W&B run; False: none), and its own
+    checkpoint with the key that resumes it (an ensemble member's is cut from the shared one)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    d_sae: int
+    metric_prefix: str
+    logger: Logger | Literal[False]
+    checkpoint: Path
+    resume_key: dict
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a pass trains and where it writes, decided once: its members, the folder it checkpoints
+    into while it trains (a lone job's run directory, an ensemble's `<sweep dir>/<ensemble_name>`), the
+    Lightning trainer (whose strategy sets this process's DDP rank and the world size), the rank's
+    part of the activation stream, the schedule's length and the key a checkpoint must match."""
+
+    members: tuple[Member, ...]
+    checkpoint_dir: Path
+    trainer: L.Trainer
+    stop_on_signal: StopOnSignal
+    stream: StoreStream
+    total_steps: int
+    resume_key: dict
+
+    @property
+    def cfg(self) -> DictConfig:
+        """The settings the members share (all but the dictionary's own)."""
+        return self.members[0].cfg
+
+    @property
+    def lone(self) -> bool:
+        return len(self.members) == 1
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint_dir / "last.ckpt"
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size
+
+
+def training_plan(
+    cfgs: Sequence[DictConfig],
+    run_dirs: Sequence[Path],
+    sweep_dir: Path | None,
+    data: TrainingData,
+    ensemble_name: str = ENSEMBLE_DIR,
+) -> TrainingPlan:
+    """The plan of a pass of `cfgs` into `run_dirs`: a lone job if there is one config, an ensemble
+    otherwise (whose members' metrics are prefixed by their run directories' names). Opens the
+    members' loggers (their W&B runs start) and makes the trainer."""
+    cfg = cfgs[0]  # every setting but the dictionary's own is the same in all
     lone = len(cfgs) == 1
     prefixes = [""] if lone else [f"{run_dir.name}/" for run_dir in run_dirs]
     if len(set(prefixes)) != len(prefixes):
         raise ConfigError(f"the run directories of an ensemble need distinct names: {[str(d) for d in run_dirs]}")
-    run_loggers = [make_logger(c, run_dir, sweep_dir, concurrent=not lone) for c, run_dir in zip(cfgs, run_dirs)]
-    if lone:
-        logger = run_loggers[0]
-    else:
-        logger = [RunLogger(lg, prefix, prefixes) for lg, prefix in zip(run_loggers, prefixes) if lg] or False
+    loggers = [make_logger(c, run_dir, sweep_dir, concurrent=not lone) for c, run_dir in zip(cfgs, run_dirs)]
     checkpoint_dir = (run_dirs[0] if lone else Path(sweep_dir or run_dirs[0].parent) / ensemble_name) / CHECKPOINT_DIR
-    last = checkpoint_dir / "last.ckpt"
-    stop_on_signal = StopOnSignal(last)
-    trainer: L.Trainer = instantiate(
+    stop_on_signal = StopOnSignal(checkpoint_dir / "last.ckpt")
+    trainer_logger = loggers[0] if lone else [RunLogger(lg, p, prefixes) for lg, p in zip(loggers, prefixes) if lg] or False
+    trainer = make_trainer(cfg, run_dirs[0], trainer_logger, checkpoint_dir, stop_on_signal)
+    stream = StoreStream(
+        data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size,
+        device_buffer=cfg.store.device_buffer, device=trainer.strategy.root_device,
+    )
+    steps = total_steps(cfg.trainer, len(stream))
+    shared_key = {
+        "activation_store": data.store.path.name,
+        "seed": cfg.seed,
+        "train.batch_size": cfg.train.batch_size,
+        "store.buffer_tokens": cfg.store.buffer_tokens,
+        "total_steps": steps,
+        "world_size": trainer.world_size,  # a stream position counts one rank's batches
+    }
+    members = tuple(
+        Member(c, run_dir, d_sae, prefix, logger, run_dir / CHECKPOINT_DIR / "last.ckpt", shared_key | {"d_sae": d_sae})
+        for c, run_dir, d_sae, prefix, logger in zip(cfgs, run_dirs, data.d_saes, prefixes, loggers)
+    )
+    ensemble_key = shared_key | {"d_sae": data.d_saes, "sae": [describe_sae(c) for c in cfgs]}
+    return TrainingPlan(
+        members, checkpoint_dir, trainer, stop_on_signal, stream, steps, members[0].resume_key if lone else ensemble_key
+    )
+
+
+def make_trainer(cfg: DictConfig, root_dir: Path, logger, checkpoint_dir: Path, stop_on_signal: StopOnSignal) -> L.Trainer:
+    """The configured Lightning trainer: checkpoints into `checkpoint_dir` every
+    train.checkpoint_every_n_steps (and on a signal), evaluates every eval.every_n_steps."""
+    return instantiate(
         cfg.trainer,
-        default_root_dir=str(run_dirs[0]),
+        default_root_dir=str(root_dir),
         logger=logger,
         callbacks=[
             ModelCheckpoint(
@@ -191,91 +300,102 @@ def train_ensemble(
         check_val_every_n_epoch=None,
         use_distributed_sampler=False,  # the stream and the held-out set are split over ranks here
     )
-    stream = StoreStream(
-        data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size,
-        device_buffer=cfg.store.device_buffer, device=trainer.strategy.root_device,
-    )
-    steps = total_steps(cfg.trainer, len(stream))
-    resume_key = {
-        "activation_store": data.store.path.name,
-        "seed": cfg.seed,
-        "train.batch_size": cfg.train.batch_size,
-        "store.buffer_tokens": cfg.store.buffer_tokens,
-        "total_steps": steps,
-        "world_size": trainer.world_size,  # a stream position counts one rank's batches
-    }
-    module = SaeTrainingModule(
+
+
+def training_module(plan: TrainingPlan, saes: Sequence[Sae], data: TrainingData) -> SaeTrainingModule:
+    """The Lightning module that trains the plan's SAEs, with the shared training settings."""
+    cfg = plan.cfg
+    return SaeTrainingModule(
         saes,
-        metric_prefixes=prefixes,
+        metric_prefixes=[member.metric_prefix for member in plan.members],
         act_scale=data.scale,
         lr=cfg.train.lr,
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_steps=cfg.train.lr_warmup_steps,
         lr_warmup_max_fraction=cfg.train.lr_warmup_max_fraction,
         lr_decay_fraction=cfg.train.lr_decay_fraction,
-        total_steps=steps,
+        total_steps=plan.total_steps,
         max_bad_steps=cfg.train.max_bad_steps,
         model=data.model,
         hook_point=data.hook_point,
-        resume_key=resume_key | (
-            {"d_sae": data.d_saes[0]} if lone else {"d_sae": data.d_saes, "sae": [describe_sae(c) for c in cfgs]}
-        ),
+        resume_key=plan.resume_key,
         compile=cfg.train.compile,
         dead_window_tokens=cfg.train.dead_window_tokens,
         grad_clip_norm=cfg.train.get("grad_clip_norm"),
     )
 
+
+def loaders(plan: TrainingPlan, data: TrainingData) -> tuple[ResumableLoader, DataLoader]:
+    """This rank's training batches (the plan's stream) and its part of the held-out set."""
     pin = data.device.type == "cuda"
-    train_loader = ResumableLoader(stream, pin_memory=pin and not stream.resident)
+    train_loader = ResumableLoader(plan.stream, pin_memory=pin and not plan.stream.resident)
     # under DDP each rank evaluates every world_size-th context; the module adds the ranks' sums up
-    eval_part = Subset(data.held_out, range(trainer.global_rank, len(data.held_out), trainer.world_size))
-    eval_loader = DataLoader(eval_part, batch_size=cfg.eval.batch_contexts, pin_memory=pin)
-    resume_from = readable_checkpoint(last)
+    eval_part = Subset(data.held_out, range(plan.rank, len(data.held_out), plan.world_size))
+    return train_loader, DataLoader(eval_part, batch_size=plan.cfg.eval.batch_contexts, pin_memory=pin)
+
+
+def fit(plan: TrainingPlan, module: SaeTrainingModule, train_loader: ResumableLoader, eval_loader: DataLoader) -> None:
+    """Trains to the end (resuming from the plan's last checkpoint when there is a readable one) and
+    checkpoints the whole state; a signal stops it with its checkpoint written."""
+    resume_from = readable_checkpoint(plan.last)
     if resume_from:
         log.info("resuming from %s", resume_from)
+    trainer = plan.trainer
     # weights_only: a checkpoint holds tensors and plain values, so nothing in it needs unpickling
     trainer.fit(
         module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=str(resume_from) if resume_from else None, weights_only=True
     )
-    if stop_on_signal.signum == signal.SIGINT:
-        raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {last} written")
-    if stop_on_signal.signum is not None:
-        name = signal.Signals(stop_on_signal.signum).name
-        raise JobStopped(stop_on_signal.signum, f"stopped by {name} at step {trainer.global_step}; {last} written")
-    trainer.save_checkpoint(last, weights_only=False)  # the whole state, optimizer and loops included
-    trainer.validate(module, dataloaders=eval_loader, verbose=False)
-    if not trainer.is_global_zero:  # under DDP the run directory and the W&B run are rank 0's
-        return module.last_evals
+    signum = plan.stop_on_signal.signum
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; {plan.last} written")
+    if signum is not None:
+        raise JobStopped(signum, f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; {plan.last} written")
+    trainer.save_checkpoint(plan.last, weights_only=False)  # the whole state, optimizer and loops included
 
-    train_contexts = sum(shard["contexts"] for shard in data.manifest["shards"])
-    if not lone:
+
+def write_outcomes(
+    plan: TrainingPlan, module: SaeTrainingModule, data: TrainingData
+) -> list[EvalResult | TrainingDivergedError]:
+    """Rank 0's part once trained: an ensemble's checkpoint cut into its members' run directories, then
+    each run directory written and its W&B run finished; a member that diverged gets its error instead."""
+    if not plan.lone:
         write_member_checkpoints(
-            last,
-            [d / CHECKPOINT_DIR / "last.ckpt" for d in run_dirs],
-            [resume_key | {"d_sae": d} for d in data.d_saes],
+            plan.last,
+            [member.checkpoint for member in plan.members],
+            [member.resume_key for member in plan.members],
         )
+    train_contexts = sum(shard["contexts"] for shard in data.manifest["shards"])
     outcomes: list[EvalResult | TrainingDivergedError] = []
-    for index, (c, run_dir, d_sae, sae, result, run_logger) in enumerate(zip(
-        cfgs, run_dirs, data.d_saes, module.raw_saes(), module.last_evals, run_loggers
-    )):
+    for index, (member, sae, result) in enumerate(zip(plan.members, module.raw_saes(), module.last_evals)):
         if index in module.dropped:  # diverged and left the ensemble: its checkpoint holds its last good step
             outcomes.append(TrainingDivergedError(module.dropped[index]))
-            if run_logger and hasattr(run_logger, "experiment") and hasattr(run_logger.experiment, "finish"):
-                run_logger.experiment.finish(exit_code=1)
+            if run := wandb_run(member.logger):
+                run.finish(exit_code=1)
             continue
         outcomes.append(result)
-        run_cfg = describe_run(c, data.hook_point, data.d_in, d_sae, int(module.tokens_seen), train_contexts)
-        write_run_dir(run_dir, sae, run_cfg, result)
-        if run_logger:
-            final = {f"final/{k}": v for k, v in result.metrics.items()}
-            if c.target_l0 is not None:  # the objective of sweeps/bayes_l1_target_l0.yaml
-                final["final/abs_l0_error"] = abs(result.metrics["l0"] - c.target_l0)
-            run_logger.log_metrics(final, step=trainer.global_step)
-            if hasattr(run_logger, "experiment") and hasattr(run_logger.experiment, "summary"):
-                run_logger.experiment.summary.update(result.metrics)
-                run_logger.experiment.finish()
-        log.info("wrote %s: %s", run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
+        run_cfg = describe_run(member.cfg, data.hook_point, data.d_in, member.d_sae, int(module.tokens_seen), train_contexts)
+        write_run_dir(member.run_dir, sae, run_cfg, result)
+        if member.logger:
+            log_final_metrics(member, result, plan.trainer.global_step)
+        log.info("wrote %s: %s", member.run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
     return outcomes
+
+
+def log_final_metrics(member: Member, result: EvalResult, step: int) -> None:
+    """The member's final metrics (`final/*`), to its logger and its W&B run's summary; closes the run."""
+    final = {f"final/{k}": v for k, v in result.metrics.items()}
+    if member.cfg.target_l0 is not None:  # the objective of sweeps/bayes_l1_target_l0.yaml
+        final["final/abs_l0_error"] = abs(result.metrics["l0"] - member.cfg.target_l0)
+    member.logger.log_metrics(final, step=step)
+    if run := wandb_run(member.logger):
+        run.summary.update(result.metrics)
+        run.finish()
+
+
+def wandb_run(logger: Logger | Literal[False]):
+    """The W&B run behind a logger; None for no logger or another kind (CSV, TensorBoard)."""
+    experiment = getattr(logger, "experiment", None)
+    return experiment if hasattr(experiment, "summary") and hasattr(experiment, "finish") else None
 
 
 def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
