@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from saesweep.errors import DataError
 from saesweep.hub import require_hub
@@ -301,7 +301,10 @@ def bos_token_id(tokenizer) -> int:
 
 def dataset_description(cfg: DictConfig) -> dict:
     """What decides the contexts: the dataset, its split and text field, BOS, the shuffle seed, the
-    held-out documents, the pieces taken per document and the mixing of training contexts."""
+    held-out documents, the pieces taken per document and the mixing of training contexts. For
+    synthetic activations (data=synthetic): the generator's knobs, which decide them alike."""
+    if cfg.data.get("name") == "synthetic":
+        return OmegaConf.to_container(cfg.data, resolve=True)
     return {
         "name": cfg.data.name,
         "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,

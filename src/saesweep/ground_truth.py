@@ -43,7 +43,7 @@ class Recovery:
 
 def cosines(W_dec: torch.Tensor, truth: TrueFeatures) -> torch.Tensor:
     """[n_true, d_sae] cosine of every true direction with every learned decoder row."""
-    learned = W_dec.float().cpu()
+    learned = W_dec.detach().float().cpu()
     learned = learned / learned.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return truth.directions.float() @ learned.T
 

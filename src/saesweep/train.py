@@ -48,6 +48,7 @@ from saesweep.store import (
     default_store_dir,
     model_fingerprint,
 )
+from saesweep.synthetic import SYNTHETIC, is_synthetic, synthetic_data
 from saesweep.training import (
     AtomicCheckpointIO,
     SaeTrainingModule,
@@ -96,6 +97,8 @@ def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
     reuses them: every job of a sweep, and later sweeps, find them there)."""
     cfg = cfgs[0]
     device = resolve_device(cfg.model.device)
+    if is_synthetic(cfg.data):
+        return synthetic_training_data(cfgs, device)
     model = load_model(cfg.model.name, cfg.model.path, device, cfg.model.dtype)
     hook_point = hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
     validate_hook_point(model, hook_point)
@@ -108,8 +111,25 @@ def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
     store.check_room(d_in)
     manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
     held_out = held_out_set(cfg, model, hook_point, store, contexts, cfg.eval.n_tokens)
-    sample = store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
+    sample = first_rows(store, manifest)
     return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, held_out, sample, activation_scale(sample))
+
+
+def synthetic_training_data(cfgs: Sequence[DictConfig], device: torch.device) -> TrainingData:
+    """The same from synthetic activations (data=synthetic): no language model, the generator's width."""
+    cfg = cfgs[0]
+    synthetic = synthetic_data(cfg, store_root(cfg))
+    d_in = synthetic.spec.d_in
+    d_saes = [check_with_model(c, cfg.ctx_len, d_in) for c in cfgs]  # no model: no context length to exceed
+    log.info("data=synthetic: no language model; ce_* and ppl_* are not measured (NaN)")
+    sample = first_rows(synthetic.store, synthetic.manifest)
+    return TrainingData(None, device, SYNTHETIC, d_in, d_saes, synthetic.store, synthetic.manifest, synthetic.held_out,
+                        sample, activation_scale(sample))
+
+
+def first_rows(store: ActivationStore, manifest: dict) -> torch.Tensor:
+    """The normalisation sample: the first rows of the store's first shard."""
+    return store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
 
 
 def held_out_set(
@@ -497,10 +517,11 @@ def describe_run(
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "context_size": cfg.ctx_len,
-        "prepend_bos": cfg.data.prepend_bos,
+        "prepend_bos": cfg.data.get("prepend_bos", False),  # synthetic activations have no tokens
         "dataset_path": cfg.data.name or str(Path(cfg.data.path).resolve()),
-        "model_name": None if cfg.model.path else cfg.model.name,  # model.path wins when both are set
-        "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path else None,
+        # model.path wins when both are set; synthetic activations come from no model
+        "model_name": None if cfg.model.path or is_synthetic(cfg.data) else cfg.model.name,
+        "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path and not is_synthetic(cfg.data) else None,
         "dataset": dataset_description(cfg),
         "ctx_len": cfg.ctx_len,
         "eval_n_tokens": cfg.eval.n_tokens,  # the first eval_n_tokens of the held-out order (ContextSource)
