@@ -152,3 +152,26 @@ def test_training_on_synthetic_activations_recovers_the_true_features(tmp_path):
     truth = make_features(SyntheticSpec.from_config(cfg.data))
     rec = recovery(load_sae(tmp_path / "run").W_dec, truth)
     assert rec.fraction > 0.5, rec  # seen: 33 of 48 at cos ≥ 0.9, mean max cosine 0.90
+
+
+def test_the_evaluator_judges_synthetic_runs_against_their_truth(tmp_path):
+    """Two seeds at 4× and an 8×: ground_truth.json gives each its recovery, and how true the features
+    found again by the other seed and in the larger dictionary are."""
+    from saesweep.evaluate import WandbSettings, evaluate_sweep
+    from saesweep.train import train
+
+    sweep = tmp_path / "sweep"
+    for job, (seed, ratio) in enumerate([(0, 4), (1, 4), (0, 8)]):
+        cfg = synthetic_cfg(tmp_path / "store", "n_tokens=60000", "l1_coef=1", "trainer.max_epochs=3",
+                            "train.lr_warmup_steps=20", f"seed={seed}", f"dict_ratio={ratio}")
+        train(cfg, sweep / str(job), sweep)
+    evaluate_sweep(sweep, wandb_settings=WandbSettings(mode="disabled"))
+    report = json.loads((sweep / "evaluation" / "ground_truth.json").read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert set(runs) == {"0", "1", "2"} and all(r["n_true"] == 48 for r in runs.values())
+    assert all(0 < r["recovered"] <= 48 and 0 < r["mean_max_cos"] <= 1 for r in runs.values())
+    by_seed, by_size = runs["0"]["by_seed"], runs["0"]["by_size"]
+    assert by_seed["found_again"] > 0 and 0 <= by_seed["precision"] <= 1 and 0 <= by_seed["recall"] <= 1
+    assert by_size["found_again"] > 0 and runs["2"]["by_size"] is None  # the largest has none larger
+    # features two seeds both learn are mostly real ones (seen: precision 0.82, recall 0.67)
+    assert by_seed["precision"] > 0.6

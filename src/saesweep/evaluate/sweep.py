@@ -14,6 +14,7 @@ from .compare import Comparison, EvalSettings, compare_runs
 from .figures import write_plots
 from .outputs import SummaryRow, mcs_json, summary_rows, write_summary_csv
 from .runs import FailedRun, Run, discover_runs, load_released
+from .truth import GROUND_TRUTH_FILE, evaluate_truth, ground_truth_json
 from .wandb_log import WandbSettings, log_to_wandb
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def evaluate_sweep(
     atomic_write_json(out_dir / MCS_FILE, report)
     write_summary_csv(out_dir / SUMMARY_FILE, summary)
     plot_paths = write_plots(out_dir, runs, comparison, settings)
+    if truth := evaluate_truth(runs, comparison, settings.found_threshold):  # runs on synthetic activations
+        atomic_write_json(out_dir / GROUND_TRUTH_FILE, ground_truth_json(truth))
     if wandb_settings.mode != "disabled":
         group = recorded_wandb_group([r.path for r in [*runs, *failed]], sweep_dir)
         config = {"sweep_dir": str(sweep_dir), **asdict(settings)}
