@@ -136,6 +136,7 @@ _SAE_KEYS = {
     "threshold_init": (False, 0, False, False),
     "bandwidth": (False, 0, False, False),
     "encoder_init_norm": (False, 0, False, False),
+    "target_l0": (False, 0, False, True),
 }
 
 
@@ -148,7 +149,7 @@ def check_architecture(cfg: DictConfig) -> None:
         raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}{hint}")
     own = ARCHITECTURES[architecture].hyperparameters
     for key in cfg.sae:
-        if key != "architecture" and key not in own:
+        if key not in ("architecture", "target_l0") and key not in own:
             raise ConfigError(
                 f"sae.{key}={OmegaConf.select(cfg, f'sae.{key}')!r} is not a key of sae={architecture}; its keys: "
                 f"{', '.join(sorted(own)) or 'none'} (choose the architecture with sae=NAME)"

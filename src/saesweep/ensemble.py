@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
+from saesweep.target_l0 import TargetL0
 from saesweep.training import AtomicCheckpointIO
 
 ENSEMBLE_DIR = ".ensemble"  # in the sweep directory: the shared checkpoint while the ensemble trains
@@ -72,6 +73,10 @@ def write_member_checkpoints(ensemble_ckpt: Path, paths: Sequence[Path], resume_
             },
             "optimizer_states": [_group_alone(optimizer, index) for optimizer in checkpoint["optimizer_states"]],
             "saesweep_resume_key": resume_key,
+        }
+        member["callbacks"] = {
+            key: TargetL0.member_state(state, index) if key.startswith(TargetL0.__qualname__) else state
+            for key, state in checkpoint.get("callbacks", {}).items()
         }
         for key in ("saesweep_tokens_since_fired",):
             if key in checkpoint:

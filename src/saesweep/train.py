@@ -10,6 +10,7 @@ loggers, checkpoints and resume keys, the folder it checkpoints into, this proce
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -49,6 +50,7 @@ from saesweep.store import (
     model_fingerprint,
 )
 from saesweep.synthetic import SYNTHETIC, is_synthetic, synthetic_data
+from saesweep.target_l0 import TargetL0
 from saesweep.training import (
     AtomicCheckpointIO,
     SaeTrainingModule,
@@ -230,6 +232,7 @@ class TrainingPlan:
     checkpoint_dir: Path
     trainer: L.Trainer
     stop_on_signal: StopOnSignal
+    target_l0: TargetL0 | None  # the controller of the members with a sae.target_l0 coefficient
     stream: StoreStream
     total_steps: int
     resume_key: dict
@@ -275,7 +278,8 @@ def training_plan(
     checkpoint_dir = (run_dirs[0] if lone else Path(sweep_dir or run_dirs[0].parent) / ensemble_name) / CHECKPOINT_DIR
     stop_on_signal = StopOnSignal(checkpoint_dir / "last.ckpt")
     trainer_logger = loggers[0] if lone else [RunLogger(lg, p, prefixes) for lg, p in zip(loggers, prefixes) if lg] or False
-    trainer = make_trainer(cfg, run_dirs[0], trainer_logger, checkpoint_dir, stop_on_signal)
+    controller = target_l0_controller(cfgs)
+    trainer = make_trainer(cfg, run_dirs[0], trainer_logger, checkpoint_dir, [stop_on_signal, *filter(None, [controller])])
     stream = StoreStream(
         data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size,
         device_buffer=cfg.store.device_buffer, device=trainer.strategy.root_device,
@@ -295,13 +299,14 @@ def training_plan(
     )
     ensemble_key = shared_key | {"d_sae": data.d_saes, "sae": [describe_sae(c) for c in cfgs]}
     return TrainingPlan(
-        members, checkpoint_dir, trainer, stop_on_signal, stream, steps, members[0].resume_key if lone else ensemble_key
+        members, checkpoint_dir, trainer, stop_on_signal, controller, stream, steps,
+        members[0].resume_key if lone else ensemble_key,
     )
 
 
-def make_trainer(cfg: DictConfig, root_dir: Path, logger, checkpoint_dir: Path, stop_on_signal: StopOnSignal) -> L.Trainer:
+def make_trainer(cfg: DictConfig, root_dir: Path, logger, checkpoint_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     """The configured Lightning trainer: checkpoints into `checkpoint_dir` every
-    train.checkpoint_every_n_steps (and on a signal), evaluates every eval.every_n_steps."""
+    train.checkpoint_every_n_steps (and on a signal: StopOnSignal among `callbacks`), evaluates every eval.every_n_steps."""
     return instantiate(
         cfg.trainer,
         default_root_dir=str(root_dir),
@@ -313,7 +318,7 @@ def make_trainer(cfg: DictConfig, root_dir: Path, logger, checkpoint_dir: Path, 
                 save_top_k=0,
                 every_n_train_steps=cfg.train.checkpoint_every_n_steps,
             ),
-            stop_on_signal,
+            *callbacks,
         ],
         plugins=[AtomicCheckpointIO()],
         val_check_interval=cfg.eval.every_n_steps,
@@ -393,12 +398,24 @@ def write_outcomes(
                 run.finish(exit_code=1)
             continue
         outcomes.append(result)
-        run_cfg = describe_run(member.cfg, data.hook_point, data.d_in, member.d_sae, int(module.tokens_seen), train_contexts)
+        run_cfg = describe_run(final_config(plan, index), data.hook_point, data.d_in, member.d_sae, int(module.tokens_seen),
+                               train_contexts)
         write_run_dir(member.run_dir, sae, run_cfg, result)
         if member.logger:
             log_final_metrics(member, result, plan.trainer.global_step)
         log.info("wrote %s: %s", member.run_dir, {k: round(v, 4) for k, v in result.metrics.items()})
     return outcomes
+
+
+def final_config(plan: TrainingPlan, index: int) -> DictConfig:
+    """Member `index`'s config as trained: a coefficient steered to sae.target_l0 at its final, frozen value."""
+    cfg = plan.members[index].cfg
+    if plan.target_l0 is None or index not in plan.target_l0.controlled:
+        return cfg
+    key, _ = plan.target_l0.controlled[index]
+    final = copy.deepcopy(cfg)
+    OmegaConf.update(final, f"sae.{key}", plan.target_l0.coefficient(index))
+    return final
 
 
 def log_final_metrics(member: Member, result: EvalResult, step: int) -> None:
@@ -429,13 +446,28 @@ def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
 
 
 def sae_hyperparameters(cfg: DictConfig) -> dict:
-    """The architecture's own keys (`sae.*` but `architecture`), as constructor arguments."""
-    return {k: v for k, v in OmegaConf.to_container(cfg.sae, resolve=True).items() if k != "architecture"}
+    """The architecture's own keys (`sae.*` but `architecture` and `target_l0`), as constructor
+    arguments; `sae.target_l0` is the k of an architecture that has one."""
+    keys = {k: v for k, v in OmegaConf.to_container(cfg.sae, resolve=True).items() if k not in ("architecture", "target_l0")}
+    if cfg.sae.get("target_l0") is not None and "k" in keys:
+        keys["k"] = int(round(cfg.sae.target_l0))
+    return keys
 
 
 def describe_sae(cfg: DictConfig) -> dict:
     """The architecture and all its keys: cfg.json's `sae`, part of the initialisation seed."""
-    return {"architecture": cfg.sae.architecture, **sae_hyperparameters(cfg)}
+    target = {"target_l0": cfg.sae.target_l0} if cfg.sae.get("target_l0") is not None else {}
+    return {"architecture": cfg.sae.architecture, **sae_hyperparameters(cfg), **target}
+
+
+def target_l0_controller(plan_cfgs: Sequence[DictConfig]) -> TargetL0 | None:
+    """The controller for the members whose sae.target_l0 sets a sparsity coefficient (None: no such member)."""
+    controlled = {
+        i: (key, float(c.sae.target_l0))
+        for i, c in enumerate(plan_cfgs)
+        if c.sae.get("target_l0") is not None and (key := ARCHITECTURES[c.sae.architecture].sparsity_coefficient)
+    }
+    return TargetL0(controlled) if controlled else None
 
 
 def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:

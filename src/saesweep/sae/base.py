@@ -35,6 +35,8 @@ class Sae(nn.Module):
     architecture: ClassVar[str]
     saelens_architecture: ClassVar[str | None] = None  # SAELens's name for this saved form (None: not saved as itself)
     hyperparameters: ClassVar[dict[str, Any]] = {}
+    # the hyperparameter that sets its sparsity, which sae.target_l0 steers (None: k sets it, or nothing)
+    sparsity_coefficient: ClassVar[str | None] = None
     activation_unit_parameters: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters: Any):

@@ -14,6 +14,7 @@ from .base import Sae, TrainStep, mse
 class GatedSae(Sae):
     architecture = "gated"
     saelens_architecture = "gated"
+    sparsity_coefficient = "l1_coef"
     hyperparameters = {"l1_coef": 2.0}
     activation_unit_parameters = ("b_gate", "b_mag", "b_dec")
 

@@ -13,6 +13,7 @@ from .base import Sae, TrainStep, mse
 class JumpReluSae(Sae):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
+    sparsity_coefficient = "l0_coef"
     hyperparameters = {"l0_coef": 0.7, "threshold_init": 0.1, "bandwidth": 0.05}
     activation_unit_parameters = ("b_enc", "b_dec", "threshold")
 

@@ -11,6 +11,7 @@ from .base import Sae, TrainStep, mse
 class ReluSae(Sae):
     architecture = "relu_l1"
     saelens_architecture = "standard"
+    sparsity_coefficient = "l1_coef"
     # l1_coef: on activations normalised to E‖x‖² = d_in; resample_every_tokens: re-initialise the
     # features dead over train.dead_window_tokens each time this many training tokens pass (null: never);
     # encoder_init_norm: each encoder column starts as its decoder row times this (Anthropic's April 2024

@@ -1,0 +1,83 @@
+"""A target L0 (`sae.target_l0=N`) for the architectures whose sparsity is set by a coefficient (ReLU/L1 and
+gated: l1_coef; JumpReLU: l0_coef): a controller steers the coefficient during training so the dictionary
+ends at about N active features per token, and then holds it, so the final dictionary is trained at one
+fixed coefficient (recorded in cfg.json). The TopK family needs no controller: its k is set to N.
+
+The controller, every `every` steps from the end of the learning-rate warm-up until `1 − freeze_fraction`
+of the run: it measures the L0 of each controlled SAE on the step's batch (one host read per adjustment,
+not per step) and moves the coefficient in log space, log c ← log c + gain · log(L0 / N), by at most a
+factor `max_factor` at a time. L0 falls as the coefficient rises (roughly L0 ∝ c^−β, β ≈ 1–2), so the
+error shrinks by about 1 − gain·β per adjustment; gain 0.3 keeps that well inside stability while the
+dictionary, which answers a new coefficient over tens of steps, catches up. Its state is checkpointed:
+a resumed job continues with the coefficient it had.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import torch
+
+from saesweep.training import warmup_steps
+
+log = logging.getLogger(__name__)
+
+
+class TargetL0(L.Callback):
+    """`controlled[i] = (key, target)`: SAE i's coefficient hyperparameter and its target L0."""
+
+    def __init__(
+        self, controlled: dict[int, tuple[str, float]], freeze_fraction: float = 0.25, every: int = 10,
+        gain: float = 0.3, max_factor: float = 2.0,
+    ):
+        self.controlled = controlled
+        self.freeze_fraction = freeze_fraction
+        self.every, self.gain, self.max_step = every, gain, math.log(max_factor)
+        self.log_coefficients: dict[int, float] = {}
+        self.start_step = self.freeze_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = pl_module.total_steps
+        self.start_step = warmup_steps(pl_module.lr_warmup_steps, total, pl_module.lr_warmup_max_fraction)
+        self.freeze_step = int(total * (1 - self.freeze_fraction))
+        for i, (key, _) in self.controlled.items():
+            if i in self.log_coefficients:  # resumed: the coefficient the job had reached
+                pl_module.saes[i].hparams[key] = math.exp(self.log_coefficients[i])
+            else:
+                self.log_coefficients[i] = math.log(max(pl_module.saes[i].hparams[key], 1e-12))
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every or not self.start_step <= step < self.freeze_step:
+            return
+        live = [i for i in self.controlled if i not in pl_module.dropped]
+        if not live:
+            return
+        x = pl_module._last_batch
+        l0s = torch.stack([(pl_module.saes[i].encode(x) > 0).sum(-1).float().mean() for i in live]).tolist()
+        for i, l0 in zip(live, l0s):
+            key, target = self.controlled[i]
+            change = self.gain * math.log(max(l0, 1e-2) / target)
+            self.log_coefficients[i] += max(-self.max_step, min(self.max_step, change))
+            pl_module.saes[i].hparams[key] = math.exp(self.log_coefficients[i])
+        if step + self.every >= self.freeze_step:
+            log.info("target L0: coefficients frozen from step %d: %s", step,
+                     {i: round(math.exp(c), 6) for i, c in self.log_coefficients.items()})
+
+    def coefficient(self, i: int) -> float:
+        return math.exp(self.log_coefficients[i])
+
+    def state_dict(self) -> dict:
+        return {"log_coefficients": {str(i): c for i, c in self.log_coefficients.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.log_coefficients = {int(i): c for i, c in state_dict["log_coefficients"].items()}
+
+    @staticmethod
+    def member_state(state_dict: dict, index: int) -> dict:
+        """The state of an ensemble's controller cut down to member `index`, as a lone job of it has it."""
+        own = state_dict["log_coefficients"].get(str(index))
+        return {"log_coefficients": {} if own is None else {"0": own}}
