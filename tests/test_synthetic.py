@@ -175,3 +175,21 @@ def test_the_evaluator_judges_synthetic_runs_against_their_truth(tmp_path):
     assert by_size["found_again"] > 0 and runs["2"]["by_size"] is None  # the largest has none larger
     # features two seeds both learn are mostly real ones (seen: precision 0.82, recall 0.67)
     assert by_seed["precision"] > 0.6
+    # the stability–fidelity frontier: one setting with two seeds (the 4×)
+    import csv
+
+    (row,) = list(csv.DictReader((sweep / "evaluation" / "stability.csv").open()))
+    assert row["setting"] == "0,1" and row["n_seeds"] == "2" and row["on_frontier"] == "True"
+    assert 0 < float(row["found_by_other_seed"]) <= 1 and float(row["found_by_other_seed_sd"]) == 0
+    assert math.isnan(float(row["ce_recovered"])) and 0 < float(row["true_recovered"]) <= 1
+    assert (sweep / "evaluation" / "stability_frontier.png").stat().st_size > 1000
+
+
+def test_a_setting_beaten_on_stability_and_fidelity_is_off_the_frontier():
+    from saesweep.evaluate.stability import SettingStability, _on_frontier
+
+    def setting(name, found, ce):
+        return SettingStability(name, "relu_l1", 64, 2, found, 0.0, ce, 0.1, 10.0, math.nan)
+
+    a, b, c = setting("a", 0.5, 0.95), setting("b", 0.3, 0.99), setting("c", 0.4, 0.94)
+    assert _on_frontier(a, [a, b, c]) and _on_frontier(b, [a, b, c]) and not _on_frontier(c, [a, b, c])

@@ -255,6 +255,37 @@ def plot_mcs_matrix(path: Path, labels: list[str], matrix: np.ndarray) -> None:
     _save(fig, path)
 
 
+@dataclass(frozen=True)
+class StabilityPoint:
+    label: str
+    architecture: str
+    stability: float  # share found again by another seed
+    stability_sd: float
+    fidelity: float
+    on_frontier: bool
+
+
+def plot_stability_frontier(path: Path, points: list[StabilityPoint], fidelity_label: str) -> None:
+    """Stability (found again by another seed) against fidelity, one point per setting; the frontier joined."""
+    if not points:
+        return _write_message(path, "Stability against fidelity", "no setting was trained with two seeds")
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    markers = dict(zip(sorted({p.architecture for p in points}), cycle("osD^vP*X")))
+    for p in points:
+        ax.errorbar(p.fidelity, p.stability, yerr=p.stability_sd, fmt=markers[p.architecture], capsize=3,
+                    color="tab:red" if p.on_frontier else "tab:blue", label=p.architecture)
+        ax.annotate(p.label, (p.fidelity, p.stability), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    frontier = sorted((p for p in points if p.on_frontier), key=lambda p: p.fidelity)
+    ax.plot([p.fidelity for p in frontier], [p.stability for p in frontier], "--", color="tab:red", linewidth=1)
+    handles = {h.get_label(): h for h in ax.get_legend_handles_labels()[0]}
+    ax.legend(handles.values(), handles.keys(), fontsize=8, title="architecture (red: on the frontier)")
+    ax.set_xlabel(fidelity_label)
+    ax.set_ylabel("found again by another seed (one-to-one, share)")
+    ax.set_title("Stability against fidelity, per setting (bars: spread over seed pairs)", fontsize=10)
+    _save(fig, path)
+
+
 def _bar(se: float) -> float:
     return se if math.isfinite(se) else 0.0
 

@@ -156,6 +156,11 @@ def _runs_by_setting(runs: list[Run], ignore: tuple[str, ...]) -> list[list[Run]
     return list(by_setting.values())
 
 
+def settings_with_seeds(runs: list[Run]) -> list[list[Run]]:
+    """The sweep's settings trained with two or more seeds: their runs, one list per setting."""
+    return [same for same in _runs_by_setting(runs, _NOT_SETTINGS) if len({r.cfg["seed"] for r in same}) > 1]
+
+
 def seed_partners(runs: list[Run]) -> dict[str, str]:
     """Each run's partner trained with another `seed` and otherwise the same settings (the first in name
     order): a feature found again by a second seed at the same size is not an accident of initialisation."""

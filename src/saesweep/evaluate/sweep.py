@@ -14,6 +14,7 @@ from .compare import Comparison, EvalSettings, compare_runs
 from .figures import write_plots
 from .outputs import SummaryRow, mcs_json, summary_rows, write_summary_csv
 from .runs import FailedRun, Run, discover_runs, load_released
+from .stability import stability, write_stability
 from .truth import GROUND_TRUTH_FILE, evaluate_truth, ground_truth_json
 from .wandb_log import WandbSettings, log_to_wandb
 
@@ -77,6 +78,12 @@ def evaluate_sweep(
     plot_paths = write_plots(out_dir, runs, comparison, settings)
     if truth := evaluate_truth(runs, comparison, settings.found_threshold):  # runs on synthetic activations
         atomic_write_json(out_dir / GROUND_TRUTH_FILE, ground_truth_json(truth))
+    if frontier := stability(runs, comparison, truth):  # settings trained with two or more seeds
+        write_stability(out_dir, frontier)
+        for s in frontier:
+            log.info("stability: %s (%s, d_sae %d): %.1f %% ± %.1f found again by another seed, fidelity %.4f%s",
+                     s.setting, s.architecture, s.d_sae, 100 * s.found_by_other_seed, 100 * s.found_by_other_seed_sd,
+                     s.fidelity, " (on the frontier)" if s.on_frontier else "")
     if wandb_settings.mode != "disabled":
         group = recorded_wandb_group([r.path for r in [*runs, *failed]], sweep_dir)
         config = {"sweep_dir": str(sweep_dir), **asdict(settings)}
