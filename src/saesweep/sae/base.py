@@ -36,6 +36,9 @@ class Sae(nn.Module):
     saelens_architecture: ClassVar[str | None] = None  # SAELens's name for this saved form (None: not saved as itself)
     hyperparameters: ClassVar[dict[str, Any]] = {}
     activation_unit_parameters: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
+    # the hyperparameters that SAEs of one shape may differ in and still share one batched ensemble
+    # step: those its training step reads only as numbers (a coefficient), not those that set a shape (k)
+    per_member_hyperparameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters: Any):
         super().__init__()
