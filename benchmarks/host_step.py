@@ -29,26 +29,13 @@ import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from bench_train import bare_loop  # benchmarks/bench_train.py
 from machine import describe_machine  # benchmarks/machine.py
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from saesweep.dispatch import SYNC_OPS, OpCounter
 from saesweep.sae import ReluSae
 from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
 from saesweep.training import SaeTrainingModule
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_consecutive"}
 LOG_EVERY = 50  # Lightning's default log_every_n_steps: the counted step is not a logging step
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every aten operator dispatched while it is active, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func._schema.name.removeprefix("aten::")] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class StepProbe(L.Callback):
