@@ -110,5 +110,8 @@ def test_members_form_one_group_per_shape():
         TopKSae(8, 32, k=4, aux_coef=0.1), TopKSae(8, 32, k=8), TopKSae(8, 32, k=4, aux_coef=0.5),
         ReluSae(8, 32, l1_coef=1), ReluSae(8, 64), ReluSae(8, 32, l1_coef=3), GatedSae(8, 32),
     ]
-    assert ensemble(saes, True)._shape_groups(list(range(7))) == [[0, 2], [1], [3, 5], [4], [6]]
-    assert ensemble(saes, False)._shape_groups([0, 2, 3]) == [[0], [2], [3]]
+    assert ensemble(saes, True)._live_groups() == [[0, 2], [1], [3, 5], [4], [6]]
+    module = ensemble(saes, True)
+    module.dropped = {0: "diverged", 4: "diverged"}
+    assert module._live_groups() == [[1], [2], [3, 5], [6]]
+    assert ensemble(saes, False)._live_groups() == [[i] for i in range(7)]

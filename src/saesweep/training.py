@@ -104,6 +104,7 @@ class SaeTrainingModule(L.LightningModule):
         self._step = torch.compile(sae_step) if compile else sae_step
         self._batched_step = torch.compile(batched_sae_step) if compile else batched_sae_step
         self.batched = batched
+        self._shape_keys = [shape_key(sae) for sae in saes]
         # per group of members stepped together: their hyperparameters that differ, one tensor each
         self._coefficients: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
@@ -124,7 +125,7 @@ class SaeTrainingModule(L.LightningModule):
         # batch × d_sae activations, ~6 % of a CPU step) is computed only then
         log_now = self.trainer._logger_connector.should_update_logs
         distributed = self.trainer.world_size > 1
-        groups = self._shape_groups([i for i in range(len(self.saes)) if i not in self.dropped])
+        groups = self._live_groups()
         steps = [self._group_step(members, x, log_now) for members in groups]
         members = [i for group in groups for i in group]  # the live ones, in the order of `finite`
         # Which members' losses are finite is decided and acted on on the device, with no host sync:
@@ -149,14 +150,15 @@ class SaeTrainingModule(L.LightningModule):
         # a skipped member's loss is masked to 0; the NaN gradients it leaves are never applied
         return torch.where(finite, losses, 0.0).sum()
 
-    def _shape_groups(self, members: list[int]) -> list[list[int]]:
-        """The members by shape (`shape_key`), each group stepped as one computation (one member each
-        when not `batched`)."""
+    def _live_groups(self) -> list[list[int]]:
+        """The members not dropped, by shape (`shape_key`): each group steps as one computation (one
+        member each when not `batched`)."""
+        live = [i for i in range(len(self.saes)) if i not in self.dropped]
         if not self.batched:
-            return [[i] for i in members]
+            return [[i] for i in live]
         groups: dict[tuple, list[int]] = {}
-        for i in members:
-            groups.setdefault(shape_key(self.saes[i]), []).append(i)
+        for i in live:
+            groups.setdefault(self._shape_keys[i], []).append(i)
         return list(groups.values())
 
     def _group_step(self, members: list[int], x: torch.Tensor, log_now: bool) -> StepLosses:
@@ -263,9 +265,9 @@ class SaeTrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         for sae in self.saes:
             sae.before_optimizer_step()
-            # per SAE, not over the ensemble: each member's step stays the one it would take alone
-            if self.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
+        if self.grad_clip_norm is not None:
+            for members in self._live_groups():
+                clip_grad_norms([self.saes[i] for i in members], self.grad_clip_norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -273,15 +275,15 @@ class SaeTrainingModule(L.LightningModule):
         # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
         optimizer = self.optimizers(use_pl_optimizer=False)
         step_tokens = self._last_batch.shape[0] * self.trainer.world_size
-        for i, sae in enumerate(self.saes):
+        for sae in self.saes:
             sae.after_optimizer_step()
-            if i in self.dropped:
-                continue
-            dead = self.dead_features([i])[0]
-            revived = sae.revive_dead(dead, self._last_batch, optimizer, self._tokens_seen, step_tokens)
-            if revived is not None:
-                self.tokens_since_fired[i] = torch.where(revived.to(self.tokens_since_fired[i].device), 0, self.tokens_since_fired[i])
-                log.info("step %d: %s%d dead features resampled", self.global_step, self.metric_prefixes[i], int(revived.sum()))
+        for members in self._live_groups():
+            for i, dead in zip(members, self.dead_features(members).unbind()):
+                revived = self.saes[i].revive_dead(dead, self._last_batch, optimizer, self._tokens_seen, step_tokens)
+                if revived is not None:
+                    since = self.tokens_since_fired[i]
+                    self.tokens_since_fired[i] = torch.where(revived.to(since.device), 0, since)
+                    log.info("step %d: %s%d dead features resampled", self.global_step, self.metric_prefixes[i], int(revived.sum()))
 
     def on_train_end(self) -> None:
         self._read_step_flags(wait=True)
@@ -414,6 +416,23 @@ def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> St
     return StepLosses(loss, {name: term.detach() for name, term in step.losses.items()}, mse, l0, fired)
 
 
+@torch.no_grad()
+def clip_grad_norms(saes: Sequence[Sae], max_norm: float) -> None:
+    """Each SAE's gradient clipped to `max_norm` on its own, not over the ensemble, so each member's step
+    stays the one it would take alone: clip_grad_norm_'s arithmetic on each SAE's parameters (the norm
+    of their gradients' norms, times max_norm / (norm + 1e-6) up to 1), for SAEs of one shape at once."""
+    grads = [[p.grad for p in sae.parameters() if p.grad is not None] for sae in saes]
+    if len({len(g) for g in grads}) > 1:  # SAEs of one shape whose gradients are not alike: one by one
+        for sae in saes:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
+        return
+    if grads[0]:
+        flat = [g for member in grads for g in member]
+        norms = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)).view(len(saes), -1), dim=1)
+        factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0).repeat_interleave(len(grads[0]))
+        torch._foreach_mul_(flat, list(factors.unbind()))
+
+
 def shape_key(sae: Sae) -> tuple:
     """What SAEs that share one batched step must have in common: architecture, sizes, and every
     hyperparameter that is not one of its `per_member_hyperparameters` (k, aux_k, group_sizes ...)."""
@@ -437,7 +456,7 @@ def batched_sae_step(
     leading member dimension; the gradients reach each SAE's own parameters (through the stack), and
     what the step changes in a buffer (BatchTopK's running threshold) is written back to each SAE."""
     stepper = _SaeStep(saes[0])
-    params = {f"sae.{n}": torch.stack([sae.get_parameter(n) for sae in saes]) for n, _ in saes[0].named_parameters()}
+    params = {f"sae.{n}": _Stack.apply(*[sae.get_parameter(n) for sae in saes]) for n, _ in saes[0].named_parameters()}
     buffers = {f"sae.{n}": torch.stack([sae.get_buffer(n) for sae in saes]) for n, _ in saes[0].named_buffers()}
 
     def member_step(params, buffers, dead, coefficients):
@@ -449,6 +468,23 @@ def batched_sae_step(
         for sae, value in zip(saes, stacked.unbind()):
             sae.get_buffer(name.removeprefix("sae.")).copy_(value)
     return step
+
+
+class _Stack(torch.autograd.Function):
+    """torch.stack whose backward is one unbind: torch.stack's own selects each part apart, one operator
+    per member and parameter on every step."""
+
+    @staticmethod
+    def forward(*tensors):
+        return torch.stack(tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind()
 
 
 class _SaeStep(nn.Module):
