@@ -16,7 +16,7 @@ import pickle
 import random
 import signal
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -151,13 +151,15 @@ class SaeTrainingModule(L.LightningModule):
         return torch.where(finite, losses, 0.0).sum()
 
     def _live_groups(self) -> list[list[int]]:
-        """The members not dropped, by shape (`shape_key`): each group steps as one computation (one
-        member each when not `batched`)."""
-        live = [i for i in range(len(self.saes)) if i not in self.dropped]
+        """The members not dropped, by shape: each group steps as one computation."""
+        return self._shape_groups(i for i in range(len(self.saes)) if i not in self.dropped)
+
+    def _shape_groups(self, members: Iterable[int]) -> list[list[int]]:
+        """The members by shape (`shape_key`); one member each when not `batched`."""
         if not self.batched:
-            return [[i] for i in live]
+            return [[i] for i in members]
         groups: dict[tuple, list[int]] = {}
-        for i in live:
+        for i in members:
             groups.setdefault(self._shape_keys[i], []).append(i)
         return list(groups.values())
 
@@ -263,8 +265,9 @@ class SaeTrainingModule(L.LightningModule):
             log.error("%s leaves the ensemble: %s", self.metric_prefixes[i].rstrip("/"), error)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        for sae in self.saes:
-            sae.before_optimizer_step()
+        for members in self._shape_groups(range(len(self.saes))):
+            saes = [self.saes[i] for i in members]
+            type(saes[0]).before_optimizer_step(saes)
         if self.grad_clip_norm is not None:
             for members in self._live_groups():
                 clip_grad_norms([self.saes[i] for i in members], self.grad_clip_norm)
@@ -275,8 +278,9 @@ class SaeTrainingModule(L.LightningModule):
         # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
         optimizer = self.optimizers(use_pl_optimizer=False)
         step_tokens = self._last_batch.shape[0] * self.trainer.world_size
-        for sae in self.saes:
-            sae.after_optimizer_step()
+        for members in self._shape_groups(range(len(self.saes))):  # the dropped too, as before
+            saes = [self.saes[i] for i in members]
+            type(saes[0]).after_optimizer_step(saes)
         for members in self._live_groups():
             for i, dead in zip(members, self.dead_features(members).unbind()):
                 revived = self.saes[i].revive_dead(dead, self._last_batch, optimizer, self._tokens_seen, step_tokens)

@@ -4,6 +4,8 @@ estimators with a rectangle kernel of width `bandwidth`. BatchTopK and Matryoshk
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -41,10 +43,12 @@ class JumpReluSae(Sae):
         l0 = heaviside(pre, self.threshold, bandwidth).sum(dim=-1).mean()
         return TrainStep({"mse": mse(x_hat, x), "l0": self.hparams["l0_coef"] * l0}, x_hat, feature_acts)
 
+    @classmethod
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        super().after_optimizer_step()
-        self.threshold.clamp_(min=1e-6)  # a negative threshold would let every feature fire
+    def after_optimizer_step(cls, saes: Sequence[Sae]) -> None:
+        super().after_optimizer_step(saes)
+        # a negative threshold would let every feature fire
+        torch._foreach_clamp_min_([sae.threshold for sae in saes], 1e-6)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
