@@ -62,9 +62,9 @@ def bare_loop(x: torch.Tensor, d_sae: int, steps: int, batch: int, l1_coef: floa
         loss = (x_hat - xb).pow(2).sum(-1).mean() + l1_coef * f.sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        sae.before_optimizer_step()
+        ReluSae.before_optimizer_step([sae])
         optimizer.step()
-        sae.after_optimizer_step()
+        ReluSae.after_optimizer_step([sae])
 
     for i in range(3):
         step(i)

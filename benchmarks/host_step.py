@@ -11,9 +11,11 @@ Prints its figures and ends with one `RESULT key=value ...` line; asserts nothin
 - resident_draw_act_per_s: batches drawn from the resident buffer at d_in 512, batch 4096 (and the
   streamed path's rate beside it).
 - ops_per_step / host_syncs_per_step: aten operators dispatched in one steady-state step (no logging
-  that step) of an 8-member ensemble of one shape, counted with a TorchDispatchMode; a host sync is
-  an operator that makes the host wait for the device's result (`_local_scalar_dense` behind
-  `.item()`/`bool()`, `nonzero`, `equal`, ...).
+  that step) of an 8-member ensemble of one shape (ReLU, l1_coef differing, d_in 64, d_sae 256, batch
+  4096), counted with a TorchDispatchMode, with the batched step and with the per-member loop
+  (`ops_batched_vs_looped`); a host sync is an operator that makes the host wait for the device's
+  result (`_local_scalar_dense` behind `.item()`/`bool()`, `nonzero`, `equal`, ...). The same fits
+  give the ensemble's time per step, batched and looped (`ensemble_step_ms_*`).
 """
 
 from __future__ import annotations
@@ -29,26 +31,13 @@ import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from bench_train import bare_loop  # benchmarks/bench_train.py
 from machine import describe_machine  # benchmarks/machine.py
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from saesweep.dispatch import SYNC_OPS, OpCounter
 from saesweep.sae import ReluSae
 from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
 from saesweep.training import SaeTrainingModule
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_consecutive"}
 LOG_EVERY = 50  # Lightning's default log_every_n_steps: the counted step is not a logging step
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every aten operator dispatched while it is active, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func._schema.name.removeprefix("aten::")] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class StepProbe(L.Callback):
@@ -77,14 +66,15 @@ class StepProbe(L.Callback):
             self.end = time.perf_counter()
 
 
-def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted: int) -> StepProbe:
-    """A Lightning fit of `n_saes` ReLU dictionaries through saesweep's training module, batches drawn
-    from the resident buffer, with the progress bar and logging a user gets."""
+def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted: int, batched: bool = True) -> StepProbe:
+    """A Lightning fit of `n_saes` ReLU dictionaries (l1_coef 2, 2.25, 2.5, ...) through saesweep's
+    training module, batches drawn from the resident buffer, with the progress bar and logging a user
+    gets; `batched`: members of one shape in one batched step, or one by one."""
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True)
     module = SaeTrainingModule(
-        [ReluSae(d_in, d_sae) for _ in range(n_saes)], metric_prefixes=[f"d{i}/" for i in range(n_saes)] if n_saes > 1 else [""],
+        [ReluSae(d_in, d_sae, l1_coef=2.0 + 0.25 * i) for i in range(n_saes)], metric_prefixes=[f"d{i}/" for i in range(n_saes)] if n_saes > 1 else [""],
         act_scale=1.0, lr=1e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0,
-        total_steps=len(stream), max_bad_steps=10, model=None, hook_point="", resume_key={},
+        total_steps=len(stream), max_bad_steps=10, model=None, hook_point="", resume_key={}, batched=batched,
     )
     probe = StepProbe(warmup=5, counted=counted)
     trainer = L.Trainer(
@@ -123,7 +113,8 @@ def main() -> None:
         store = write_store(Path(tmp) / "host", spec, x, shard_tokens=16 * batch)
         lone = saesweep_fit(store, 1, d, d, batch, counted=LOG_EVERY + 10)
         host_ms = 1000 * (lone.end - lone.start) / lone.steps
-        ensemble = saesweep_fit(store, 8, d, d, batch, counted=LOG_EVERY + 10)
+        ensemble = saesweep_fit(store, 8, d, 4 * d, batch, counted=LOG_EVERY + 10)
+        looped = saesweep_fit(store, 8, d, 4 * d, batch, counted=LOG_EVERY + 10, batched=False)
         wide = torch.randn(args.draw_rows, 512)
         spec = StoreSpec("bench-draw", "0", "hook", {}, "train", 16, len(wide), "float32", TokenFilter())
         draw_store = write_store(Path(tmp) / "draw", spec, wide, shard_tokens=32768)
@@ -133,16 +124,23 @@ def main() -> None:
     bare_ms = 1000 * batch / bare_loop(x, d, args.steps - 5, batch)
     print(f"host cost per step (d_in {d}, d_sae {d}, batch {batch}): saesweep {host_ms:.3f} ms, bare loop {bare_ms:.3f} ms "
           f"({host_ms / bare_ms:.2f}×)")
-    for name, probe in (("lone", lone), ("8-member ensemble", ensemble)):
+    for name, probe in (("lone", lone), ("8-member ensemble, batched", ensemble), ("8-member ensemble, looped", looped)):
         syncs = {op: n for op, n in probe.counts.items() if op in SYNC_OPS}
         print(f"{name}: {sum(probe.counts.values())} aten operators in one steady-state step, host syncs: {syncs or 0}")
+    ops_ratio = sum(ensemble.counts.values()) / sum(looped.counts.values())
+    batched_ms, looped_ms = (1000 * (p.end - p.start) / p.steps for p in (ensemble, looped))
+    print(f"8-member ensemble (d_in {d}, d_sae {4 * d}, batch {batch}) per step: batched {batched_ms:.2f} ms, "
+          f"looped {looped_ms:.2f} ms ({batched_ms / looped_ms:.2f}×); operators {ops_ratio:.3f}× the loop's")
     print(f"batch draw at d_in 512, batch {batch}: resident {resident / 1e6:.2f}M activations/s, "
           f"streamed {streamed / 1e6:.2f}M/s")
     result = (
         f"RESULT host_step_ms={host_ms:.3f} bare_step_ms={bare_ms:.3f} host_vs_bare={host_ms / bare_ms:.3f} "
         f"resident_draw_act_per_s={resident:.0f} streamed_draw_act_per_s={streamed:.0f} "
         f"ops_per_step_lone={sum(lone.counts.values())} ops_per_step_8_members={sum(ensemble.counts.values())} "
-        f"host_syncs_per_step={sum(n for op, n in ensemble.counts.items() if op in SYNC_OPS)}"
+        f"ops_per_step_8_members_looped={sum(looped.counts.values())} ops_batched_vs_looped={ops_ratio:.3f} "
+        f"host_syncs_per_step={sum(n for op, n in ensemble.counts.items() if op in SYNC_OPS)} "
+        f"ensemble_step_ms_batched={batched_ms:.3f} ensemble_step_ms_looped={looped_ms:.3f} "
+        f"ensemble_batched_vs_looped_time={batched_ms / looped_ms:.3f}"
     )
     if saelens_contender.available():
         seconds = saelens_contender.train_saelens(x, d, batch, args.steps)

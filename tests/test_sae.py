@@ -84,12 +84,12 @@ def test_parallel_gradient_removed_and_renormalised_step_keeps_unit_rows():
     sae = ReluSae(8, 32)
     loss = sae(torch.randn(64, 8)).x_hat.pow(2).sum() + sae.W_dec.sum()
     loss.backward()
-    sae.before_optimizer_step()
+    ReluSae.before_optimizer_step([sae])
     parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
     assert (parallel.abs() / sae.W_dec.grad.norm(dim=1)).max() < 1e-5
     torch.optim.SGD(sae.parameters(), lr=0.5).step()
     assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-4  # the step moved rows off the sphere
-    sae.after_optimizer_step()
+    ReluSae.after_optimizer_step([sae])
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
 
 
@@ -181,7 +181,7 @@ def test_jumprelu_threshold_gets_a_gradient_and_moves():
         torch.stack(list(step.losses.values())).sum().backward()
         assert sae.threshold.grad is not None and sae.threshold.grad.abs().sum() > 0
         optimizer.step()
-        sae.after_optimizer_step()
+        JumpReluSae.after_optimizer_step([sae])
     assert (sae.threshold.detach() - before).abs().max() > 1e-3
 
 

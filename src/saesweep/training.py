@@ -16,7 +16,7 @@ import pickle
 import random
 import signal
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +46,10 @@ class SaeTrainingModule(L.LightningModule):
     parameter, so each gets exactly the gradient and the Adam update it would get trained alone, and
     the data path, the LM and the process are paid for once. `metric_prefixes[i]` names SAE i's
     metrics ("" for a lone SAE: `train/loss`; "dict3/" in an ensemble: `dict3/train/loss`).
+
+    SAEs of one shape (architecture, sizes and every hyperparameter but their `per_member_hyperparameters`)
+    take their step as one computation (`batched_sae_step`), unless `batched` is false; each keeps its
+    own parameters, optimizer state, constraints and metrics.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class SaeTrainingModule(L.LightningModule):
         dead_window_tokens: int = 1_000_000,
         grad_clip_norm: float | None = None,
         lr_warmup_max_fraction: float = 0.25,
+        batched: bool = True,
     ):
         super().__init__()
         if len(saes) != len(metric_prefixes):
@@ -97,6 +102,11 @@ class SaeTrainingModule(L.LightningModule):
         self.resume_key = resume_key
         # fuses each SAE's forward pass and loss into fewer kernels; the first steps pay the compilation
         self._step = torch.compile(sae_step) if compile else sae_step
+        self._batched_step = torch.compile(batched_sae_step) if compile else batched_sae_step
+        self.batched = batched
+        self._shape_keys = [shape_key(sae) for sae in saes]
+        # per group of members stepped together: their hyperparameters that differ, one tensor each
+        self._coefficients: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_evals: list[EvalResult] = []
@@ -115,13 +125,15 @@ class SaeTrainingModule(L.LightningModule):
         # batch × d_sae activations, ~6 % of a CPU step) is computed only then
         log_now = self.trainer._logger_connector.should_update_logs
         distributed = self.trainer.world_size > 1
-        members = [i for i in range(len(self.saes)) if i not in self.dropped]
-        steps = {i: self._step(self.saes[i], x, self.dead_features(i), log_now) for i in members}
+        groups = self._live_groups()
+        steps = [self._group_step(members, x, log_now) for members in groups]
+        members = [i for group in groups for i in group]  # the live ones, in the order of `finite`
         # Which members' losses are finite is decided and acted on on the device, with no host sync:
         # a member whose loss is not finite gets no Adam step (MemberAdam.skip) and its counters stand
         # still; the host reads the flags a step or more later. Under DDP every rank skips the same
         # members (a min-all-reduce), or their gradient all-reduces would fall out of step.
-        finite = torch.stack([torch.isfinite(steps[i].loss) for i in members])
+        losses = torch.cat([step.loss for step in steps])
+        finite = torch.isfinite(losses)
         if distributed:
             finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
         skip = torch.ones(len(self.saes), dtype=torch.bool, device=x.device)
@@ -132,11 +144,35 @@ class SaeTrainingModule(L.LightningModule):
         self.tokens_seen += step_tokens * finite.any()
         self._tokens_seen += step_tokens  # the host's count; a step found skipped is taken back
         self.skipped_steps += ~finite.all()
-        self._count_firing({i: steps[i].fired for i in members}, finite, step_tokens, distributed)
+        self._count_firing(groups, [step.fired for step in steps], finite, step_tokens, distributed)
         if log_now:
-            self._log_step(steps, distributed)
+            self._log_step({i: step.member(j) for group, step in zip(groups, steps) for j, i in enumerate(group)}, distributed)
         # a skipped member's loss is masked to 0; the NaN gradients it leaves are never applied
-        return torch.stack([torch.where(ok, steps[i].loss, 0.0) for i, ok in zip(members, finite)]).sum()
+        return torch.where(finite, losses, 0.0).sum()
+
+    def _live_groups(self) -> list[list[int]]:
+        """The members not dropped, by shape: each group steps as one computation."""
+        return self._shape_groups(i for i in range(len(self.saes)) if i not in self.dropped)
+
+    def _shape_groups(self, members: Iterable[int]) -> list[list[int]]:
+        """The members by shape (`shape_key`); one member each when not `batched`."""
+        if not self.batched:
+            return [[i] for i in members]
+        groups: dict[tuple, list[int]] = {}
+        for i in members:
+            groups.setdefault(self._shape_keys[i], []).append(i)
+        return list(groups.values())
+
+    def _group_step(self, members: list[int], x: torch.Tensor, log_now: bool) -> StepLosses:
+        """The step of a group of members of one shape: every field with a leading member dimension."""
+        saes = [self.saes[i] for i in members]
+        dead = self.dead_features(members)
+        if len(members) == 1:
+            return self._step(saes[0], x, dead[0], log_now).map(lambda t: t[None])
+        key = tuple(members)
+        if key not in self._coefficients:  # made once: a tensor from host values on every step would wait
+            self._coefficients[key] = per_member_coefficients(saes, x.device)
+        return self._batched_step(saes, x, dead, log_now, self._coefficients[key])
 
     def _log_step(self, steps: dict[int, StepLosses], distributed: bool) -> None:
         logged = {}
@@ -150,7 +186,7 @@ class SaeTrainingModule(L.LightningModule):
                 f"{prefix}train/l0": step.l0,
                 f"{prefix}train/skipped_steps": self.skipped_steps.float(),
                 f"{prefix}train/lr": self.trainer.optimizers[0].param_groups[i]["lr"],  # after warm-up/decay
-                f"{prefix}train/dead_fraction": self.dead_features(i).float().mean(),
+                f"{prefix}train/dead_fraction": self.dead_features([i]).float().mean(),
             }
         self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
 
@@ -185,21 +221,28 @@ class SaeTrainingModule(L.LightningModule):
             if bad:
                 self._skip_bad_members(bad, "activations" if flags[-1] else "loss", step)
 
-    def dead_features(self, i: int) -> torch.Tensor:
-        """[d_sae] bool: SAE i's features that did not fire on the last dead_window_tokens training
-        tokens (on all of them while fewer were seen)."""
+    def dead_features(self, members: Sequence[int]) -> torch.Tensor:
+        """[len(members), d_sae] bool: the features of these SAEs (of one d_sae) that did not fire on the
+        last dead_window_tokens training tokens (on all of them while fewer were seen)."""
         window = torch.clamp(self.tokens_seen, min=1, max=self.dead_window_tokens)
-        return self.tokens_since_fired[i].to(self.tokens_seen.device) >= window
+        return self._since_fired(members) >= window
+
+    def _since_fired(self, members: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.tokens_since_fired[i] for i in members]).to(self.tokens_seen.device)
 
     @torch.no_grad()
     def _count_firing(
-        self, fired: dict[int, torch.Tensor], finite: torch.Tensor, step_tokens: int, distributed: bool
+        self, groups: list[list[int]], fired: list[torch.Tensor], finite: torch.Tensor, step_tokens: int,
+        distributed: bool,
     ) -> None:
-        for (i, f), ok in zip(fired.items(), finite):
+        """Per group: `fired` [members, d_sae]; `finite` [all live members, group by group]."""
+        for members, f, ok in zip(groups, fired, finite.split([len(g) for g in groups])):
             if distributed:  # a feature fired when it fired on any rank's part of the batch
                 f = self.trainer.strategy.reduce(f.float(), reduce_op="max") > 0
-            since = self.tokens_since_fired[i].to(f.device)
-            self.tokens_since_fired[i] = torch.where(ok, torch.where(f, 0, since + step_tokens), since)
+            since = self._since_fired(members)
+            since = torch.where(ok[:, None], torch.where(f, 0, since + step_tokens), since)
+            for i, row in zip(members, since.unbind()):
+                self.tokens_since_fired[i] = row
 
     def _skip_bad_members(self, members: list[int], what: str, step: int) -> None:
         """These SAEs skipped `step`; one that had train.max_bad_steps bad steps in a row stops the job
@@ -222,11 +265,12 @@ class SaeTrainingModule(L.LightningModule):
             log.error("%s leaves the ensemble: %s", self.metric_prefixes[i].rstrip("/"), error)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        for sae in self.saes:
-            sae.before_optimizer_step()
-            # per SAE, not over the ensemble: each member's step stays the one it would take alone
-            if self.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
+        for members in self._shape_groups(range(len(self.saes))):
+            saes = [self.saes[i] for i in members]
+            type(saes[0]).before_optimizer_step(saes)
+        if self.grad_clip_norm is not None:
+            for members in self._live_groups():
+                clip_grad_norms([self.saes[i] for i in members], self.grad_clip_norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -234,14 +278,16 @@ class SaeTrainingModule(L.LightningModule):
         # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
         optimizer = self.optimizers(use_pl_optimizer=False)
         step_tokens = self._last_batch.shape[0] * self.trainer.world_size
-        for i, sae in enumerate(self.saes):
-            sae.after_optimizer_step()
-            if i in self.dropped:
-                continue
-            revived = sae.revive_dead(self.dead_features(i), self._last_batch, optimizer, self._tokens_seen, step_tokens)
-            if revived is not None:
-                self.tokens_since_fired[i] = torch.where(revived.to(self.tokens_since_fired[i].device), 0, self.tokens_since_fired[i])
-                log.info("step %d: %s%d dead features resampled", self.global_step, self.metric_prefixes[i], int(revived.sum()))
+        for members in self._shape_groups(range(len(self.saes))):  # the dropped too, as before
+            saes = [self.saes[i] for i in members]
+            type(saes[0]).after_optimizer_step(saes)
+        for members in self._live_groups():
+            for i, dead in zip(members, self.dead_features(members).unbind()):
+                revived = self.saes[i].revive_dead(dead, self._last_batch, optimizer, self._tokens_seen, step_tokens)
+                if revived is not None:
+                    since = self.tokens_since_fired[i]
+                    self.tokens_since_fired[i] = torch.where(revived.to(since.device), 0, since)
+                    log.info("step %d: %s%d dead features resampled", self.global_step, self.metric_prefixes[i], int(revived.sum()))
 
     def on_train_end(self) -> None:
         self._read_step_flags(wait=True)
@@ -347,6 +393,15 @@ class StepLosses(NamedTuple):
     l0: torch.Tensor | None  # only when asked for (logged steps)
     fired: torch.Tensor  # [d_sae] bool: the feature fired on some token of the batch
 
+    def map(self, fn) -> StepLosses:
+        """`fn` applied to every tensor."""
+        terms = {name: fn(term) for name, term in self.terms.items()}
+        return StepLosses(fn(self.loss), terms, fn(self.mse), None if self.l0 is None else fn(self.l0), fn(self.fired))
+
+    def member(self, j: int) -> StepLosses:
+        """Member j's losses, of a group's (whose every tensor has a leading member dimension)."""
+        return self.map(lambda t: t[j])
+
 
 def warmup_steps(lr_warmup_steps: int, total_steps: int, max_fraction: float) -> int:
     """The steps of the linear warm-up: lr_warmup_steps, but at most max_fraction of the run, so a short
@@ -363,6 +418,94 @@ def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> St
     l0 = (step.feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
     fired = step.feature_acts.detach().amax(dim=0) > 0
     return StepLosses(loss, {name: term.detach() for name, term in step.losses.items()}, mse, l0, fired)
+
+
+@torch.no_grad()
+def clip_grad_norms(saes: Sequence[Sae], max_norm: float) -> None:
+    """Each SAE's gradient clipped to `max_norm` on its own, not over the ensemble, so each member's step
+    stays the one it would take alone: clip_grad_norm_'s arithmetic on each SAE's parameters (the norm
+    of their gradients' norms, times max_norm / (norm + 1e-6) up to 1), for SAEs of one shape at once."""
+    grads = [[p.grad for p in sae.parameters() if p.grad is not None] for sae in saes]
+    if len({len(g) for g in grads}) > 1:  # SAEs of one shape whose gradients are not alike: one by one
+        for sae in saes:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
+        return
+    if grads[0]:
+        flat = [g for member in grads for g in member]
+        norms = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)).view(len(saes), -1), dim=1)
+        factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0).repeat_interleave(len(grads[0]))
+        torch._foreach_mul_(flat, list(factors.unbind()))
+
+
+def shape_key(sae: Sae) -> tuple:
+    """What SAEs that share one batched step must have in common: architecture, sizes, and every
+    hyperparameter that is not one of its `per_member_hyperparameters` (k, aux_k, group_sizes ...)."""
+    fixed = sorted((k, repr(v)) for k, v in sae.hparams.items() if k not in sae.per_member_hyperparameters)
+    return type(sae), sae.d_in, sae.d_sae, tuple(fixed)
+
+
+def per_member_coefficients(saes: Sequence[Sae], device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-member hyperparameters on which these SAEs differ, each a [members] tensor."""
+    names = [n for n in saes[0].per_member_hyperparameters if len({repr(sae.hparams[n]) for sae in saes}) > 1]
+    dtype = saes[0].W_dec.dtype
+    return {n: torch.tensor([float(sae.hparams[n]) for sae in saes], dtype=dtype, device=device) for n in names}
+
+
+def batched_sae_step(
+    saes: Sequence[Sae], x: torch.Tensor, dead: torch.Tensor, with_l0: bool, coefficients: dict[str, torch.Tensor]
+) -> StepLosses:
+    """`sae_step` of SAEs of one `shape_key` as one computation: their parameters and buffers stacked,
+    the first SAE's step run under torch.func.vmap on the stacks, `dead` [members, d_sae] and the
+    `coefficients` ([members] each, per_member_coefficients) per member. Every field of the result has a
+    leading member dimension; the gradients reach each SAE's own parameters (through the stack), and
+    what the step changes in a buffer (BatchTopK's running threshold) is written back to each SAE."""
+    stepper = _SaeStep(saes[0])
+    params = {f"sae.{n}": _Stack.apply(*[sae.get_parameter(n) for sae in saes]) for n, _ in saes[0].named_parameters()}
+    buffers = {f"sae.{n}": torch.stack([sae.get_buffer(n) for sae in saes]) for n, _ in saes[0].named_buffers()}
+
+    def member_step(params, buffers, dead, coefficients):
+        return torch.func.functional_call(stepper, (params, buffers), (x, dead, with_l0, coefficients))
+
+    out_dims = StepLosses(0, 0, 0, 0 if with_l0 else None, 0)  # l0: None unless asked for
+    step = torch.func.vmap(member_step, out_dims=out_dims)(params, buffers, dead, coefficients)
+    for name, stacked in buffers.items():
+        for sae, value in zip(saes, stacked.unbind()):
+            sae.get_buffer(name.removeprefix("sae.")).copy_(value)
+    return step
+
+
+class _Stack(torch.autograd.Function):
+    """torch.stack whose backward is one unbind: torch.stack's own selects each part apart, one operator
+    per member and parameter on every step."""
+
+    @staticmethod
+    def forward(*tensors):
+        return torch.stack(tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind()
+
+
+class _SaeStep(nn.Module):
+    """`sae_step` of `sae` as a module's forward (for torch.func.functional_call), with some of its
+    hyperparameters replaced by the given values while it runs."""
+
+    def __init__(self, sae: Sae):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, dead: torch.Tensor, with_l0: bool, hyperparameters: dict[str, Any]) -> StepLosses:
+        own = self.sae.hparams
+        self.sae.hparams = own | hyperparameters
+        try:
+            return sae_step(self.sae, x, dead, with_l0)
+        finally:
+            self.sae.hparams = own
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

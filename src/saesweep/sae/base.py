@@ -7,6 +7,7 @@ Parameter names and shapes follow SAELens/SAEBench (W_enc [d_in, d_sae], W_dec [
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -38,6 +39,9 @@ class Sae(nn.Module):
     # the hyperparameter that sets its sparsity, which sae.target_l0 steers (None: k sets it, or nothing)
     sparsity_coefficient: ClassVar[str | None] = None
     activation_unit_parameters: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
+    # the hyperparameters that SAEs of one shape may differ in and still share one batched ensemble
+    # step: those its training step reads only as numbers (a coefficient), not those that set a shape (k)
+    per_member_hyperparameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters: Any):
         super().__init__()
@@ -98,23 +102,28 @@ class Sae(nn.Module):
         """The SAE as it is saved and evaluated (BatchTopK-style SAEs become JumpReLU)."""
         return self
 
-    # -- the training constraints -----------------------------------------------------------------
-    @torch.no_grad()
+    # -- the training constraints: each acts on several SAEs of this class and one shape at once (a
+    # group of the batched ensemble step, or one SAE), on each SAE as it would alone ------------------
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        normalize_decoders([self])
 
+    @classmethod
     @torch.no_grad()
-    def before_optimizer_step(self) -> None:
+    def before_optimizer_step(cls, saes: Sequence[Sae]) -> None:
         """Project out the gradient component along each (unit) decoder row: the step then moves the
         direction, not the norm, which a sparsity penalty would otherwise shrink away."""
-        if self.W_dec.grad is None:
+        with_grad = [sae for sae in saes if sae.W_dec.grad is not None]
+        if not with_grad:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        grads = [sae.W_dec.grad for sae in with_grad]
+        decoders = _stacked([sae.W_dec for sae in with_grad])
+        parallel = (_stacked(grads) * decoders).sum(dim=-1, keepdim=True)
+        torch._foreach_sub_(grads, list((parallel * decoders).unbind()))
 
+    @classmethod
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        self.normalize_decoder()
+    def after_optimizer_step(cls, saes: Sequence[Sae]) -> None:
+        normalize_decoders(saes)
 
     @torch.no_grad()
     def revive_dead(
@@ -148,6 +157,18 @@ class Sae(nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_parameters()}
+
+
+@torch.no_grad()
+def normalize_decoders(saes: Sequence[Sae]) -> None:
+    """Every decoder row of these SAEs (of one shape) scaled to unit norm."""
+    decoders = [sae.W_dec for sae in saes]
+    torch._foreach_div_(decoders, list(_stacked(decoders).norm(dim=-1, keepdim=True).clamp_min(1e-8).unbind()))
+
+
+def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors (of one shape) stacked; one alone is viewed, not copied."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(list(tensors))
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ class BatchTopKSae(TopKSae):
         flat = acts.reshape(-1)
         n_keep = min(self.hparams["k"] * (flat.numel() // self.d_sae), flat.numel())
         values, indices = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter_(0, indices, values).reshape(acts.shape)
+        return torch.zeros_like(flat).scatter(0, indices, values).reshape(acts.shape)
 
     def training_loss(self, x: torch.Tensor, dead: torch.Tensor) -> TrainStep:
         pre = self.pre_acts(x)
@@ -55,7 +55,8 @@ class BatchTopKSae(TopKSae):
         any_kept = torch.isfinite(smallest)
         self.threshold_batches += any_kept
         weight = torch.clamp(1.0 / self.threshold_batches.clamp_min(1), min=_THRESHOLD_MOMENTUM)
-        self.running_threshold.lerp_(torch.where(any_kept, smallest, self.running_threshold), weight)
+        # lerp out of place: torch.func.vmap (the batched ensemble step) has no batching rule for lerp_
+        self.running_threshold.copy_(torch.lerp(self.running_threshold, torch.where(any_kept, smallest, self.running_threshold), weight))
 
     def copy_state_to(self, other: Sae, scale: float) -> None:
         other.running_threshold.copy_(self.running_threshold * scale)

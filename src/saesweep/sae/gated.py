@@ -16,6 +16,7 @@ class GatedSae(Sae):
     saelens_architecture = "gated"
     sparsity_coefficient = "l1_coef"
     hyperparameters = {"l1_coef": 2.0}
+    per_member_hyperparameters = ("l1_coef",)
     activation_unit_parameters = ("b_gate", "b_mag", "b_dec")
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters):

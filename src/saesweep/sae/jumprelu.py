@@ -4,6 +4,8 @@ estimators with a rectangle kernel of width `bandwidth`. BatchTopK and Matryoshk
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -15,6 +17,7 @@ class JumpReluSae(Sae):
     saelens_architecture = "jumprelu"
     sparsity_coefficient = "l0_coef"
     hyperparameters = {"l0_coef": 0.7, "threshold_init": 0.1, "bandwidth": 0.05}
+    per_member_hyperparameters = ("l0_coef", "threshold_init", "bandwidth")
     activation_unit_parameters = ("b_enc", "b_dec", "threshold")
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters):
@@ -36,51 +39,36 @@ class JumpReluSae(Sae):
     def training_loss(self, x: torch.Tensor, dead: torch.Tensor) -> TrainStep:
         pre = self.pre_acts(x)
         bandwidth = self.hparams["bandwidth"]
-        feature_acts = _JumpReLU.apply(pre, self.threshold, bandwidth)
+        feature_acts = jump_relu(pre, self.threshold, bandwidth)
         x_hat = self.decode(feature_acts)
-        l0 = _Step.apply(pre, self.threshold, bandwidth).sum(dim=-1).mean()
+        l0 = heaviside(pre, self.threshold, bandwidth).sum(dim=-1).mean()
         return TrainStep({"mse": mse(x_hat, x), "l0": self.hparams["l0_coef"] * l0}, x_hat, feature_acts)
 
+    @classmethod
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        super().after_optimizer_step()
-        self.threshold.clamp_(min=1e-6)  # a negative threshold would let every feature fire
+    def after_optimizer_step(cls, saes: Sequence[Sae]) -> None:
+        super().after_optimizer_step(saes)
+        # a negative threshold would let every feature fire
+        torch._foreach_clamp_min_([sae.threshold for sae in saes], 1e-6)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
-class _JumpReLU(torch.autograd.Function):
+def jump_relu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth) -> torch.Tensor:
     """pre · H(pre − θ); d/dθ by the straight-through estimator −(θ/ε)·K((pre − θ)/ε)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre > threshold)
-        grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
-        return grad_pre, grad_threshold.reshape(-1, threshold.shape[-1]).sum(0), None
+    kernel = _rectangle((pre.detach() - threshold.detach()) / bandwidth)
+    return pre * (pre > threshold) + _straight_through(threshold, -(threshold.detach() / bandwidth) * kernel)
 
 
-class _Step(torch.autograd.Function):
+def heaviside(pre: torch.Tensor, threshold: torch.Tensor, bandwidth) -> torch.Tensor:
     """H(pre − θ); d/dθ by the straight-through estimator −(1/ε)·K((pre − θ)/ε); no gradient to pre."""
+    kernel = _rectangle((pre.detach() - threshold.detach()) / bandwidth)
+    return (pre > threshold).to(pre.dtype) + _straight_through(threshold, -(1.0 / bandwidth) * kernel)
 
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
-        return torch.zeros_like(pre), grad_threshold.reshape(-1, threshold.shape[-1]).sum(0), None
+def _straight_through(threshold: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Zero in value, with `grad` as its gradient to `threshold`: plain autograd, where custom
+    autograd.Functions would need rules of their own for torch.func.vmap (the batched ensemble step)."""
+    return (threshold - threshold.detach()) * grad.detach()

@@ -17,6 +17,7 @@ class ReluSae(Sae):
     # encoder_init_norm: each encoder column starts as its decoder row times this (Anthropic's April 2024
     # update, SAELens's decoder_init_norm): small first activations, fewer features killed early
     hyperparameters = {"l1_coef": 2.0, "resample_every_tokens": None, "encoder_init_norm": 0.1}
+    per_member_hyperparameters = ("l1_coef", "encoder_init_norm")
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -14,6 +14,7 @@ class TopKSae(Sae):
     # aux_k: dead latents that reconstruct the residual (null: d_in // 2, as SAELens);
     # aux_coef: the AuxK term's weight (Gao et al.: 1/32)
     hyperparameters = {"k": 32, "aux_k": None, "aux_coef": 1 / 32}
+    per_member_hyperparameters = ("aux_coef",)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._sparse_forward(self.pre_acts(x))[1]
@@ -26,7 +27,7 @@ class TopKSae(Sae):
         """Reconstruction and feature activations; the decoder reads only the k active rows per token."""
         values, indices = pre.topk(self.hparams["k"], dim=-1, sorted=False)
         values = torch.relu(values)
-        feature_acts = torch.zeros_like(pre).scatter_(-1, indices, values)
+        feature_acts = torch.zeros_like(pre).scatter(-1, indices, values)
         return sparse_decode(values, indices, self.W_dec) + self.b_dec, feature_acts
 
     def training_loss(self, x: torch.Tensor, dead: torch.Tensor) -> TrainStep:
@@ -49,8 +50,45 @@ class TopKSae(Sae):
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """Σ_j values[..., j] · W_dec[indices[..., j]]: a gather of the k active decoder rows per token
     instead of a dense matmul over all d_sae (sparsify decodes the same way)."""
+    return _SparseDecode.apply(values, indices, W_dec)
+
+
+def _embedding_bag(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     k = indices.shape[-1]
     out = torch.nn.functional.embedding_bag(
         indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k), mode="sum"
     )
     return out.reshape(*indices.shape[:-1], W_dec.shape[1])
+
+
+class _SparseDecode(torch.autograd.Function):
+    """`_embedding_bag` with a batching rule for torch.func.vmap (the batched ensemble step), which has
+    none of its own: the members' decoders [n, d_sae, d_in] become one table of n·d_sae rows, member
+    m's indices offset by m·d_sae, and one embedding_bag decodes every member."""
+
+    @staticmethod
+    def forward(values, indices, W_dec):
+        return _embedding_bag(values, indices, W_dec)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W_dec = ctx.saved_tensors
+        with torch.enable_grad():  # embedding_bag's own backward, on the forward computed again
+            values, W_dec = values.detach().requires_grad_(), W_dec.detach().requires_grad_()
+            grad_values, grad_W_dec = torch.autograd.grad(_embedding_bag(values, indices, W_dec), (values, W_dec), grad)
+        return grad_values, None, grad_W_dec
+
+    @staticmethod
+    def vmap(info, in_dims, values, indices, W_dec):
+        n = info.batch_size
+        values, indices, W_dec = (
+            t.movedim(dim, 0) if dim is not None else t.expand(n, *t.shape) for t, dim in zip((values, indices, W_dec), in_dims)
+        )
+        d_sae = W_dec.shape[1]
+        offsets = torch.arange(0, n * d_sae, d_sae, device=indices.device).reshape(n, *[1] * (indices.dim() - 1))
+        # autograd records embedding_bag itself here: its backward is the native one
+        return _embedding_bag(values, indices + offsets, W_dec.reshape(n * d_sae, -1)), 0

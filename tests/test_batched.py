@@ -1,0 +1,117 @@
+"""The batched ensemble step: members of one shape stepped as one computation train exactly as they
+do stepped one by one (weights and Adam moments), and a steady-state step makes no host sync."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from saesweep.dispatch import OpCounter
+from saesweep.sae import ARCHITECTURES, GatedSae, ReluSae, TopKSae
+from saesweep.training import SaeTrainingModule
+
+STEPS, BATCH, D_IN, D_SAE = 50, 64, 8, 32
+POISONED_AT, COUNTED = 20, 25  # member 1 gets a NaN weight; the step whose operators are counted
+
+# three members of one shape per architecture, differing in their coefficients (and seeds)
+MEMBERS = {
+    # dead latents resampled every 10 steps
+    "relu_l1": [{"l1_coef": c, "resample_every_tokens": 10 * BATCH} for c in (0.5, 1, 3)],
+    "topk": [{"k": 4, "aux_k": 4, "aux_coef": c} for c in (1 / 32, 0.3, 1.0)],
+    "batchtopk": [{"k": 4, "aux_coef": c} for c in (1 / 32, 0.3, 1.0)],
+    "matryoshka_batchtopk": [{"k": 4, "aux_coef": c} for c in (1 / 32, 0.3, 1.0)],
+    "jumprelu": [{"l0_coef": c, "bandwidth": b} for c, b in ((0.1, 0.05), (0.7, 0.1), (2.0, 0.05))],
+    "gated": [{"l1_coef": c} for c in (0.5, 1, 3)],
+}
+
+
+def make_saes(architecture: str) -> list:
+    saes = []
+    for seed, hparams in enumerate(MEMBERS[architecture]):
+        sae = ARCHITECTURES[architecture](D_IN, D_SAE, torch.Generator().manual_seed(seed), **hparams)
+        with torch.no_grad():  # the last quarter of the latents (almost) never fires: dead, for AuxK and resampling
+            (sae.b_gate if isinstance(sae, GatedSae) else sae.b_enc)[-D_SAE // 4:] = -2.0 if "topk" in architecture else -20.0
+        saes.append(sae)
+    return saes
+
+
+def ensemble(saes: list, batched: bool) -> SaeTrainingModule:
+    return SaeTrainingModule(
+        saes, metric_prefixes=[f"m{i}/" for i in range(len(saes))], act_scale=1.0, lr=3e-3, adam_betas=(0.9, 0.999),
+        lr_warmup_steps=5, lr_decay_fraction=0.2, total_steps=STEPS, max_bad_steps=3, model=None, hook_point="h",
+        resume_key={}, dead_window_tokens=2 * BATCH, grad_clip_norm=1.0, batched=batched,
+    )
+
+
+class Probe(L.Callback):
+    """Puts a NaN into member 1's encoder before step POISONED_AT; counts the operators of step COUNTED."""
+
+    def __init__(self):
+        self.counter = OpCounter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == POISONED_AT:
+            with torch.no_grad():
+                pl_module.saes[1].W_enc[0, 0] = float("nan")
+        if batch_idx == COUNTED:
+            self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == COUNTED:
+            self.counter.__exit__(None, None, None)
+
+
+def fit(architecture: str, batched: bool, log_dir) -> tuple[SaeTrainingModule, Probe]:
+    batches = torch.randn(STEPS, BATCH, D_IN, generator=torch.Generator().manual_seed(0))
+    module, probe = ensemble(make_saes(architecture), batched), Probe()
+    trainer = L.Trainer(
+        max_epochs=1, logger=CSVLogger(log_dir), log_every_n_steps=10, limit_val_batches=0, callbacks=[probe],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module, probe
+
+
+@pytest.mark.parametrize("architecture", sorted(MEMBERS))
+def test_the_batched_step_trains_every_member_as_the_per_member_loop_does(architecture, tmp_path):
+    with warnings.catch_warnings():
+        # vmap's per-member fallback for an operator without a batching rule warns of a "performance drop"
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        batched, probe = fit(architecture, True, tmp_path / "batched")
+    looped, _ = fit(architecture, False, tmp_path / "looped")
+
+    assert probe.counter.syncs == {} and sum(probe.counter.counts.values()) > 0
+    # member 1's NaN: its steps skipped, then it left the ensemble; the other two went on as one group
+    assert batched.dropped.keys() == looped.dropped.keys() == {1}
+    optimizers = batched.optimizers(use_pl_optimizer=False), looped.optimizers(use_pl_optimizer=False)
+    for i, (a, b) in enumerate(zip(batched.saes, looped.saes)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            # the same arithmetic per member; only the order of float operations may differ
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, equal_nan=True, msg=f"member {i} {name}")
+            state_a, state_b = optimizers[0].state[p], optimizers[1].state[q]
+            for moment in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.isfinite(state_a[moment]).all()
+                torch.testing.assert_close(state_a[moment], state_b[moment], rtol=1e-4, atol=1e-6)
+        for name, buffer in a.named_buffers():  # BatchTopK's running threshold
+            torch.testing.assert_close(buffer, b.get_buffer(name), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(batched.tokens_since_fired[i], looped.tokens_since_fired[i], rtol=0, atol=0)
+    if architecture == "relu_l1":  # the silenced latents were resampled (their encoder bias reset to 0)
+        assert (batched.saes[0].b_enc[-D_SAE // 4:] > -1).all()
+    elif "topk" in architecture:  # AuxK moved the encoders of latents that are still dead
+        dead = batched.dead_features([0])[0]
+        moved = (batched.saes[0].W_enc - make_saes(architecture)[0].W_enc).abs().amax(dim=0) > 0
+        assert (dead & moved).any()
+
+
+def test_members_form_one_group_per_shape():
+    saes = [
+        TopKSae(8, 32, k=4, aux_coef=0.1), TopKSae(8, 32, k=8), TopKSae(8, 32, k=4, aux_coef=0.5),
+        ReluSae(8, 32, l1_coef=1), ReluSae(8, 64), ReluSae(8, 32, l1_coef=3), GatedSae(8, 32),
+    ]
+    assert ensemble(saes, True)._live_groups() == [[0, 2], [1], [3, 5], [4], [6]]
+    module = ensemble(saes, True)
+    module.dropped = {0: "diverged", 4: "diverged"}
+    assert module._live_groups() == [[1], [2], [3, 5], [6]]
+    assert ensemble(saes, False)._live_groups() == [[i] for i in range(7)]
