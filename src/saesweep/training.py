@@ -298,7 +298,8 @@ class SaeTrainingModule(L.LightningModule):
         # resumed job must continue any that a future step uses exactly where they stood.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         checkpoint["saesweep_resume_key"] = self.resume_key
-        checkpoint["saesweep_tokens_since_fired"] = [since.cpu() for since in self.tokens_since_fired]
+        # clone: a batched group's counters are views of one tensor, which torch.save would store whole
+        checkpoint["saesweep_tokens_since_fired"] = [since.cpu().clone() for since in self.tokens_since_fired]
         checkpoint["saesweep_dropped"] = {str(i): why for i, why in self.dropped.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
