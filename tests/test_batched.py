@@ -74,7 +74,10 @@ def fit(architecture: str, batched: bool, log_dir) -> tuple[SaeTrainingModule, P
     return module, probe
 
 
-@pytest.mark.parametrize("architecture", sorted(MEMBERS))
+# two in the default suite (ReLU's resampling, TopK's AuxK and sparse decode); the rest in make test-slow
+@pytest.mark.parametrize("architecture", [
+    a if a in ("relu_l1", "topk") else pytest.param(a, marks=pytest.mark.slow) for a in sorted(MEMBERS)
+])
 def test_the_batched_step_trains_every_member_as_the_per_member_loop_does(architecture, tmp_path):
     with warnings.catch_warnings():
         # vmap's per-member fallback for an operator without a batching rule warns of a "performance drop"

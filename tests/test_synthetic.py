@@ -154,6 +154,7 @@ def test_training_on_synthetic_activations_recovers_the_true_features(tmp_path):
     assert rec.fraction > 0.5, rec  # seen: 33 of 48 at cos ≥ 0.9, mean max cosine 0.90
 
 
+@pytest.mark.slow  # three trainings
 def test_the_evaluator_judges_synthetic_runs_against_their_truth(tmp_path):
     """Two seeds at 4× and an 8×: ground_truth.json gives each its recovery, and how true the features
     found again by the other seed and in the larger dictionary are."""
