@@ -65,6 +65,10 @@ class Matching:
         index[self.rows], cosine[self.rows] = self.cols, self.cosines
         return index, cosine
 
+    def swapped(self) -> Matching:
+        """The same matching seen from B."""
+        return Matching(self.cols, self.rows, self.cosines)
+
 
 def matching(a: torch.Tensor, b: torch.Tensor) -> Matching:
     """One-to-one matching of the rows of `a` and `b` (decoder directions) that maximises the summed
