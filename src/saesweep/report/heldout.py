@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.activations import harvest
-from saesweep.data import HeldOutContexts, context_source
+from saesweep.data import held_out_contexts
 from saesweep.rundir import run_setting
 
 
@@ -47,11 +47,3 @@ def rebuild_held_out(model, run_cfg: dict, n_tokens: int, batch_contexts: int) -
     n_eval_contexts = -(-run_setting(run_cfg, "eval_n_tokens") // held_out.tokens.shape[1])
     return HeldOutTokens(held_out.tokens, activations, n_eval_contexts, held_out.n_documents)
 
-
-def held_out_contexts(tokenizer, run_cfg: dict, n_tokens: int, purpose: str) -> HeldOutContexts:
-    """The first contexts of the held-out order of the run's dataset (cfg.json), `n_tokens` rounded up to
-    whole contexts; `purpose` names them in the error when the held-out documents are too few."""
-    ctx_len = run_setting(run_cfg, "ctx_len")
-    dataset = run_setting(run_cfg, "dataset")
-    run_setting(run_cfg, "dataset", "heldout_fraction")  # runs before held-out documents cannot be rebuilt
-    return context_source(dataset, tokenizer, ctx_len).held_out_contexts(-(-n_tokens // ctx_len), purpose)
