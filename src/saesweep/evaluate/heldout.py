@@ -162,8 +162,9 @@ def _batches(models: dict, contexts: torch.Tensor, wanted: list[tuple[str | None
 
 
 def _outliers(runs: list[Run], models: dict, contexts: torch.Tensor) -> list[HookOutliers]:
-    wanted = list(dict.fromkeys((run.model, run.cfg["hook_point"]) for run in runs))
-    sums = [MagnitudeSums(next(r.decoder.shape[1] for r in runs if (r.model, r.cfg["hook_point"]) == key)) for key in wanted]
+    d_in = {(run.model, run.cfg["hook_point"]): run.decoder.shape[1] for run in runs}
+    wanted = list(d_in)
+    sums = [MagnitudeSums(d_in[key]) for key in wanted]
     for batch in _batches(models, contexts, wanted):
         for s, x in zip(sums, batch, strict=True):
             s.update(x)
