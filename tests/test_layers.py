@@ -42,7 +42,7 @@ def test_the_same_dictionary_at_two_layers_is_found_entirely_and_a_random_one_at
     features = true_features(64)
     make_run(tmp_path / "0", features, hook_point=hook(0))
     make_run(tmp_path / "1", permuted(features, 1), hook_point=hook(1))
-    make_run(tmp_path / "2", true_features(64, seed=9), hook_point=hook(2))  # unrelated directions
+    make_run(tmp_path / "2", true_features(64, seed=9), hook_point=hook(2), dead=64)  # unrelated, never fire
     evaluation = evaluate_sweep(tmp_path, CPU, NO_WANDB)
     out = evaluation.out_dir
     assert {p.name for p in evaluation.layers.files} == {LAYERS_FILE, LAYER_FEATURES_FILE, PERSISTENCE_PLOT}
@@ -61,6 +61,7 @@ def test_the_same_dictionary_at_two_layers_is_found_entirely_and_a_random_one_at
     assert model["first_appearance"] == {hook(0): 128, hook(1): 0, hook(2): 64}
     top = model["top_features"]
     assert len(top) == 20 and all(len(f["found_at"]) == 1 and f["mean_matched_cosine"] > 0.4 for f in top)
+    assert {f["run"] for f in model["top_features"]} <= {"0", "1"}  # dead features are never top features
     assert top[0]["frequency"] == pytest.approx(0.05)
     rows = (out / LAYER_FEATURES_FILE).read_text().splitlines()
     assert rows[0] == "run,feature,hook_point,found_at,first_hook_point,mean_matched_cosine,frequency"

@@ -123,8 +123,11 @@ class StackLayers:
     threshold: float  # found_threshold
 
     def top_features(self, n: int) -> list[FeatureLayers]:
-        """The features found at the most other hook points, then with the highest mean matched cosine."""
-        return sorted(self.features, key=lambda f: (-len(f.found_at), -f.mean_matched))[:n]
+        """The features found at the most other hook points, then with the highest mean matched cosine; dead
+        ones (never fired on the held-out tokens) left out: their decoder rows stay near the initialisation,
+        which runs of one seed share at every layer."""
+        alive = [f for f in self.features if f.frequency != 0]
+        return sorted(alive, key=lambda f: (-len(f.found_at), -f.mean_matched))[:n]
 
 
 def cross_layer(stack: Stack, settings: EvalSettings) -> StackLayers:
