@@ -17,6 +17,7 @@ from saesweep.console import quiet_third_party
 from saesweep.evaluate import (
     RELEASED_PREFIX,
     EvalSettings,
+    LayerSettings,
     WandbSettings,
     console_table,
     evaluate_sweep,
@@ -41,11 +42,14 @@ def main(cfg: DictConfig) -> None:
         WandbSettings.from_config(cfg.logger),
         out_dir=Path(HydraConfig.get().runtime.output_dir),
         compare_with=[Path(d) for d in cfg.compare_with or []],
+        layer_settings=LayerSettings.from_config(cfg),
     )
     if reports_wanted(cfg.report):
         own_runs = [run.path for run in evaluation.runs if not run.name.startswith(RELEASED_PREFIX)]
         report_runs(own_runs, OmegaConf.to_container(cfg.report, resolve=True), sweep_dir)
     print(f"\n{sweep_dir}: held-out fidelity and features found again\n{console_table(evaluation.summary, cfg.found_threshold)}")
+    if evaluation.layers:
+        print(evaluation.layers.console_line())
 
 
 if __name__ == "__main__":

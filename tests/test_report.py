@@ -421,7 +421,7 @@ def test_a_feature_that_never_fires_gets_a_page_that_says_so(tiny_run, tiny_mode
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_run, tiny_model, tiny_model_dir, hostile_corpus) -> Path:
     """Run 0 (a copy of tiny_run) with runs 1 and 10: run 10 contains copies of run 0's features 2 and 5;
-    run 1 reads another hook point and cannot be compared."""
+    run 1 reads the next layer's residual stream: its features are matched one-to-one, not by MCS."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
     copy_run(tiny_run, sweep_dir / "0")
     own = make_sae(tiny_model.cfg.d_model, 16, seed=1)
@@ -445,9 +445,14 @@ def test_found_again_features_and_mcs_against_the_sweep(sweep, tiny_model, tmp_p
                          sweep_run_dirs=run_dirs_in(sweep), model=tiny_model)
     assert sorted(built.features) == [2, 5]
     info = built.data["sweep"]
-    assert info["runs"] == ["10 (d_sae=32)"] and info["skipped"] == ["1: different hook_point"]
+    assert info["runs"] == ["10 (d_sae=32)"] and info["skipped"] == []
     for feature in built.data["features"]:
         assert feature["mcs"] == {"10 (d_sae=32)": pytest.approx(1.0, abs=1e-3)} and feature["found_again"] is True
+        (match,) = feature["layers"]  # its one-to-one match at the other layer, linked to that run's page
+        assert match["run"] == "1" and match["hook_point"] == "blocks.1.hook_resid_post" and not match["found"]
+        assert match["href"] == f"../../../1/report/features/{match['feature']}.html"
+        page = (built.report_dir / "features" / f"{feature['id']}.html").read_text()
+        assert "Matches at other layers" in page and f'href="{match["href"]}"' in page
     assert "10 (d_sae=32)" in built.index_html.read_text()
 
 

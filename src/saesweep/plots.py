@@ -233,16 +233,7 @@ def plot_mcs_matrix(path: Path, labels: list[str], matrix: np.ndarray) -> None:
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0)
-    if n <= 16:  # beyond that the numbers no longer fit in the cells
-        for i in range(n):
-            for j in range(n):
-                value = matrix[i, j]
-                text, color = (
-                    ("n/a", "black")
-                    if np.isnan(value)
-                    else (f"{value:.2f}", "white" if value < 0.6 else "black")
-                )
-                ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
+    _annotate(ax, matrix, lambda i, j: "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}")
     ax.set_xticks(range(n), labels, rotation=45, ha="right")
     ax.set_yticks(range(n), labels)
     ax.set_xlabel("B: run searched (features)")
@@ -284,6 +275,49 @@ def plot_stability_frontier(path: Path, points: list[StabilityPoint], fidelity_l
     ax.set_ylabel("found again by another seed (one-to-one, share)")
     ax.set_title("Stability against fidelity, per setting (bars: spread over seed pairs)", fontsize=10)
     _save(fig, path)
+
+
+@dataclass(frozen=True)
+class PersistencePanel:
+    title: str
+    labels: list[str]  # hook points, in residual order
+    fraction: np.ndarray  # [i, j]: share of the features at hook point i found at hook point j
+    chance: np.ndarray  # the same against random dictionaries (NaN on the diagonal)
+
+
+def plot_persistence(path: Path, panels: list[PersistencePanel]) -> None:
+    """Per model, hook point × hook point heatmap: the share of the features of row i's runs found at column j."""
+    if not panels:
+        return _write_message(path, "Features found again across layers", "no model with runs at two residual hook points")
+    size = max(4.5, 0.7 * max(len(p.labels) for p in panels) + 2.5)
+    fig = Figure(figsize=((size + 1.2) * len(panels), size), layout="constrained")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    for ax, panel in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
+        image = ax.imshow(np.ma.masked_invalid(panel.fraction), cmap=cmap, vmin=0.0, vmax=1.0)
+
+        def text(i: int, j: int, panel: PersistencePanel = panel) -> str:
+            chance = panel.chance[i, j]
+            return f"{panel.fraction[i, j]:.2f}" + ("" if np.isnan(chance) else f"\n({chance:.2f})")
+
+        _annotate(ax, panel.fraction, text)
+        n = len(panel.labels)
+        ax.set_xticks(range(n), panel.labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), panel.labels)
+        ax.set_xlabel("found at (matched cosine ≥ threshold)")
+        ax.set_ylabel("features of the runs at")
+        ax.set_title(f"{panel.title}\nshare found again (chance in brackets)", fontsize=10)
+        fig.colorbar(image, ax=ax, label="share of the row's features")
+    _save(fig, path)
+
+
+def _annotate(ax, matrix: np.ndarray, text) -> None:
+    """Each cell's `text(i, j)`, white on dark cells; none beyond 16 × 16 (no longer fits)."""
+    if max(matrix.shape) > 16:
+        return
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            dark = not np.isnan(matrix[i, j]) and matrix[i, j] < 0.6
+            ax.text(j, i, text(i, j), ha="center", va="center", fontsize=9, color="white" if dark else "black")
 
 
 def _bar(se: float) -> float:

@@ -47,6 +47,7 @@ class TargetL0(L.Callback):
                 pl_module.saes[i].hparams[key] = math.exp(self.log_coefficients[i])
             else:
                 self.log_coefficients[i] = math.log(max(pl_module.saes[i].hparams[key], 1e-12))
+        pl_module.coefficients_changed()
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -63,6 +64,7 @@ class TargetL0(L.Callback):
             change = self.gain * math.log(max(l0, 1e-2) / target)
             self.log_coefficients[i] += max(-self.max_step, min(self.max_step, change))
             pl_module.saes[i].hparams[key] = math.exp(self.log_coefficients[i])
+        pl_module.coefficients_changed()
         if step + self.every >= self.freeze_step:
             log.info("target L0: coefficients frozen from step %d: %s", step,
                      {i: round(math.exp(c), 6) for i, c in self.log_coefficients.items()})

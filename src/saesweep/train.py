@@ -439,9 +439,11 @@ def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
     """The SAE's initialisation seed, from `seed` and the run's hyperparameters.
 
     With one seed for all, a 2× dictionary would start from the first half of a 4× one's decoder
-    rows, and overlap between runs (MCS) would partly measure shared initial directions.
+    rows, and dictionaries at two layers from the same directions, and overlap between runs (MCS,
+    across sizes or layers) would partly measure shared initial directions.
     """
-    identity = json.dumps([cfg.seed, d_sae, describe_sae(cfg)], sort_keys=True)
+    hook_point = SYNTHETIC if is_synthetic(cfg.data) else hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
+    identity = json.dumps([cfg.seed, d_sae, describe_sae(cfg), hook_point], sort_keys=True)
     return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest()))
 
 

@@ -48,8 +48,10 @@ class SaeTrainingModule(L.LightningModule):
     metrics ("" for a lone SAE: `train/loss`; "dict3/" in an ensemble: `dict3/train/loss`).
 
     SAEs of one shape (architecture, sizes and every hyperparameter but their `per_member_hyperparameters`)
-    take their step as one computation (`batched_sae_step`), unless `batched` is false; each keeps its
-    own parameters, optimizer state, constraints and metrics.
+    take their step as one computation (`batched_sae_step`) when `batched` (None: on a GPU, where one
+    batched computation replaces many small kernel launches; on the CPU compute dominates and the
+    stacked copies cost more than they save: 136 against 87 ms a step for 8 members at d_sae 256,
+    benchmarks/host_step.py); each keeps its own parameters, optimizer state, constraints and metrics.
     """
 
     def __init__(
@@ -70,7 +72,7 @@ class SaeTrainingModule(L.LightningModule):
         dead_window_tokens: int = 1_000_000,
         grad_clip_norm: float | None = None,
         lr_warmup_max_fraction: float = 0.25,
-        batched: bool = True,
+        batched: bool | None = None,
     ):
         super().__init__()
         if len(saes) != len(metric_prefixes):
@@ -156,7 +158,8 @@ class SaeTrainingModule(L.LightningModule):
 
     def _shape_groups(self, members: Iterable[int]) -> list[list[int]]:
         """The members by shape (`shape_key`); one member each when not `batched`."""
-        if not self.batched:
+        batched = self.batched if self.batched is not None else self.act_scale.device.type == "cuda"
+        if not batched:
             return [[i] for i in members]
         groups: dict[tuple, list[int]] = {}
         for i in members:
@@ -170,7 +173,7 @@ class SaeTrainingModule(L.LightningModule):
         if len(members) == 1:
             return self._step(saes[0], x, dead[0], log_now).map(lambda t: t[None])
         key = tuple(members)
-        if key not in self._coefficients:  # made once: a tensor from host values on every step would wait
+        if key not in self._coefficients:  # made once (until coefficients_changed): a tensor from host values each step would wait
             self._coefficients[key] = per_member_coefficients(saes, x.device)
         return self._batched_step(saes, x, dead, log_now, self._coefficients[key])
 
@@ -220,6 +223,11 @@ class SaeTrainingModule(L.LightningModule):
                 self._tokens_seen -= step_tokens
             if bad:
                 self._skip_bad_members(bad, "activations" if flags[-1] else "loss", step)
+
+    def coefficients_changed(self) -> None:
+        """An SAE's coefficient hyperparameter was changed (sae.target_l0's controller): batched steps
+        rebuild their per-member coefficients from the SAEs' hyperparameters."""
+        self._coefficients.clear()
 
     def dead_features(self, members: Sequence[int]) -> torch.Tensor:
         """[len(members), d_sae] bool: the features of these SAEs (of one d_sae) that did not fire on the

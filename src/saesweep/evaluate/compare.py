@@ -14,7 +14,15 @@ from omegaconf import DictConfig
 from saesweep.errors import ConfigError
 from saesweep.lm import resolve_device
 
-from .cosines import DEFAULT_CHUNK_SIZE, OverlapStats, matched_cosines, mcs, mcs_both_ways, overlap_stats
+from .cosines import (
+    DEFAULT_CHUNK_SIZE,
+    OverlapStats,
+    matched_cosines,
+    mcs,
+    mcs_both_ways,
+    overlap_stats,
+    random_dictionary,
+)
 from .runs import Run, larger_dictionaries, seed_partners
 
 log = logging.getLogger(__name__)
@@ -118,12 +126,7 @@ def compare_runs(runs: list[Run], settings: EvalSettings) -> Comparison:
     def baseline_mcs(a: Run, n_b: int) -> torch.Tensor:
         shape = (n_b, a.decoder.shape[1])
         if shape not in random_dictionaries:
-            # numpy's PCG64, not torch's generator: the same on every device, and no chance of
-            # replaying a torch-seeded SAE initialisation (training seeds torch with small integers too)
-            rng = np.random.default_rng(settings.baseline_seed)
-            random_dictionaries[shape] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(
-                device
-            )
+            random_dictionaries[shape] = random_dictionary(shape, settings.baseline_seed).to(device)
         if (a.name, n_b) not in baselines:
             baselines[a.name, n_b] = mcs(
                 decoders[a.name], random_dictionaries[shape], settings.chunk_size

@@ -61,8 +61,12 @@ class Run:
     def comparison_group(self) -> str:
         """Runs are compared only within a group: the same hook point, width and model (directions
         in different residual streams share no basis)."""
-        model = self.cfg.get("model_path") or self.cfg.get("model_name")
-        return f"{self.cfg.get('hook_point')} d_in={self.decoder.shape[1]} model={model}"
+        return f"{self.cfg.get('hook_point')} d_in={self.decoder.shape[1]} model={self.model}"
+
+    @property
+    def model(self) -> str | None:
+        """The language model it reads: its path, or its hub name."""
+        return self.cfg.get("model_path") or self.cfg.get("model_name")
 
 
 @dataclass(frozen=True)

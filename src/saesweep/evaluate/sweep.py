@@ -12,6 +12,7 @@ from saesweep.rundir import recorded_wandb_group
 
 from .compare import Comparison, EvalSettings, compare_runs
 from .figures import write_plots
+from .layers import LayerEvaluation, LayerSettings, evaluate_layers
 from .outputs import SummaryRow, mcs_json, summary_rows, write_summary_csv
 from .runs import FailedRun, Run, discover_runs, load_released
 from .stability import stability, write_stability
@@ -33,6 +34,7 @@ class SweepEvaluation:
     report: dict  # the content of mcs.json
     summary: list[SummaryRow]  # the rows of summary.csv
     out_dir: Path
+    layers: LayerEvaluation | None = None  # across layers and on held-out tokens, when there was anything to do
 
 
 def evaluation_dir(sweep_dir: str | Path) -> Path:
@@ -50,10 +52,12 @@ def evaluate_sweep(
     wandb_settings: WandbSettings | None = None,
     out_dir: Path | None = None,
     compare_with: list[Path] | None = None,
+    layer_settings: LayerSettings | None = None,
 ) -> SweepEvaluation:
     """Evaluate every run of a sweep and write mcs.json, summary.csv, the plots and the W&B run;
     `compare_with`: released dictionaries (SAELens, sparsify, dictionary_learning or saesweep
-    directories) added to the comparison, named `released:<directory name>`."""
+    directories) added to the comparison, named `released:<directory name>`; `layer_settings`: the
+    comparison across residual hook points and the opt-in one on held-out tokens (saesweep.evaluate.layers)."""
     settings = settings or EvalSettings()
     wandb_settings = wandb_settings or WandbSettings()
     sweep_dir = Path(sweep_dir)
@@ -84,9 +88,10 @@ def evaluate_sweep(
             log.info("stability: %s (%s, d_sae %d): %.1f %% ± %.1f found again by another seed, fidelity %.4f%s",
                      s.setting, s.architecture, s.d_sae, 100 * s.found_by_other_seed, 100 * s.found_by_other_seed_sd,
                      s.fidelity, " (on the frontier)" if s.on_frontier else "")
+    layers = evaluate_layers(runs, comparison.seed_partners, settings, layer_settings or LayerSettings(), out_dir)
     if wandb_settings.mode != "disabled":
         group = recorded_wandb_group([r.path for r in [*runs, *failed]], sweep_dir)
         config = {"sweep_dir": str(sweep_dir), **asdict(settings)}
         log_to_wandb(wandb_settings, out_dir, group, summary, plot_paths, report["headline"], config)
     log.info("wrote the evaluation of %s to %s", sweep_dir, out_dir)
-    return SweepEvaluation(runs, failed, comparison, report, summary, out_dir)
+    return SweepEvaluation(runs, failed, comparison, report, summary, out_dir, layers)

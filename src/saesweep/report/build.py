@@ -237,6 +237,7 @@ def _compute_views(
                 "max_activation": _round(float(stats.max_activation[feature])),
                 "mcs": mcs_runs,
                 "mcs_max": best,
+                "layers": [] if sweep is None else _layer_matches(sweep, feature, settings.found_threshold),
                 "found_again": None if best is None else best >= settings.found_threshold,
                 "histogram": {"edges": _rounded(edges), "counts": counts},
                 "context_dependence": None if alone_j is None else _maybe_round(views.context_dependence(
@@ -306,6 +307,16 @@ def _causal_examples(
     n = min(settings.causal_uniform, len(bins))
     picks = torch.linspace(0, len(bins) - 1, n).round().long().unique().tolist() if n else []
     return chosen_top + [first_of_bin[bins[p]] for p in picks]
+
+
+def _layer_matches(sweep: SweepComparison, feature: int, threshold: float) -> list[dict]:
+    """The feature's one-to-one matches in the runs at other residual hook points, with links to their pages."""
+    return [
+        {"run": m.run, "hook_point": m.hook_point, "feature": int(m.index[feature]),
+         "cosine": _round(float(m.cosine[feature])), "found": bool(m.cosine[feature] >= threshold),
+         "href": f"../../{m.relative_dir}/{REPORT_DIR}/{PAGES_DIR}/{feature_page_name(int(m.index[feature]))}"}
+        for m in sweep.layers if m.index[feature] >= 0
+    ]
 
 
 def _excluded_tokens(w_u: torch.Tensor, settings: ReportSettings) -> tuple[torch.Tensor, str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.activations import harvest
-from saesweep.data import context_source
+from saesweep.data import held_out_contexts
 from saesweep.rundir import run_setting
 
 
@@ -42,11 +42,8 @@ def rebuild_held_out(model, run_cfg: dict, n_tokens: int, batch_contexts: int) -
     spread over the held-out documents, which no run of the sweep trained on, and beginning with the
     run's own evaluation contexts.
     """
-    ctx_len = run_setting(run_cfg, "ctx_len")
-    dataset = run_setting(run_cfg, "dataset")
-    run_setting(run_cfg, "dataset", "heldout_fraction")  # runs before held-out documents cannot be rebuilt
-    n_contexts = -(-n_tokens // ctx_len)
-    held_out = context_source(dataset, model.tokenizer, ctx_len).held_out_contexts(n_contexts, "report")
+    held_out = held_out_contexts(model.tokenizer, run_cfg, n_tokens, "report")
     activations = harvest(model, held_out.tokens, run_setting(run_cfg, "hook_point"), batch_contexts)
-    n_eval_contexts = -(-run_setting(run_cfg, "eval_n_tokens") // ctx_len)
+    n_eval_contexts = -(-run_setting(run_cfg, "eval_n_tokens") // held_out.tokens.shape[1])
     return HeldOutTokens(held_out.tokens, activations, n_eval_contexts, held_out.n_documents)
+

@@ -25,6 +25,22 @@ def feature_page_name(feature: int) -> str:
     return f"{feature}.html"
 
 
+def _layer_matches_table(matches: list[dict], sweep: dict | None) -> str:
+    """The feature's one-to-one decoder matches in the sweep's runs at other residual hook points, linked."""
+    if not matches:
+        return ""
+    rows = "".join(
+        f'<tr><td>{esc(m["hook_point"])}</td><td>{esc(m["run"])}</td><td><a href="{esc(m["href"])}">feature '
+        f'{m["feature"]}</a></td><td class="num">{"<b>" if m["found"] else ""}{m["cosine"]:.3f}'
+        f'{"</b>" if m["found"] else ""}</td></tr>'
+        for m in matches
+    )
+    return (f'<h3>Matches at other layers</h3><table><tr><th>hook point</th><th>run</th><th>feature</th>'
+            f'<th class="num">cosine</th></tr>{rows}</table><p class="note">One-to-one decoder matching; bold: found '
+            f'there (cosine ≥ {sweep["found_threshold"]:g}). A link opens that run\'s page of the feature when its '
+            "report includes it.</p>")
+
+
 def _rgba(rgb: tuple[int, int, int], strength: float) -> str:
     strength = max(0.0, min(1.0, strength))
     return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.06 + 0.84 * strength:.3f})" if strength > 0 else "transparent"
@@ -294,6 +310,7 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
     stats_html = "".join(f'<div class="stat"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in stats)
     mcs_rows = "".join(f'<tr><td>{esc(name)}</td><td class="num">{v:.3f}</td></tr>' for name, v in feature["mcs"].items())
     mcs_html = f"<table><tr><th>other run</th><th class=\"num\">MCS</th></tr>{mcs_rows}</table>" if mcs_rows else ""
+    layers_html = _layer_matches_table(feature.get("layers", []), data["sweep"])
     hist = feature["histogram"]
     body = "".join([
         "".join(nav),
@@ -302,7 +319,7 @@ def render_feature_page(data: dict, feature: dict, previous: int | None, followi
         f"<div>{stats_html}</div>",
         '<div class="grid"><div><h3>Activation histogram (tokens where it fires)</h3>',
         _svg_histogram(hist["edges"], hist["counts"], "activation"),
-        f"</div><div>{'<h3>MCS against the sweep</h3>' + mcs_html if mcs_html else ''}</div></div>",
+        f"</div><div>{'<h3>MCS against the sweep</h3>' + mcs_html if mcs_html else ''}{layers_html}</div></div>",
         _logit_lens_section(feature, data["logit_lens"]),
         _top_examples_section(feature),
         _uniform_section(feature, data["settings"]["n_bins"]),

@@ -7,10 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from saesweep.errors import ConfigError
 from saesweep.evaluate import mcs
+from saesweep.evaluate.cosines import matching
+from saesweep.evaluate.layers import residual_order
 from saesweep.rundir import load_run_config, load_sae
 from saesweep.sae import Sae
 
@@ -20,10 +23,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class LayerMatches:
+    """A run of the sweep at another residual hook point of the same model: each feature's one-to-one
+    (Hungarian) match among its features by decoder cosine (saesweep.evaluate.layers)."""
+
+    run: str  # named by its path inside the sweep
+    relative_dir: str  # that run's directory, relative to this run's
+    hook_point: str
+    index: np.ndarray  # [d_sae]: the matched feature there (-1: unmatched)
+    cosine: np.ndarray  # [d_sae]: the cosine of the match (NaN: unmatched)
+
+
+@dataclass(frozen=True)
 class SweepComparison:
     run_names: list[str]  # the other runs, named by their path inside the sweep
     mcs: torch.Tensor  # [n_runs, d_sae]: each feature's max cosine similarity with the decoder of each run
     skipped: list[str]  # runs that cannot be compared, with the reason
+    layers: tuple[LayerMatches, ...] = ()  # the runs at other residual hook points of the same model
 
     @property
     def best(self) -> torch.Tensor:
@@ -36,18 +52,23 @@ _COMPARABLE_KEYS = ("hook_point", "d_in", "model_name", "model_path")
 
 def compare_with_sweep(run_dir: Path, sae: Sae, sweep_run_dirs: list[Path]) -> SweepComparison | None:
     """MCS of every feature of `sae` against each other run of the sweep that reads the same model
-    and hook point; None when there is no such run."""
+    and hook point, and its match in each run at another residual hook point of that model; None when
+    the sweep has no other run."""
     run_dir = Path(run_dir).resolve()
     others = [Path(d).resolve() for d in sweep_run_dirs if Path(d).resolve() != run_dir]
     if not others:
         return None
     root = Path(os.path.commonpath([run_dir, *others]))
     own_cfg = load_run_config(run_dir)
-    names, rows, skipped = [], [], []
+    names, rows, skipped, layers = [], [], [], []
     for other in others:
         name = str(other.relative_to(root)) if other != root else other.name
         cfg = load_run_config(other)
         differing = [k for k in _COMPARABLE_KEYS if cfg.get(k) != own_cfg.get(k)]
+        if differing == ["hook_point"] and None not in (residual_order(cfg["hook_point"]), residual_order(own_cfg["hook_point"])):
+            index, cosine = matching(sae.W_dec.detach(), load_sae(other).W_dec.detach()).per_row(sae.d_sae)
+            layers.append(LayerMatches(name, Path(os.path.relpath(other, run_dir)).as_posix(), cfg["hook_point"], index, cosine))
+            continue
         if differing:
             skipped.append(f"{name}: different {', '.join(differing)}")
             continue
@@ -56,9 +77,8 @@ def compare_with_sweep(run_dir: Path, sae: Sae, sweep_run_dirs: list[Path]) -> S
         names.append(f"{name} (d_sae={cfg['d_sae']})")
     for reason in skipped:
         log.info("not compared with run %s", reason)
-    if not rows:
-        return SweepComparison([], torch.empty(0, sae.d_sae), skipped)
-    return SweepComparison(names, torch.stack(rows), skipped)
+    mcs_rows = torch.stack(rows) if rows else torch.empty(0, sae.d_sae)
+    return SweepComparison(names, mcs_rows, skipped, tuple(layers))
 
 
 def check_feature_ids(settings: ReportSettings, d_sae: int) -> None:
