@@ -17,6 +17,7 @@ held-out tokens are never trained on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Iterator
@@ -107,6 +108,21 @@ class TrueFeatures:
     def load(cls, path: Path) -> TrueFeatures:
         return cls(**load_file(Path(path)))
 
+    @functools.cached_property
+    def units(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The independently firing units: each free (ungrouped, parentless) feature, and each group;
+        the features each stands for, and its Poisson rate −log(1 − p) (see `sample`)."""
+        free = ((self.group < 0) & (self.parent < 0)).nonzero().squeeze(-1)
+        groups = [(self.group == g).nonzero().squeeze(-1) for g in range(int(self.group.max()) + 1)]
+        members = [f.reshape(1) for f in free] + groups
+        probability = torch.stack([self.firing_probability[f[0]] for f in members]).double()
+        return members, -torch.log1p(-probability.clamp(max=1 - 1e-9))
+
+    @functools.cached_property
+    def children(self) -> list[torch.Tensor]:
+        """Each feature's children (empty for most)."""
+        return [torch.nonzero(self.parent == f).squeeze(-1) for f in range(len(self.parent))]
+
     def hierarchy_pairs(self) -> list[tuple[int, int]]:
         """(parent, child) for every child."""
         return [(int(p), child) for child, p in enumerate(self.parent.tolist()) if p >= 0]
@@ -164,22 +180,46 @@ def activation_chunks(
 def sample(
     spec: SyntheticSpec, features: TrueFeatures, n: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n tokens: their activations [n, d_in] and the true features' coefficients a_i·m_i [n, n_features]."""
-    probability = features.firing_probability
-    fires = torch.rand(n, len(probability), generator=generator) < probability
-    grouped = features.group >= 0
-    if grouped.any():  # one event per group and token: its members fire together
-        events = torch.rand(n, int(features.group.max()) + 1, generator=generator)
-        fires[:, grouped] = events[:, features.group[grouped]] < probability[grouped]
-    children = features.parent >= 0
-    if children.any():  # a child fires only with its parent
-        fires[:, children] &= fires[:, features.parent[children]]
-    magnitude = (spec.magnitude_mean + spec.magnitude_std * torch.randn(n, len(probability), generator=generator)).clamp_min(0)
-    coefficients = fires * magnitude
-    x = coefficients @ features.directions
+    """n tokens: their activations [n, d_in] and the true features' coefficients a_i·m_i, a sparse
+    [n, n_features] tensor. Only the features that fire are drawn (about mean_active per token, not
+    n_features): a unit (a free feature, or a group firing as one) with probability p fires on a token
+    when a Poisson process of rate −log(1 − p) has an event there, which is exactly a Bernoulli(p) draw,
+    independent between units; the processes are drawn together, as Poisson counts per token split
+    among the units in proportion to their rates. A parent's children then fire with it at their
+    probability. x is one embedding_bag over the firing features' directions."""
+    unit_features, unit_rate = features.units
+    units = len(unit_features)
+    counts = torch.poisson(torch.full((n,), float(unit_rate.sum())), generator=generator).long()
+    cdf = torch.cumsum(unit_rate / unit_rate.sum(), 0)  # a categorical draw by inverse CDF (faster than multinomial)
+    drawn = torch.searchsorted(cdf, torch.rand(int(counts.sum()), generator=generator, dtype=torch.float64)).clamp(max=units - 1)
+    key = torch.unique(torch.repeat_interleave(torch.arange(n), counts) * units + drawn)  # a unit fires once per token
+    token, unit = key // units, key % units
+    token, feature = _expand(token, unit, unit_features)
+    if (features.parent >= 0).any():  # a child fires only with its parent, then at its probability
+        child_token, child = _expand(token, feature, features.children)
+        kept = torch.rand(len(child), generator=generator) < features.firing_probability[child]
+        token, feature = torch.cat([token, child_token[kept]]), torch.cat([feature, child[kept]])
+    order = torch.argsort(token * len(features.parent) + feature)
+    token, feature = token[order], feature[order]
+    magnitude = (spec.magnitude_mean + spec.magnitude_std * torch.randn(len(token), generator=generator)).clamp_min(0)
+    offsets = torch.cumsum(torch.bincount(token, minlength=n), 0) - torch.bincount(token, minlength=n)
+    x = torch.nn.functional.embedding_bag(feature, features.directions, offsets, mode="sum", per_sample_weights=magnitude)
     if spec.noise_std:
         x += spec.noise_std * torch.randn(x.shape, generator=generator)
+    coefficients = torch.sparse_coo_tensor(
+        torch.stack([token, feature]), magnitude, (n, len(features.parent)), is_coalesced=True, check_invariants=False
+    )
     return x, coefficients
+
+
+def _expand(token: torch.Tensor, unit: torch.Tensor, members: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, unit) pairs expanded to (token, member) for every member of the unit."""
+    sizes = torch.tensor([len(m) for m in members])
+    flat = torch.cat(members) if members else torch.zeros(0, dtype=torch.long)
+    starts = torch.cumsum(sizes, 0) - sizes
+    per_pair = sizes[unit]
+    within = torch.arange(int(per_pair.sum())) - torch.repeat_interleave(torch.cumsum(per_pair, 0) - per_pair, per_pair)
+    return torch.repeat_interleave(token, per_pair), flat[torch.repeat_interleave(starts[unit], per_pair) + within]
 
 
 def _unit(m: torch.Tensor) -> torch.Tensor:
