@@ -228,8 +228,10 @@ def test_resampling_revives_dead_features_and_resets_their_adam_moments():
     assert (sae(x).feature_acts[:, dead] == 0).all()
     with torch.no_grad():
         optimizer.state[sae.W_dec]["exp_avg"].fill_(1.0)
-    # not at a resampling boundary: nothing happens
-    assert sae.revive_dead(dead, x, optimizer, tokens_seen=90, step_tokens=10) is None
+    # due only at a resampling boundary: the step that crossed 100 tokens
+    assert [sae.revives_after(t, 10) for t in (90, 100, 110)] == [False, True, False]
+    assert not ReluSae(8, 16, resample_every_tokens=0).revives_after(100, 10)
+    assert sae.revive_dead(torch.zeros_like(dead), x, optimizer, tokens_seen=100, step_tokens=10) is None  # none dead
     revived = sae.revive_dead(dead, x, optimizer, tokens_seen=100, step_tokens=10)
     assert torch.equal(revived, dead)
     torch.testing.assert_close(sae.W_dec[dead].norm(dim=1), torch.ones(4))

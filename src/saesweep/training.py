@@ -15,7 +15,6 @@ import os
 import pickle
 import random
 import signal
-from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from saesweep.errors import CheckpointError, TrainingDivergedError
 from saesweep.io import atomic_link, atomic_write_bytes
 from saesweep.metrics import EvalResult, MetricAccumulator
+from saesweep.readback import DeviceReadback
 from saesweep.sae import Sae
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,10 @@ class SaeTrainingModule(L.LightningModule):
         self.max_bad_steps = max_bad_steps
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
         self._tokens_seen = 0  # tokens_seen as the host knows it (reading the buffer would wait on the device)
-        # per step not yet acted on: (step, members, tokens, its flags on the host, their copy's event)
-        self._pending_flags: deque[tuple[int, list[int], int, torch.Tensor, Any]] = deque()
+        # per step, its flags on their way to the host, with (step, members, tokens)
+        self._step_flags = DeviceReadback()
+        # per logging step, its metrics on their way to the loggers, with (step, epoch, names, host values)
+        self._step_metrics = DeviceReadback()
         # per SAE and feature: training tokens since it last fired (checkpointed, cut per member in an ensemble)
         self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
         self.dead_window_tokens = dead_window_tokens
@@ -121,6 +123,7 @@ class SaeTrainingModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._read_step_flags(wait=False)  # what earlier steps' flags told, once they reached the host
+        self._emit_step_metrics(wait=False)
         x = batch / self.act_scale
         self._last_batch = x  # for the architectures that revive dead features after the step
         # Lightning's own test for "this step's metrics reach the loggers": L0 (a pass over the whole
@@ -142,7 +145,9 @@ class SaeTrainingModule(L.LightningModule):
         skip[members] = ~finite
         self.optimizers(use_pl_optimizer=False).skip = skip
         step_tokens = batch.shape[0] * self.trainer.world_size
-        self._queue_step_flags(members, torch.cat([skip, ~torch.isfinite(batch).all().reshape(1)]), step_tokens)
+        # per SAE: skipped; last: the batch held NaN/Inf
+        flags = torch.cat([skip, ~torch.isfinite(batch).all().reshape(1)])
+        self._step_flags.put((self.global_step, members, step_tokens), flags)
         self.tokens_seen += step_tokens * finite.any()
         self._tokens_seen += step_tokens  # the host's count; a step found skipped is taken back
         self.skipped_steps += ~finite.all()
@@ -178,43 +183,45 @@ class SaeTrainingModule(L.LightningModule):
         return self._batched_step(saes, x, dead, log_now, self._coefficients[key])
 
     def _log_step(self, steps: dict[int, StepLosses], distributed: bool) -> None:
-        logged = {}
+        """Send this step's metrics on their way to the loggers: one stacked tensor copied to the host in
+        the background (`_emit_step_metrics` logs it once it arrived). Lightning's `self.log` would turn
+        each value into a Python number at every later step's end, a host sync per value and step."""
+        names, values, host_values = [], [], {}
         for i, step in steps.items():
             prefix = self.metric_prefixes[i]
-            logged |= {f"{prefix}train/loss": step.loss}
-            logged |= {f"{prefix}train/loss_{name}": term for name, term in step.terms.items()}
-            logged |= {
+            on_device = {
+                f"{prefix}train/loss": step.loss,
+                **{f"{prefix}train/loss_{name}": term for name, term in step.terms.items()},
                 # reported in raw activation units, comparable with eval/mse and metrics.json
                 f"{prefix}train/mse": step.mse * self.act_scale**2,
                 f"{prefix}train/l0": step.l0,
-                f"{prefix}train/skipped_steps": self.skipped_steps.float(),
-                f"{prefix}train/lr": self.trainer.optimizers[0].param_groups[i]["lr"],  # after warm-up/decay
+                f"{prefix}train/skipped_steps": self.skipped_steps,
                 f"{prefix}train/dead_fraction": self.dead_features([i]).float().mean(),
             }
-        self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=len(self.saes) == 1, sync_dist=distributed)
+            names += on_device
+            values += [v.float() for v in on_device.values()]
+            host_values[f"{prefix}train/lr"] = self.trainer.optimizers[0].param_groups[i]["lr"]  # after warm-up/decay
+        stacked = torch.stack(values)
+        if distributed:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        # the step Lightning's own logging would give them: the optimizer steps taken once this one is
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+        self._step_metrics.put((step, self.current_epoch, names, host_values), stacked)
 
-    def _queue_step_flags(self, members: list[int], flags: torch.Tensor, step_tokens: int) -> None:
-        """Start copying this step's flags (per SAE: skipped; last: the batch held NaN/Inf) to the
-        host, without waiting for them."""
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=flags.is_cuda)
-        host.copy_(flags, non_blocking=flags.is_cuda)
-        copied = None
-        if flags.is_cuda:
-            copied = torch.cuda.Event()
-            copied.record()
-        self._pending_flags.append((self.global_step, members, step_tokens, host, copied))
+    def _emit_step_metrics(self, wait: bool) -> None:
+        """Log the metrics of earlier logging steps that reached the host (all of them when `wait`); a
+        lone SAE's also go to the progress bar."""
+        for (step, epoch, names, host_values), values in self._step_metrics.ready(wait):
+            metrics = dict(zip(names, values.tolist())) | host_values
+            self.trainer._logger_connector.log_metrics(metrics | {"epoch": epoch}, step=step)
+            if len(self.saes) == 1:
+                self.trainer.progress_bar_metrics.update(metrics)
 
     def _read_step_flags(self, wait: bool) -> None:
         """Act on the flags of earlier steps that reached the host (on all of them when `wait`):
         count bad steps in a row, warn, drop a member after train.max_bad_steps of them."""
-        while self._pending_flags:
-            step, members, step_tokens, host, copied = self._pending_flags[0]
-            if copied is not None and not wait and not copied.query():
-                return
-            if copied is not None:
-                copied.synchronize()
-            self._pending_flags.popleft()
-            flags = host.numpy()
+        for (step, members, step_tokens), host_flags in self._step_flags.ready(wait):
+            flags = host_flags.tolist()
             bad = [i for i in members if flags[i]]
             for i in members:
                 if not flags[i]:
@@ -290,7 +297,8 @@ class SaeTrainingModule(L.LightningModule):
             saes = [self.saes[i] for i in members]
             type(saes[0]).after_optimizer_step(saes)
         for members in self._live_groups():
-            for i, dead in zip(members, self.dead_features(members).unbind()):
+            due = [i for i in members if self.saes[i].revives_after(self._tokens_seen, step_tokens)]
+            for i, dead in zip(due, self.dead_features(due).unbind() if due else ()):
                 revived = self.saes[i].revive_dead(dead, self._last_batch, optimizer, self._tokens_seen, step_tokens)
                 if revived is not None:
                     since = self.tokens_since_fired[i]
@@ -299,9 +307,11 @@ class SaeTrainingModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._read_step_flags(wait=True)
+        self._emit_step_metrics(wait=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._read_step_flags(wait=True)  # a checkpoint holds every drop up to its step
+        self._emit_step_metrics(wait=True)  # and its metrics are logged, should the job stop here
         # Lightning does not save the global RNGs; nothing in training draws from them today, but a
         # resumed job must continue any that a future step uses exactly where they stood.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}

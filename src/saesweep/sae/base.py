@@ -126,11 +126,17 @@ class Sae(nn.Module):
         normalize_decoders(saes)
 
     @torch.no_grad()
+    def revives_after(self, tokens_seen: int, step_tokens: int) -> bool:
+        """Whether `revive_dead` is due after the step that took the training to `tokens_seen` tokens
+        (asked after every optimizer step; the dead mask is worked out only when it is)."""
+        return False
+
     def revive_dead(
         self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, tokens_seen: int, step_tokens: int
     ) -> torch.Tensor | None:
-        """Called after every optimizer step with the dead mask and the step's batch: an architecture
-        that re-initialises dead features does it here and returns the mask of those it revived."""
+        """Called after an optimizer step for which `revives_after` said so, with the dead mask and the
+        step's batch: an architecture that re-initialises dead features does it here and returns the
+        mask of those it revived."""
         return None
 
     @torch.no_grad()

@@ -36,6 +36,11 @@ class ReluSae(Sae):
         l1 = feature_acts.sum(dim=-1).mean()
         return TrainStep({"mse": mse(x_hat, x), "l1": self.hparams["l1_coef"] * l1}, x_hat, feature_acts)
 
+    def revives_after(self, tokens_seen: int, step_tokens: int) -> bool:
+        """Every resample_every_tokens training tokens (0: never)."""
+        every = self.hparams["resample_every_tokens"]
+        return bool(every) and tokens_seen // every != (tokens_seen - step_tokens) // every
+
     @torch.no_grad()
     def revive_dead(
         self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, tokens_seen: int, step_tokens: int
@@ -44,8 +49,7 @@ class ReluSae(Sae):
         probability ∝ its squared reconstruction loss; its decoder row becomes that unit direction, its
         encoder column the direction scaled to 0.2 × the mean norm of the live columns, its bias 0, and
         the Adam moments of all three are reset."""
-        every = self.hparams["resample_every_tokens"]
-        if not every or tokens_seen // every == (tokens_seen - step_tokens) // every or not dead.any():
+        if not dead.any():
             return None
         losses = (self(x).x_hat - x).pow(2).sum(dim=-1)
         generator = torch.Generator(device=x.device).manual_seed(int(tokens_seen))

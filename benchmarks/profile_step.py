@@ -1,0 +1,106 @@
+"""Where a training step's host time goes, on whatever device Lightning picks (a GPU when there is one):
+one ReLU dictionary trained from the device-resident buffer, its steady-state steps under cProfile (the
+Python functions, Lightning's included, by own and by cumulative time), beside the bare PyTorch loop's
+rate (the floor) and the same fit with `train.compile=true`. Prints the tables and one `RESULT` line;
+asserts nothing.
+
+    python benchmarks/profile_step.py [--d-sae 2048] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from bench_train import DEVICE, _sync, bare_loop, saesweep_lightning  # benchmarks/bench_train.py
+from machine import describe_machine  # benchmarks/machine.py
+
+from saesweep.sae import ReluSae
+from saesweep.store import StoreSpec, StoreStream, TokenFilter, write_store
+from saesweep.training import SaeTrainingModule
+
+WARMUP = 20
+
+
+class ProfiledSteps(L.Callback):
+    """cProfile over the steps from WARMUP on, and their wall time."""
+
+    def __init__(self):
+        self.profile = cProfile.Profile()
+        self.start = self.end = 0.0
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == WARMUP:
+            _sync()
+            self.start = time.perf_counter()
+            self.profile.enable()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= WARMUP:
+            self.steps += 1
+        if batch_idx == trainer.num_training_batches - 1:
+            _sync()
+            self.profile.disable()
+            self.end = time.perf_counter()
+
+
+def profiled_fit(store, d_in: int, d_sae: int, batch: int) -> ProfiledSteps:
+    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True, device=DEVICE)
+    module = SaeTrainingModule(
+        [ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=1.0, lr=1e-3, adam_betas=(0.9, 0.999),
+        lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream), max_bad_steps=10, model=None,
+        hook_point="", resume_key={},
+    )
+    probe = ProfiledSteps()
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe],
+        log_every_n_steps=10,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(stream, batch_size=None))
+    return probe
+
+
+def table(profile: cProfile.Profile, sort: str, rows: int) -> str:
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).strip_dirs().sort_stats(sort).print_stats(rows)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--d-in", type=int, default=512)
+    parser.add_argument("--d-sae", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    print(describe_machine())
+    torch.manual_seed(0)
+    d_in, d_sae, batch = args.d_in, args.d_sae, args.batch
+    x = torch.randn(args.steps * batch, d_in)
+    bare = bare_loop(x, d_sae, 100, batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = StoreSpec("profile", "0", "hook", {}, "train", 16, len(x), "float32", TokenFilter())
+        store = write_store(Path(tmp), spec, x, shard_tokens=32 * batch)
+        probe = profiled_fit(store, d_in, d_sae, batch)
+        compiled, _ = saesweep_lightning(store, d_in, d_sae, batch, "32-true", compile=True, device_buffer=True)
+        eager, _ = saesweep_lightning(store, d_in, d_sae, batch, "32-true", device_buffer=True)
+    step_ms = 1e3 * (probe.end - probe.start) / probe.steps
+    print(table(probe.profile, "tottime", 45))
+    print(table(probe.profile, "cumulative", 60))
+    print(f"per step: profiled {step_ms:.2f} ms; eager {1e3 * batch / eager:.2f} ms, compiled "
+          f"{1e3 * batch / compiled:.2f} ms, bare loop {1e3 * batch / bare:.2f} ms")
+    print(f"RESULT profiled_step_ms={step_ms:.3f} eager_step_ms={1e3 * batch / eager:.3f} "
+          f"compiled_step_ms={1e3 * batch / compiled:.3f} bare_step_ms={1e3 * batch / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
