@@ -151,8 +151,10 @@ def test_sigkilled_harvest_resumes_without_redoing_finished_shards(tmp_path, tin
     assert [s["crc32"] for s in manifest["shards"]] == [s["crc32"] for s in fresh_manifest["shards"]]
 
 
-@pytest.mark.parametrize(("damage", "index"), [("flip", 2), ("truncate", 2), ("truncate", 0)])
-def test_corrupt_shard_is_named_and_reharvested_alone(tmp_path, tiny_model, damage, index):
+@pytest.mark.parametrize(("damage", "index", "device_buffer"), [
+    ("flip", 2, False), ("truncate", 2, False), ("truncate", 0, False), ("flip", 2, True), ("truncate", 0, True),
+])
+def test_corrupt_shard_is_named_and_reharvested_alone(tmp_path, tiny_model, damage, index, device_buffer):
     store = ActivationStore(tmp_path, spec_for(tiny_model), 500)
     manifest = store.ensure(tiny_model, train_batches(tiny_model), 8)
     others = {s["file"]: (store.path / s["file"]).stat().st_ino for i, s in enumerate(manifest["shards"]) if i != index}
@@ -165,7 +167,7 @@ def test_corrupt_shard_is_named_and_reharvested_alone(tmp_path, tiny_model, dama
     bad.write_bytes(bytes(data))
 
     with pytest.raises(StoreCorruptError, match=bad.name):
-        list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0))
+        list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0, device_buffer=device_buffer))
     assert not store.is_complete()
     repaired = store.ensure(tiny_model, train_batches(tiny_model), 8)
     assert repaired["complete"] and repaired["shards"] == manifest["shards"]
@@ -185,6 +187,8 @@ def test_a_store_checksummed_with_blake2b_still_reads_and_its_damage_is_still_fo
     (store.path / MANIFEST).write_text(json.dumps(manifest))
     rows = torch.cat(list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0)))
     assert torch.allclose(rows.sum(0), stored.sum(0), atol=1e-3)
+    resident = torch.cat(list(StoreStream(store, batch_size=100, buffer_tokens=10_000, seed=0, device_buffer=True)))
+    assert torch.equal(resident, rows)
     bad = store.path / manifest["shards"][1]["file"]
     data = bytearray(bad.read_bytes())
     data[-10] ^= 0x01

@@ -25,6 +25,7 @@ from saesweep.store.files import (
     StoreCorruptError,
     bytes_text,
     read_shard,
+    read_shard_into,
     read_verified,
     shard_file,
     write_file,
@@ -245,10 +246,11 @@ class ActivationStore:
         return intact
 
     # -- reading --------------------------------------------------------------------------------
-    def read_shard(self, entry: dict) -> torch.Tensor:
-        """A shard's activations; a shard found corrupt is forgotten, so the next `ensure` re-harvests it."""
+    def read_shard(self, entry: dict, staging: torch.Tensor | None = None) -> torch.Tensor:
+        """A shard's activations (read through `staging`, files.read_shard_into, when given: a view of
+        it); a shard found corrupt is forgotten, so the next `ensure` re-harvests it."""
         try:
-            return read_shard(self.path, entry)
+            return read_shard(self.path, entry) if staging is None else read_shard_into(self.path, entry, staging)
         except StoreCorruptError:
             self.invalidate(entry)
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -18,6 +19,7 @@ from saesweep.io import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 _READ_CHUNK = 1 << 22
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class StoreCorruptError(CheckpointError):
@@ -53,16 +55,53 @@ def read_verified(store_path: Path, entry: dict, *names: str) -> dict[str, torch
     except FileNotFoundError:
         raise StoreCorruptError(f"activation shard {path} is missing") from None
     intact = f"{checksum:08x}" == entry["crc32"] if digest is None else digest.hexdigest() == entry["blake2b"]
-    if size != entry["bytes"] or not intact:
-        raise StoreCorruptError(
-            f"activation shard {path} is corrupt or truncated ({size} bytes, expected {entry['bytes']}, "
-            "checksum mismatch); rerun the job to re-harvest it"
-        )
+    _check_shard(path, entry, size, intact)
     try:
         with safe_open(path, framework="pt") as f:
             return {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError) as e:
         raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
+
+
+def read_shard_into(store_path: Path, entry: dict, into: torch.Tensor) -> torch.Tensor:
+    """A shard's activations read straight into `into` (flat uint8, at least their bytes long: the
+    rows' place in a resident buffer, or a page-locked staging buffer on the way to a GPU) and checked
+    there, chunk by chunk while each is in the cache; returns them as a view of `into`. The host makes
+    no copy of its own. A store written with blake2b checksums is read by `read_shard`, and copied."""
+    if "crc32" not in entry:
+        data = read_shard(store_path, entry)
+        out = into[: data.numel() * data.element_size()].view(data.dtype).view(data.shape)
+        return out.copy_(data)
+    path = Path(store_path) / entry["file"]
+    try:
+        with open(path, "rb") as f:
+            on_disk = os.fstat(f.fileno()).st_size
+            _check_shard(path, entry, on_disk, True)
+            head = f.read(8)
+            header = head + f.read(int.from_bytes(head, "little"))
+            info = json.loads(header[8:])["activations"]
+            start, end = info["data_offsets"]
+            if len(header) + end != on_disk or start != 0:
+                raise ValueError(f"data at {start}..{end} after a {len(header)}-byte header in {on_disk} bytes")
+            data = memoryview(into.numpy())[:end]
+            checksum, read = zlib.crc32(header), 0
+            while read < end and (n := f.readinto(data[read : min(read + _READ_CHUNK, end)])):
+                checksum = zlib.crc32(data[read : read + n], checksum)
+                read += n
+        _check_shard(path, entry, len(header) + read, f"{checksum:08x}" == entry["crc32"])
+        return into[:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+    except FileNotFoundError:
+        raise StoreCorruptError(f"activation shard {path} is missing") from None
+    except (ValueError, KeyError, RuntimeError, UnicodeDecodeError) as e:
+        raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
+
+
+def _check_shard(path: Path, entry: dict, size: int, intact: bool) -> None:
+    if size != entry["bytes"] or not intact:
+        raise StoreCorruptError(
+            f"activation shard {path} is corrupt or truncated ({size} bytes, expected {entry['bytes']}, "
+            "checksum mismatch); rerun the job to re-harvest it"
+        )
 
 
 def bytes_text(n_bytes: int) -> str:

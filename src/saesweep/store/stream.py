@@ -20,6 +20,7 @@ from saesweep.store.files import bytes_text
 from saesweep.store.key import STORE_DTYPES
 
 _PREFETCH = 2  # batches read ahead while the training step runs
+_READERS = min(4, os.cpu_count() or 1)  # threads that read the shards of a resident buffer
 
 
 def _prefetched(batches: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
@@ -144,14 +145,8 @@ class StoreStream(IterableDataset):
     def _resident_rows(self) -> torch.Tensor:
         """Every row of this rank's shards in one tensor on the device, in shard order (read once)."""
         if self._rows is None:
-            pinned = self.device.type == "cuda"
-            rows = torch.empty(self.n_rows, self.d_in, dtype=STORE_DTYPES[self.store.spec.dtype], device=self.device)
-            offset = 0
-            for shard in _prefetched((self.store.read_shard(s) for s in self.shards), depth=2):
-                # through page-locked memory, so the copy to the GPU runs while the next shard is read
-                rows[offset : offset + len(shard)].copy_(shard.pin_memory() if pinned else shard, non_blocking=pinned)
-                offset += len(shard)
-            self._rows = rows
+            dtype = STORE_DTYPES[self.store.spec.dtype]
+            self._rows = read_resident(self.store, self.shards, self.d_in, dtype, self.device)
         return self._rows
 
     def _shuffled(self, chunks: Iterator[torch.Tensor], generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -186,6 +181,36 @@ class StoreStream(IterableDataset):
 
 
 DEVICE_BUFFER_SHARE = 0.5  # store.device_buffer=auto: the rows may take up to this share of the free memory
+
+
+def read_resident(
+    store: ActivationStore, shards: list[dict], d_in: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The rows of `shards` in one tensor on `device`, in shard order, read by _READERS threads a shard
+    at a time. On the CPU each shard is read straight into its rows; on a GPU into the thread's own
+    page-locked staging buffer and copied from there on the thread's own CUDA stream, so that reading,
+    checking and copying overlap across shards."""
+    starts = list(itertools.accumulate((s["rows"] for s in shards), initial=0))
+    rows = torch.empty(starts[-1], d_in, dtype=dtype, device=device)
+    on_gpu = device.type == "cuda"
+
+    def read_every_nth(first: int) -> None:
+        if not on_gpu:
+            for j in range(first, len(shards), _READERS):
+                store.read_shard(shards[j], rows[starts[j] : starts[j + 1]].view(-1).view(torch.uint8))
+            return
+        staging = torch.empty(max(s["bytes"] for s in shards), dtype=torch.uint8, pin_memory=True)
+        copies = torch.cuda.Stream(device)
+        copies.wait_stream(torch.cuda.current_stream(device))  # `rows` was made on the current stream
+        with torch.cuda.stream(copies):
+            for j in range(first, len(shards), _READERS):
+                copies.synchronize()  # the staging buffer's last copy has left it
+                rows[starts[j] : starts[j + 1]].copy_(store.read_shard(shards[j], staging), non_blocking=True)
+        copies.synchronize()
+
+    with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="saesweep-resident") as pool:
+        list(pool.map(read_every_nth, range(min(_READERS, len(shards)))))
+    return rows
 
 
 def resident_rows(setting: bool | str, n_bytes: int, device: torch.device) -> bool:
