@@ -10,11 +10,13 @@ asserts nothing.
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import pstats
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -30,23 +32,36 @@ WARMUP = 20
 
 
 class ProfiledSteps(L.Callback):
-    """cProfile over the steps from WARMUP on, and their wall time."""
+    """cProfile over the steps from WARMUP on, and their wall time; on a GPU also the operations that
+    made the host wait for it (torch.cuda.set_sync_debug_mode), by the line that called them."""
 
     def __init__(self):
         self.profile = cProfile.Profile()
         self.start = self.end = 0.0
         self.steps = 0
+        self.syncs: collections.Counter[str] = collections.Counter()
+        self._caught = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == WARMUP:
             _sync()
             self.start = time.perf_counter()
+            if DEVICE.type == "cuda":
+                self._caught = warnings.catch_warnings(record=True)
+                self.syncs_seen = self._caught.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
             self.profile.enable()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= WARMUP:
             self.steps += 1
         if batch_idx == trainer.num_training_batches - 1:
+            if self._caught is not None:
+                torch.cuda.set_sync_debug_mode(0)
+                self._caught.__exit__(None, None, None)
+                self.syncs.update(f"{Path(w.filename).name}:{w.lineno}" for w in self.syncs_seen
+                                  if "synchronizing" in str(w.message))
             _sync()
             self.profile.disable()
             self.end = time.perf_counter()
@@ -96,9 +111,11 @@ def main() -> None:
     step_ms = 1e3 * (probe.end - probe.start) / probe.steps
     print(table(probe.profile, "tottime", 45))
     print(table(probe.profile, "cumulative", 60))
+    syncs = sum(probe.syncs.values()) / probe.steps
+    print(f"host syncs per steady step: {syncs:.2f}", dict(probe.syncs.most_common(10)))
     print(f"per step: profiled {step_ms:.2f} ms; eager {1e3 * batch / eager:.2f} ms, compiled "
           f"{1e3 * batch / compiled:.2f} ms, bare loop {1e3 * batch / bare:.2f} ms")
-    print(f"RESULT profiled_step_ms={step_ms:.3f} eager_step_ms={1e3 * batch / eager:.3f} "
+    print(f"RESULT profiled_step_ms={step_ms:.3f} syncs_per_step={syncs:.2f} eager_step_ms={1e3 * batch / eager:.3f} "
           f"compiled_step_ms={1e3 * batch / compiled:.3f} bare_step_ms={1e3 * batch / bare:.3f}")
 
 

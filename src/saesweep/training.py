@@ -111,6 +111,7 @@ class SaeTrainingModule(L.LightningModule):
         self._shape_keys = [shape_key(sae) for sae in saes]
         # per group of members stepped together: their hyperparameters that differ, one tensor each
         self._coefficients: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        self._member_index: dict[tuple[int, ...], torch.Tensor] = {}  # the live members, on the device
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_evals: list[EvalResult] = []
@@ -141,8 +142,14 @@ class SaeTrainingModule(L.LightningModule):
         finite = torch.isfinite(losses)
         if distributed:
             finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
-        skip = torch.ones(len(self.saes), dtype=torch.bool, device=x.device)
-        skip[members] = ~finite
+        if len(members) == len(self.saes):
+            skip = ~finite
+        else:  # the dropped skip every step; a list index would be copied to the device, and waited for
+            skip = torch.ones(len(self.saes), dtype=torch.bool, device=x.device)
+            key = tuple(members)
+            if key not in self._member_index:
+                self._member_index[key] = torch.tensor(members, device=x.device)
+            skip[self._member_index[key]] = ~finite
         self.optimizers(use_pl_optimizer=False).skip = skip
         step_tokens = batch.shape[0] * self.trainer.world_size
         # per SAE: skipped; last: the batch held NaN/Inf
