@@ -1,7 +1,8 @@
 """Where a training step's host time goes, on whatever device Lightning picks (a GPU when there is one):
 one ReLU dictionary trained from the device-resident buffer, its steady-state steps under cProfile (the
 Python functions, Lightning's included, by own and by cumulative time), beside the bare PyTorch loop's
-rate (the floor) and the same fit with `train.compile=true`. Prints the tables and one `RESULT` line;
+rate (the floor), the same fit with `train.compile=true`, and the timeline of a whole fit (start-up,
+the store's read, the first steps). Prints the tables and one `RESULT` line;
 asserts nothing.
 
     python benchmarks/profile_step.py [--d-sae 2048] [--steps 300]
@@ -26,6 +27,7 @@ from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.sae import ReluSae
 from saesweep.store import StoreSpec, StoreStream, TokenFilter, write_store
+from saesweep.store.stream import read_resident
 from saesweep.training import SaeTrainingModule
 
 WARMUP = 20
@@ -67,21 +69,64 @@ class ProfiledSteps(L.Callback):
             self.end = time.perf_counter()
 
 
-def profiled_fit(store, d_in: int, d_sae: int, batch: int) -> ProfiledSteps:
+class Timeline(L.Callback):
+    """When each phase of a fit began, in seconds after `trainer.fit` was called (GPU work waited for
+    at each mark, so a phase holds its own kernels)."""
+
+    MARKS = ("fit_start", "train_start", "first_batch", "step_3", "last_step_done", "train_end")
+
+    def __init__(self):
+        self.called = 0.0
+        self.at: dict[str, float] = {}
+
+    def _mark(self, name: str) -> None:
+        _sync()
+        self.at[name] = time.perf_counter() - self.called
+
+    def on_fit_start(self, trainer, pl_module):
+        self._mark("fit_start")
+
+    def on_train_start(self, trainer, pl_module):
+        self._mark("train_start")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx in (0, 3):
+            self._mark("first_batch" if batch_idx == 0 else "step_3")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == trainer.num_training_batches - 1:
+            self._mark("last_step_done")
+
+    def on_train_end(self, trainer, pl_module):
+        self._mark("train_end")
+
+
+def fit(store, d_in: int, d_sae: int, batch: int, probe: L.Callback) -> float:
+    """One ReLU dictionary's fit from the resident buffer with `probe` as its callback; its seconds."""
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True, device=DEVICE)
     module = SaeTrainingModule(
         [ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=1.0, lr=1e-3, adam_betas=(0.9, 0.999),
         lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream), max_bad_steps=10, model=None,
         hook_point="", resume_key={},
     )
-    probe = ProfiledSteps()
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe],
         log_every_n_steps=10,
     )
+    start = probe.called = time.perf_counter()
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(stream, batch_size=None))
-    return probe
+    return time.perf_counter() - start
+
+
+def read_seconds(store) -> float:
+    """The seconds of reading the whole store onto the device (the page cache holds it)."""
+    _sync()
+    start = time.perf_counter()
+    manifest = store.manifest()
+    read_resident(store, manifest["shards"], manifest["d_in"], torch.float32, DEVICE)
+    _sync()
+    return time.perf_counter() - start
 
 
 def table(profile: cProfile.Profile, sort: str, rows: int) -> str:
@@ -105,18 +150,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = StoreSpec("profile", "0", "hook", {}, "train", 16, len(x), "float32", TokenFilter())
         store = write_store(Path(tmp), spec, x, shard_tokens=32 * batch)
-        probe = profiled_fit(store, d_in, d_sae, batch)
+        probe = ProfiledSteps()
+        fit(store, d_in, d_sae, batch, probe)
         compiled, _ = saesweep_lightning(store, d_in, d_sae, batch, "32-true", compile=True, device_buffer=True)
         eager, _ = saesweep_lightning(store, d_in, d_sae, batch, "32-true", device_buffer=True)
+        timeline = Timeline()
+        whole = fit(store, d_in, d_sae, batch, timeline)
+        read = read_seconds(store)
     step_ms = 1e3 * (probe.end - probe.start) / probe.steps
     print(table(probe.profile, "tottime", 45))
     print(table(probe.profile, "cumulative", 60))
     syncs = sum(probe.syncs.values()) / probe.steps
     print(f"host syncs per steady step: {syncs:.2f}", dict(probe.syncs.most_common(10)))
+    marks = " ".join(f"{name} {timeline.at[name]:.3f}" for name in Timeline.MARKS)
+    print(f"fit timeline (s after trainer.fit was called): {marks}; returned {whole:.3f}; the store read alone {read:.3f}")
     print(f"per step: profiled {step_ms:.2f} ms; eager {1e3 * batch / eager:.2f} ms, compiled "
           f"{1e3 * batch / compiled:.2f} ms, bare loop {1e3 * batch / bare:.2f} ms")
     print(f"RESULT profiled_step_ms={step_ms:.3f} syncs_per_step={syncs:.2f} eager_step_ms={1e3 * batch / eager:.3f} "
-          f"compiled_step_ms={1e3 * batch / compiled:.3f} bare_step_ms={1e3 * batch / bare:.3f}")
+          f"compiled_step_ms={1e3 * batch / compiled:.3f} bare_step_ms={1e3 * batch / bare:.3f} "
+          f"first_batch_s={timeline.at['first_batch']:.3f} fit_s={whole:.3f} read_s={read:.3f}")
 
 
 if __name__ == "__main__":
