@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from saesweep.errors import ConfigError
-from saesweep.sae import ARCHITECTURES
+from saesweep.sae import ARCHITECTURES, Hyperparameter
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -126,22 +126,13 @@ def check_schedule(cfg: DictConfig) -> None:
 
 
 # Each architecture key and the values it allows: (integer, lowest, lowest allowed itself, may be null)
-_SAE_KEYS = {
-    "l1_coef": (False, 0, True, False),
-    "k": (True, 1, True, False),
-    "aux_k": (True, 1, True, True),
-    "resample_every_tokens": (True, 1, True, True),
-    "aux_coef": (False, 0, True, False),
-    "l0_coef": (False, 0, True, False),
-    "threshold_init": (False, 0, False, False),
-    "bandwidth": (False, 0, False, False),
-    "encoder_init_norm": (False, 0, False, False),
-    "target_l0": (False, 0, False, True),
-}
+# a key every architecture takes: the L0 its sparsity coefficient is steered to (target_l0.py)
+TARGET_L0 = Hyperparameter(None, "steer the sparsity coefficient (or set k) so that L0 reaches this", inclusive=False)
 
 
 def check_architecture(cfg: DictConfig) -> None:
-    """`sae.architecture` is known, every `sae.*` key is one of its keys, each value is allowed."""
+    """`sae.architecture` is known, every `sae.*` key is one of its keys, each value one its
+    Hyperparameter allows."""
     architecture = cfg.sae.architecture
     if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         close = difflib.get_close_matches(str(architecture), ARCHITECTURES, n=3, cutoff=0.5)
@@ -149,24 +140,18 @@ def check_architecture(cfg: DictConfig) -> None:
         raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}{hint}")
     own = ARCHITECTURES[architecture].hyperparameters
     for key in cfg.sae:
-        if key not in ("architecture", "target_l0") and key not in own:
+        if key == "architecture":
+            continue
+        hyperparameter = TARGET_L0 if key == "target_l0" else own.get(key)
+        value = OmegaConf.select(cfg, f"sae.{key}")
+        if hyperparameter is None:
             raise ConfigError(
-                f"sae.{key}={OmegaConf.select(cfg, f'sae.{key}')!r} is not a key of sae={architecture}; its keys: "
+                f"sae.{key}={value!r} is not a key of sae={architecture}; its keys: "
                 f"{', '.join(sorted(own)) or 'none'} (choose the architecture with sae=NAME)"
             )
-    for key, (integer, lowest, inclusive, nullable) in _SAE_KEYS.items():
-        if key not in cfg.sae or (nullable and cfg.sae[key] is None):
-            continue
-        value = _number(cfg, f"sae.{key}", integer=integer)
-        if value < lowest or (value == lowest and not inclusive):
-            bound = f"≥ {lowest}" if inclusive else f"> {lowest}"
-            raise ConfigError(f"sae.{key}={value} must be {bound}")
-    sizes = cfg.sae.get("group_sizes")
-    if sizes is not None and (
-        not OmegaConf.is_list(sizes) or not sizes
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
-    ):
-        raise ConfigError(f"sae.group_sizes={sizes!r} must be a list of positive integers summing to d_sae, or null")
+        value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+        if (problem := hyperparameter.problem(value)) is not None:
+            raise ConfigError(f"sae.{key}={value!r} {problem}")
 
 
 def _number(cfg: DictConfig, key: str, integer: bool = False) -> float:

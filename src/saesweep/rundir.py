@@ -27,7 +27,7 @@ from saesweep.errors import CheckpointError, SaesweepError
 from saesweep.foreign import read_foreign
 from saesweep.io import atomic_write_json, atomic_write_safetensors
 from saesweep.metrics import EvalResult
-from saesweep.sae import ARCHITECTURES, SAELENS_ARCHITECTURES, Sae, saved_class
+from saesweep.sae import ARCHITECTURES, Sae, saelens_architectures, saved_class
 
 # SAELens's file name, so that sae_lens.SAE.load_from_disk reads a run directory as it is; runs from
 # before it have LEGACY_SAE_FILE, which every loader still reads
@@ -215,7 +215,7 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu", *, trust_p
     if cls is None:
         raise CheckpointError(
             f"{run_dir / CFG_FILE}: architecture {architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)} "
-            f"or SAELens's {sorted(SAELENS_ARCHITECTURES)}"
+            f"or SAELens's {sorted(saelens_architectures())}"
         )
     if d_in <= 0 or d_sae <= 0:
         raise CheckpointError(f"{run_dir / CFG_FILE}: d_in={d_in} and d_sae={d_sae} must be positive")

@@ -1,8 +1,17 @@
-"""The SAE architectures, one class per file, registered by name (the `sae` config group)."""
+"""The SAE architectures, one class per file, each registered by its own name when it is defined (the
+`sae` config group: one YAML per architecture in conf/sae/).
+
+An architecture from outside this package registers the same way once its module is imported: name the
+module in the `saesweep.architectures` entry-point group of its own package (`load_plugins` imports
+them), and put its YAML in a config folder on Hydra's search path.
+"""
 
 from __future__ import annotations
 
-from .base import Sae, SaeOutput, TrainStep, geometric_median
+import importlib.metadata
+import logging
+
+from .base import REGISTRY, Hyperparameter, Sae, SaeOutput, TrainStep, geometric_median
 from .batchtopk import BatchTopKSae
 from .gated import GatedSae
 from .jumprelu import JumpReluSae
@@ -10,10 +19,21 @@ from .matryoshka import MatryoshkaBatchTopKSae, default_group_sizes
 from .relu_l1 import ReluSae
 from .topk import TopKSae
 
-ARCHITECTURES: dict[str, type[Sae]] = {
-    cls.architecture: cls
-    for cls in (ReluSae, TopKSae, BatchTopKSae, JumpReluSae, MatryoshkaBatchTopKSae, GatedSae)
-}
+log = logging.getLogger(__name__)
+
+ARCHITECTURES: dict[str, type[Sae]] = REGISTRY  # every architecture defined so far, by name
+PLUGIN_GROUP = "saesweep.architectures"
+
+
+def load_plugins() -> None:
+    """Imports the architecture modules that installed packages name in the `saesweep.architectures`
+    entry-point group; each registers its classes by defining them. One that fails to import is
+    reported and skipped: the built-in architectures still work."""
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as e:  # noqa: BLE001 — a broken plugin must not stop the built-in architectures
+            log.warning("architecture plugin %s (%s) failed to load: %s", entry.name, entry.value, e)
 
 
 def inference_class(architecture: str) -> type[Sae]:
@@ -22,10 +42,9 @@ def inference_class(architecture: str) -> type[Sae]:
     return ARCHITECTURES[getattr(cls, "inference_architecture", architecture)]
 
 
-# SAELens's architecture names of the saved forms (cfg.json "architecture" of a run directory)
-SAELENS_ARCHITECTURES: dict[str, type[Sae]] = {
-    cls.saelens_architecture: cls for cls in ARCHITECTURES.values() if cls.saelens_architecture
-}
+def saelens_architectures() -> dict[str, type[Sae]]:
+    """The classes of SAELens's architecture names (cfg.json "architecture" of a saved form)."""
+    return {cls.saelens_architecture: cls for cls in ARCHITECTURES.values() if cls.saelens_architecture}
 
 
 def trained_architecture(cfg: dict) -> str | None:
@@ -42,11 +61,15 @@ def saved_class(cfg: dict) -> type[Sae] | None:
     name = cfg.get("architecture")
     if name in ARCHITECTURES:  # runs from before the SAELens names
         return inference_class(name)
-    return SAELENS_ARCHITECTURES.get(name)
+    return saelens_architectures().get(name)
 
 
 __all__ = [
-    "ARCHITECTURES", "BatchTopKSae", "GatedSae", "JumpReluSae", "MatryoshkaBatchTopKSae", "ReluSae", "Sae",
-    "SAELENS_ARCHITECTURES", "SaeOutput", "TopKSae", "TrainStep", "default_group_sizes", "geometric_median",
-    "inference_class", "saved_class", "trained_architecture",
+    "ARCHITECTURES", "PLUGIN_GROUP", "BatchTopKSae", "GatedSae", "Hyperparameter", "JumpReluSae",
+    "MatryoshkaBatchTopKSae", "ReluSae", "Sae", "SaeOutput", "TopKSae", "TrainStep", "default_group_sizes",
+    "geometric_median", "inference_class", "load_plugins", "saelens_architectures", "saved_class",
+    "trained_architecture",
 ]
+
+
+load_plugins()

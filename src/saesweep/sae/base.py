@@ -7,11 +7,48 @@ Parameter names and shapes follow SAELens/SAEBench (W_enc [d_in, d_sae], W_dec [
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One of an architecture's config keys (`sae.<name>`): its default, a one-line doc, and the values
+    allowed (a number, an integer when `integer`, above `lowest`, or with `positive_int_list` a list of
+    positive integers; None too when `nullable` or when the default is None)."""
+
+    default: Any
+    doc: str
+    integer: bool = False
+    lowest: float = 0
+    inclusive: bool = True
+    positive_int_list: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not allowed, as the end of a sentence that starts with `sae.<name>=<value>`; None
+        when it is."""
+        if value is None:
+            return None if self.default is None else "is not allowed: give a value"
+        if self.positive_int_list:
+            ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                           for v in value)
+            return None if ok else "must be a list of positive integers summing to d_sae, or null"
+        kinds = (int,) if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            return "is not an integer" if self.integer else "is not a finite number"
+        if value < self.lowest or (value == self.lowest and not self.inclusive):
+            return f"must be {'≥' if self.inclusive else '>'} {self.lowest:g}"
+        return None
+
+
+# every architecture by its name: a subclass of Sae that sets `architecture` in its own body registers
+# itself there when it is defined (saesweep.sae.ARCHITECTURES is this dict)
+REGISTRY: dict[str, type[Sae]] = {}
 
 
 class SaeOutput(NamedTuple):
@@ -35,13 +72,37 @@ class Sae(nn.Module):
 
     architecture: ClassVar[str]
     saelens_architecture: ClassVar[str | None] = None  # SAELens's name for this saved form (None: not saved as itself)
-    hyperparameters: ClassVar[dict[str, Any]] = {}
+    hyperparameters: ClassVar[dict[str, Hyperparameter]] = {}
     # the hyperparameter that sets its sparsity, which sae.target_l0 steers (None: k sets it, or nothing)
     sparsity_coefficient: ClassVar[str | None] = None
     activation_unit_parameters: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
     # the hyperparameters that SAEs of one shape may differ in and still share one batched ensemble
     # step: those its training step reads only as numbers (a coefficient), not those that set a shape (k)
     per_member_hyperparameters: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any):
+        """Registers an architecture under the name its own body gives (`architecture`). Names are not
+        inherited: a subclass that names none is not registered, and saves under no SAELens name of
+        its parent's, so it cannot take over how that parent's files load."""
+        super().__init_subclass__(**kwargs)
+        if "saelens_architecture" not in cls.__dict__:
+            cls.saelens_architecture = None
+        name = cls.__dict__.get("architecture")
+        if name is None:
+            return
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        for other in REGISTRY.values():
+            if f"{other.__module__}.{other.__qualname__}" == where:  # the same class, its module imported again
+                continue
+            if other.architecture == name or (cls.saelens_architecture and other.saelens_architecture == cls.saelens_architecture):
+                raise TypeError(f"architecture {name!r} (SAELens name {cls.saelens_architecture!r}) of {where} clashes "
+                                f"with {other.__module__}.{other.__qualname__}'s; choose another name")
+        REGISTRY[name] = cls
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each hyperparameter's default value."""
+        return {name: hp.default for name, hp in cls.hyperparameters.items()}
 
     def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, **hyperparameters: Any):
         super().__init__()
@@ -50,7 +111,7 @@ class Sae(nn.Module):
             raise TypeError(f"{self.architecture} has no hyperparameter {sorted(unknown)}")
         self.d_in = d_in
         self.d_sae = d_sae
-        self.hparams = {**self.hyperparameters, **hyperparameters}
+        self.hparams = {**self.defaults(), **hyperparameters}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))

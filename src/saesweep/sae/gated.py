@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Sae, TrainStep, mse
+from .base import Hyperparameter, Sae, TrainStep, mse
 
 
 class GatedSae(Sae):
     architecture = "gated"
     saelens_architecture = "gated"
     sparsity_coefficient = "l1_coef"
-    hyperparameters = {"l1_coef": 2.0}
+    hyperparameters = {"l1_coef": Hyperparameter(2.0, "the L1 penalty's weight on the gate's activations")}
     per_member_hyperparameters = ("l1_coef",)
     activation_unit_parameters = ("b_gate", "b_mag", "b_dec")
 

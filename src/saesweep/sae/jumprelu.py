@@ -9,14 +9,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import Sae, TrainStep, mse
+from .base import Hyperparameter, Sae, TrainStep, mse
 
 
 class JumpReluSae(Sae):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
     sparsity_coefficient = "l0_coef"
-    hyperparameters = {"l0_coef": 0.7, "threshold_init": 0.1, "bandwidth": 0.05}
+    hyperparameters = {
+        "l0_coef": Hyperparameter(0.7, "the weight of the L0 penalty (through the threshold's straight-through estimator)"),
+        "threshold_init": Hyperparameter(0.1, "every feature's threshold at the start", inclusive=False),
+        "bandwidth": Hyperparameter(0.05, "the straight-through estimators' kernel width", inclusive=False),
+    }
     per_member_hyperparameters = ("l0_coef", "threshold_init", "bandwidth")
     activation_unit_parameters = ("b_enc", "b_dec", "threshold")
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import mse
+from .base import Hyperparameter, mse
 from .batchtopk import BatchTopKSae
 
 
 class MatryoshkaBatchTopKSae(BatchTopKSae):
     architecture = "matryoshka_batchtopk"
-    # group_sizes: latents per nested group, summing to d_sae; null: d_sae/8, d_sae/8, d_sae/4, d_sae/2
-    # (prefixes of 1/8, 1/4, 1/2 and all of the dictionary)
-    hyperparameters = {**BatchTopKSae.hyperparameters, "group_sizes": None}
+    hyperparameters = {
+        **BatchTopKSae.hyperparameters,
+        "group_sizes": Hyperparameter(
+            None, "latents per nested group, summing to d_sae; null: d_sae/8, d_sae/8, d_sae/4, d_sae/2 (prefixes "
+            "of 1/8, 1/4, 1/2 and all of the dictionary)", positive_int_list=True),
+    }
 
     def prefix_widths(self) -> list[int]:
         sizes = self.hparams["group_sizes"] or default_group_sizes(self.d_sae)

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import torch
 
-from .base import Sae, TrainStep, mse
+from .base import Hyperparameter, Sae, TrainStep, mse
 
 
 class ReluSae(Sae):
     architecture = "relu_l1"
     saelens_architecture = "standard"
     sparsity_coefficient = "l1_coef"
-    # l1_coef: on activations normalised to E‖x‖² = d_in; resample_every_tokens: re-initialise the
-    # features dead over train.dead_window_tokens each time this many training tokens pass (null: never);
-    # encoder_init_norm: each encoder column starts as its decoder row times this (Anthropic's April 2024
-    # update, SAELens's decoder_init_norm): small first activations, fewer features killed early
-    hyperparameters = {"l1_coef": 2.0, "resample_every_tokens": None, "encoder_init_norm": 0.1}
+    hyperparameters = {
+        "l1_coef": Hyperparameter(2.0, "the L1 penalty's weight, on activations normalised to E‖x‖² = d_in"),
+        "resample_every_tokens": Hyperparameter(
+            None, "re-initialise the features dead over train.dead_window_tokens each time this many training "
+            "tokens pass (null: never)", integer=True, lowest=1),
+        # Anthropic's April 2024 update, SAELens's decoder_init_norm: small first activations, fewer features killed early
+        "encoder_init_norm": Hyperparameter(0.1, "each encoder column starts as its decoder row times this",
+                                            inclusive=False),
+    }
     per_member_hyperparameters = ("l1_coef", "encoder_init_norm")
 
     @torch.no_grad()

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import Sae, SaeOutput, TrainStep, mse
+from .base import Hyperparameter, Sae, SaeOutput, TrainStep, mse
 
 
 class TopKSae(Sae):
     architecture = "topk"
     saelens_architecture = "topk"
-    # aux_k: dead latents that reconstruct the residual (null: d_in // 2, as SAELens);
-    # aux_coef: the AuxK term's weight (Gao et al.: 1/32)
-    hyperparameters = {"k": 32, "aux_k": None, "aux_coef": 1 / 32}
+    hyperparameters = {
+        "k": Hyperparameter(32, "latents kept per token", integer=True, lowest=1),
+        "aux_k": Hyperparameter(None, "dead latents that reconstruct the residual (null: d_in // 2, as SAELens)",
+                                integer=True, lowest=1),
+        "aux_coef": Hyperparameter(1 / 32, "the AuxK term's weight (Gao et al.: 1/32)"),
+    }
     per_member_hyperparameters = ("aux_coef",)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
