@@ -37,16 +37,11 @@ from machine import describe_machine  # benchmarks/machine.py
 from saesweep import load_sae
 from saesweep.data import context_source
 from saesweep.metrics import evaluate
+from saesweep.run_description import sae_hyperparameters
+from saesweep.step import warmup_steps
 from saesweep.store import StoreStream
-from saesweep.train import (
-    TrainingData,
-    held_out_set,
-    sae_hyperparameters,
-    total_steps,
-    train_ensemble,
-    training_data,
-)
-from saesweep.training import warmup_steps
+from saesweep.train import total_steps, train_ensemble
+from saesweep.training_data import TrainingData, held_out_set, training_data
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from saesweep import quickstart
-from saesweep.train import describe_run, train
+from saesweep.run_description import describe_run
+from saesweep.train import train
 
 README = (REPO / "README.md").read_text()
 RESULTS = (REPO / "benchmarks" / "RESULTS.md").read_text()

@@ -346,13 +346,15 @@ def test_pareto_plot_draws_error_bars_and_marks_architectures(tmp_path):
     from saesweep import plots
 
     points = [
-        plots.ParetoPoint("0", 32.0, 0.17, 0.25, None, 1, 0.01, 0.002, 0.01, "topk"),
-        plots.ParetoPoint("1", 30.0, 0.23, 0.40, 2.0, 4, 0.2, 0.003, 0.02, "relu_l1"),
+        plots.ParetoPoint("0", 32.0, 0.17, 0.25, ("k", 32), 1, 0.01, 0.002, 0.01, "topk"),
+        plots.ParetoPoint("1", 30.0, 0.23, 0.40, ("l1_coef", 2.0), 4, 0.2, 0.003, 0.02, "relu_l1"),
         plots.ParetoPoint("2", 31.0, 0.15, 0.20, None, 4, math.nan, math.nan, math.nan, "topk"),  # no SEs: no bars
+        plots.ParetoPoint("3", 12.0, 0.31, 0.50, ("l1_coef", 20.0), 4, 0.2, 0.003, 0.02, "relu_l1"),
     ]
-    plots.plot_pareto(tmp_path / "mixed.png", points)
+    plots.plot_pareto(tmp_path / "mixed.png", points)  # two knobs: no colour scale across them
     plots.plot_pareto(tmp_path / "one.png", points[:1])
-    for name in ("mixed.png", "one.png"):
+    plots.plot_pareto(tmp_path / "l1.png", [points[1], points[3]])  # one knob: coloured by its value
+    for name in ("mixed.png", "one.png", "l1.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 10_000
 
 
@@ -364,6 +366,8 @@ def test_summary_has_a_column_for_every_architecture_key(tmp_path):
     rows = read_summary(tmp_path / "sweep" / "evaluation")
     assert (rows["0"]["architecture"], rows["0"]["sae.l1_coef"], rows["0"]["sae.k"]) == ("relu_l1", "2.0", "")
     assert (rows["1"]["architecture"], rows["1"]["sae.k"], rows["1"]["sae.aux_coef"]) == ("topk", "8", "0.03")
+    # each architecture's own sparsity knob, in one pair of columns
+    assert [(rows[r]["sparsity_knob"], rows[r]["sparsity"]) for r in "01"] == [("l1_coef", "2.0"), ("k", "8")]
     table = console_table(evaluation.summary, 0.9).splitlines()
     assert table[0].startswith("run  architecture  d_sae  L0")
     assert table[1].split()[:3] == ["0", "relu_l1", "32"] and "of 32" in table[1] and table[2].endswith("(the largest)")

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from saesweep import console
-from saesweep.train import run_name, train
+from saesweep.run_description import run_name
+from saesweep.train import train
 from test_train import tiny_cfg
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

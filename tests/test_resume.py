@@ -139,7 +139,7 @@ def test_sigkilled_ensemble_resumes_to_the_same_result_as_an_uninterrupted_one(t
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_intact(tmp_path):
-    from saesweep.training import AtomicCheckpointIO
+    from saesweep.checkpoints import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint_io = AtomicCheckpointIO()

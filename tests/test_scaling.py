@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference
 from saesweep.lm import hook_point_for
 from saesweep.store import ActivationStore
-from saesweep.train import store_spec
+from saesweep.training_data import store_spec
 
 WAITING = "is being harvested by another process; waiting"
 _TIMESTAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")

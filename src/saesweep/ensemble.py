@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
+from saesweep.checkpoints import AtomicCheckpointIO
 from saesweep.target_l0 import TargetL0
-from saesweep.training import AtomicCheckpointIO
 
 ENSEMBLE_DIR = ".ensemble"  # in the sweep directory: the shared checkpoint while the ensemble trains
 

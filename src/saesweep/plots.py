@@ -36,7 +36,7 @@ class HistogramPanel:
 @dataclass(frozen=True)
 class FoundPoint:
     d_sae: int
-    l1_coef: float | None
+    sparsity: tuple[str, float] | None  # the run's sparsity knob and its value (sae.sparsity_setting)
     counts: dict[float, int]  # threshold → features with MCS ≥ threshold in the largest dictionary
     baseline_counts: dict[float, int]  # the same against a random dictionary
 
@@ -53,7 +53,7 @@ class ParetoPoint:
     l0: float
     fvu: float
     ce_delta: float
-    l1_coef: float | None
+    sparsity: tuple[str, float] | None  # the run's sparsity knob and its value (sae.sparsity_setting)
     dict_ratio: float | None
     # standard errors over the held-out contexts (nan for runs from before they were recorded)
     l0_se: float = math.nan
@@ -99,7 +99,7 @@ def plot_mcs_histograms(path: Path, panels: list[HistogramPanel], found_threshol
 
 def plot_features_found(path: Path, panels: list[FoundPanel], thresholds: tuple[float, ...]) -> None:
     """x = dictionary size, y = its features with MCS ≥ threshold in the largest dictionary, a line per
-    threshold (and per l1_coef when the sweep has several); chance as a grey dashed line."""
+    threshold (and per sparsity setting, l1_coef or k, when the sweep has several); chance as a grey dashed line."""
     if not panels:
         return _write_message(path, "Features found again", "no two comparable runs")
     fig = Figure(figsize=(6.4 * len(panels), 4.6), layout="constrained")
@@ -107,11 +107,11 @@ def plot_features_found(path: Path, panels: list[FoundPanel], thresholds: tuple[
     colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, len(thresholds)))
     lowest = min(thresholds)
     for ax, panel in zip(axes, panels, strict=False):
-        l1_coefs = sorted({p.l1_coef for p in panel.points}, key=lambda v: (v is None, v or 0.0))
-        for l1_coef, linestyle in zip(l1_coefs, cycle(_LINESTYLES), strict=False):
-            points = sorted((p for p in panel.points if p.l1_coef == l1_coef), key=lambda p: p.d_sae)
+        settings = sorted({p.sparsity for p in panel.points}, key=lambda v: (v is None, v or ("", 0.0)))
+        for setting, linestyle in zip(settings, cycle(_LINESTYLES), strict=False):
+            points = sorted((p for p in panel.points if p.sparsity == setting), key=lambda p: p.d_sae)
             sizes = [p.d_sae for p in points]
-            suffix = f", l1_coef={l1_coef:g}" if len(l1_coefs) > 1 and l1_coef is not None else ""
+            suffix = f", {setting[0]}={setting[1]:g}" if len(settings) > 1 and setting is not None else ""
             for threshold, color in zip(thresholds, colors, strict=True):
                 ax.plot(
                     sizes,
@@ -325,15 +325,18 @@ def _bar(se: float) -> float:
 
 
 def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
-    """L0 against FVU and against ce_delta with ±1 standard error bars; colour = l1_coef, marker =
+    """L0 against FVU and against ce_delta with ±1 standard error bars; colour = the sparsity setting
+    (l1_coef, l0_coef, k ...: each architecture's own) when every run has the same knob, marker =
     dict_ratio, or the architecture when the sweep has several (then each label names dict_ratio)."""
     points = [p for p in points if math.isfinite(p.l0)]
     if not points:
         return _write_message(path, "Sparsity against reconstruction", "no finished run with metrics")
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax_fvu, ax_ce = fig.subplots(1, 2)
-    l1_values = [p.l1_coef for p in points if p.l1_coef is not None]
-    norm = _color_norm(l1_values)
+    knobs = {p.sparsity[0] for p in points if p.sparsity is not None}
+    knob = next(iter(knobs)) if len(knobs) == 1 else None  # colours compare values of one knob only
+    values = [p.sparsity[1] for p in points if p.sparsity is not None and knob is not None]
+    norm = _color_norm(values)
     cmap = matplotlib.colormaps["plasma"]
     by_architecture = len({p.architecture for p in points}) > 1
 
@@ -364,7 +367,7 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
                 [getattr(p, metric) for p in group],
                 marker=markers[ratio],
                 s=70,
-                c=[cmap(norm(p.l1_coef)) if p.l1_coef is not None else "grey" for p in group],
+                c=[cmap(norm(p.sparsity[1])) if p.sparsity is not None and knob else "grey" for p in group],
                 edgecolors="black",
                 linewidths=0.6,
                 zorder=2,
@@ -393,10 +396,10 @@ def plot_pareto(path: Path, points: list[ParetoPoint]) -> None:
     ]
     ax_ce.legend(handles=handles, fontsize=8, title="marker", title_fontsize=8)
     suptitle = "Runs of the sweep (labels: run names)"
-    if len(set(l1_values)) > 1:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_fvu, ax_ce], label="l1_coef")
-    elif l1_values:  # one value: a colour bar would only show an arbitrary range around it
-        suptitle += f"; every run has l1_coef={l1_values[0]:g}"
+    if len(set(values)) > 1:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_fvu, ax_ce], label=knob)
+    elif values:  # one value: a colour bar would only show an arbitrary range around it
+        suptitle += f"; every run has {knob}={values[0]:g}"
     fig.suptitle(suptitle)
     _save(fig, path)
 
@@ -413,7 +416,7 @@ def _size_axis(ax, sizes: list[int], ylabel: str, title: str) -> None:
 
 
 def _color_norm(values: list[float]) -> Normalize:
-    """A log colour scale when l1_coef spans a decade or more (how L1 sweeps are usually spaced)."""
+    """A log colour scale when the values span a decade or more (how coefficient sweeps are usually spaced)."""
     if not values:
         return Normalize(0.0, 1.0)
     low, high = min(values), max(values)

@@ -211,6 +211,30 @@ def setup_lines(sweep_dir: Path, runs: list[RunRow]) -> list[str]:
     ]
 
 
+def found_by_size(sizes: dict, total: dict, threshold: float) -> list[str]:
+    """The section of features found again, by dictionary size: in the next larger and by the other seed."""
+    return [
+        f"## Found again (MCS ≥ {threshold:g}), by size",
+        "",
+        "Means over the seeds. *Next larger*: the dictionary of the next size with the same settings and seed; "
+        "*other seed*: the dictionary of the same size and settings trained with the other seed. Matched: "
+        "one-to-one (Hungarian) matching, which cannot count one feature of the other dictionary twice.",
+        "",
+        "| dict_ratio | d_sae | in the next larger | matched | by the other seed | matched |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {ratio:g} | {s['d_sae']} | {_count(s['next_count'])} ({_percent(s['next_fraction'])}) | "
+            f"{_percent(s['next_matched'])} | {_count(s['seed_count'])} ({_percent(s['seed_fraction'])}) | "
+            f"{_percent(s['seed_matched'])} |"
+            for ratio, s in sizes.items()
+        ],
+        "",
+        f"Features found again in a larger dictionary of the same seed, all runs (the seed experiment's total): "
+        f"**{total.get('features', '–')}** (chance {total.get('baseline', '–')}).",
+        "",
+    ]
+
+
 def write_reproduction(sweep_dir: Path, out: Path, command: str) -> Path:
     """REPRODUCTION.md at `out`, its figures copied into `<out's folder>/docs/reproduction/`."""
     sweep_dir = Path(sweep_dir)
@@ -240,24 +264,7 @@ def write_reproduction(sweep_dir: Path, out: Path, command: str) -> Path:
         "",
         *setup_lines(sweep_dir, runs),
         "",
-        f"## Found again (MCS ≥ {threshold:g}), by size",
-        "",
-        "Means over the seeds. *Next larger*: the dictionary of the next size with the same settings and seed; "
-        "*other seed*: the dictionary of the same size and settings trained with the other seed. Matched: "
-        "one-to-one (Hungarian) matching, which cannot count one feature of the other dictionary twice.",
-        "",
-        "| dict_ratio | d_sae | in the next larger | matched | by the other seed | matched |",
-        "|---|---|---|---|---|---|",
-        *[
-            f"| {ratio:g} | {s['d_sae']} | {_count(s['next_count'])} ({_percent(s['next_fraction'])}) | "
-            f"{_percent(s['next_matched'])} | {_count(s['seed_count'])} ({_percent(s['seed_fraction'])}) | "
-            f"{_percent(s['seed_matched'])} |"
-            for ratio, s in sizes.items()
-        ],
-        "",
-        f"Features found again in a larger dictionary of the same seed, all runs (the seed experiment's total): "
-        f"**{total.get('features', '–')}** (chance {total.get('baseline', '–')}).",
-        "",
+        *found_by_size(sizes, total, threshold),
         f"## Found again by the other seed, by how often a feature fires (MCS ≥ {threshold:g})",
         "",
         "Features firing on a fraction of the held-out tokens in each band (dead ones left out), summed over "

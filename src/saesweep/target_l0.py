@@ -20,7 +20,7 @@ import math
 import lightning as L
 import torch
 
-from saesweep.training import warmup_steps
+from saesweep.step import warmup_steps
 
 log = logging.getLogger(__name__)
 

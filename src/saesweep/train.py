@@ -14,11 +14,9 @@ import copy
 import hashlib
 import json
 import logging
-import platform
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -30,38 +28,26 @@ from lightning.pytorch.loggers.logger import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-import saesweep
-from saesweep.activations import harvest
-from saesweep.config import check_config, check_ensemble, check_with_model, check_writable_dir
-from saesweep.data import ContextSource, context_source, dataset_description
+from saesweep.checkpoints import AtomicCheckpointIO, StopOnSignal, readable_checkpoint
+from saesweep.config import check_config, check_ensemble, check_writable_dir
 from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError, JobStopped, TrainingDivergedError
-from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
-from saesweep.metrics import EvalResult, HeldOutSet
+from saesweep.lm import hook_point_for
+from saesweep.metrics import EvalResult
+from saesweep.run_description import describe_run, describe_sae, run_name, sae_hyperparameters
 from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, wandb_group, write_run_dir
-from saesweep.sae import ARCHITECTURES, Sae, inference_class
+from saesweep.sae import ARCHITECTURES, Sae
 from saesweep.store import (
-    ActivationStore,
     ResumableLoader,
-    StoreSpec,
     StoreStream,
-    TokenFilter,
-    default_store_dir,
-    model_fingerprint,
 )
-from saesweep.synthetic import SYNTHETIC, is_synthetic, synthetic_data
+from saesweep.synthetic import SYNTHETIC, is_synthetic
 from saesweep.target_l0 import TargetL0
-from saesweep.training import (
-    AtomicCheckpointIO,
-    SaeTrainingModule,
-    StopOnSignal,
-    activation_scale,
-    readable_checkpoint,
-)
+from saesweep.training import SaeTrainingModule
+from saesweep.training_data import TrainingData, store_root, training_data
 
 log = logging.getLogger(__name__)
 
-_INIT_SAMPLE = 8192  # activations used for the scale and the b_dec geometric median
 
 
 def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> EvalResult:
@@ -69,84 +55,6 @@ def train(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> Eval
     (result,) = train_ensemble([cfg], [run_dir], sweep_dir)
     assert isinstance(result, EvalResult)
     return result
-
-
-@dataclass
-class TrainingData:
-    """What the jobs of one pass share: the LM and its hook point, the complete activation store, the
-    held-out set they are judged on, and the normalisation sample: training sees x / scale, and the
-    decoder bias starts from the sample's geometric median."""
-
-    model: object
-    device: torch.device
-    hook_point: str
-    d_in: int
-    d_saes: list[int]  # of each config, in order
-    store: ActivationStore
-    manifest: dict
-    held_out: HeldOutSet
-    sample: torch.Tensor
-    scale: float
-
-
-def store_root(cfg: DictConfig) -> Path:
-    """Where activation stores live: `store.dir`, or the user's cache."""
-    return Path(cfg.store.dir) if cfg.store.dir else default_store_dir()
-
-
-def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
-    """Loads the LM, checks each config against it, then harvests the store and its held-out set (or
-    reuses them: every job of a sweep, and later sweeps, find them there)."""
-    cfg = cfgs[0]
-    device = resolve_device(cfg.model.device)
-    if is_synthetic(cfg.data):
-        return synthetic_training_data(cfgs, device)
-    model = load_model(cfg.model.name, cfg.model.path, device, cfg.model.dtype)
-    hook_point = hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
-    validate_hook_point(model, hook_point)
-    probe = harvest(model, torch.full((1, 2), model.tokenizer.eos_token_id or 0), hook_point, 1)
-    d_in = probe.shape[-1]
-    d_saes = [check_with_model(c, model.cfg.n_ctx, d_in) for c in cfgs]
-
-    contexts = context_source(cfg.data, model.tokenizer, cfg.ctx_len)
-    store = ActivationStore(store_root(cfg), store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
-    store.check_room(d_in)
-    manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
-    held_out = held_out_set(cfg, model, hook_point, store, contexts, cfg.eval.n_tokens)
-    sample = first_rows(store, manifest)
-    return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, held_out, sample, activation_scale(sample))
-
-
-def synthetic_training_data(cfgs: Sequence[DictConfig], device: torch.device) -> TrainingData:
-    """The same from synthetic activations (data=synthetic): no language model, the generator's width."""
-    cfg = cfgs[0]
-    synthetic = synthetic_data(cfg, store_root(cfg))
-    d_in = synthetic.spec.d_in
-    d_saes = [check_with_model(c, cfg.ctx_len, d_in) for c in cfgs]  # no model: no context length to exceed
-    log.info("data=synthetic: no language model; ce_* and ppl_* are not measured (NaN)")
-    sample = first_rows(synthetic.store, synthetic.manifest)
-    return TrainingData(None, device, SYNTHETIC, d_in, d_saes, synthetic.store, synthetic.manifest, synthetic.held_out,
-                        sample, activation_scale(sample))
-
-
-def first_rows(store: ActivationStore, manifest: dict) -> torch.Tensor:
-    """The normalisation sample: the first rows of the store's first shard."""
-    return store.read_shard(manifest["shards"][0])[:_INIT_SAMPLE].float()
-
-
-def held_out_set(
-    cfg: DictConfig, model, hook_point: str, store: ActivationStore, contexts: ContextSource, n_tokens: int
-) -> HeldOutSet:
-    """n_tokens of held-out text (whole contexts from the held-out documents) with the LM's clean pass
-    over them: built once, then kept in the store beside its activations."""
-    n_contexts = -(-n_tokens // cfg.ctx_len)
-
-    def build() -> dict[str, torch.Tensor]:
-        eval_contexts = contexts.held_out_contexts(n_contexts, "evaluation")
-        log.info("held-out set: %d contexts from %d documents", len(eval_contexts.tokens), eval_contexts.n_documents)
-        return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
-
-    return HeldOutSet.from_named_tensors(store.held_out(n_contexts, build))
 
 
 def train_ensemble(
@@ -447,21 +355,6 @@ def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest()))
 
 
-def sae_hyperparameters(cfg: DictConfig) -> dict:
-    """The architecture's own keys (`sae.*` but `architecture` and `target_l0`), as constructor
-    arguments; `sae.target_l0` is the k of an architecture that has one."""
-    keys = {k: v for k, v in OmegaConf.to_container(cfg.sae, resolve=True).items() if k not in ("architecture", "target_l0")}
-    if cfg.sae.get("target_l0") is not None and "k" in keys:
-        keys["k"] = int(round(cfg.sae.target_l0))
-    return keys
-
-
-def describe_sae(cfg: DictConfig) -> dict:
-    """The architecture and all its keys: cfg.json's `sae`, part of the initialisation seed."""
-    target = {"target_l0": cfg.sae.target_l0} if cfg.sae.get("target_l0") is not None else {}
-    return {"architecture": cfg.sae.architecture, **sae_hyperparameters(cfg), **target}
-
-
 def target_l0_controller(plan_cfgs: Sequence[DictConfig]) -> TargetL0 | None:
     """The controller for the members whose sae.target_l0 sets a sparsity coefficient (None: no such member)."""
     controlled = {
@@ -477,21 +370,6 @@ def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
     steps = steps_per_epoch * trainer_cfg.get("max_epochs", 1)
     max_steps = trainer_cfg.get("max_steps", -1)
     return min(steps, max_steps) if max_steps is not None and max_steps >= 0 else steps
-
-
-def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
-    """The key of the training activations: what the model, data and harvest settings make them."""
-    return StoreSpec(
-        model=str(Path(cfg.model.path).resolve()) if cfg.model.path else cfg.model.name,
-        model_fingerprint=model_fingerprint(model),
-        hook_point=hook_point,
-        dataset=dataset_description(cfg),
-        split="train",
-        ctx_len=cfg.ctx_len,
-        n_tokens=cfg.n_tokens,
-        dtype=cfg.store.dtype,
-        token_filter=TokenFilter(cfg.store.drop_special_tokens, cfg.store.max_norm_ratio),
-    )
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None, concurrent: bool = False):
@@ -514,59 +392,3 @@ def make_logger(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None, concurre
     return logger
 
 
-def run_name(cfg: DictConfig) -> str:
-    """A W&B run's name: the setting it trains, e.g. `topk-k32-x4-s0` or `relu_l1-l1=2-x8-s1` (architecture,
-    its sparsity key, dict_ratio, seed); a job of a sweep adds its number, ` #3`."""
-    sae = cfg.sae
-    if sae.get("k") is not None:
-        sparsity = f"k{sae.k}"
-    elif sae.get("l0_coef") is not None:
-        sparsity = f"l0={sae.l0_coef:g}"
-    elif sae.get("l1_coef") is not None:
-        sparsity = f"l1={sae.l1_coef:g}"
-    else:
-        sparsity = None
-    parts = [sae.architecture, sparsity, f"x{cfg.dict_ratio:g}", f"s{cfg.seed}"]
-    return "-".join(str(p) for p in parts if p is not None)
-
-
-def describe_run(
-    cfg: DictConfig, hook_point: str, d_in: int, d_sae: int, tokens_trained: int, train_contexts: int
-) -> dict:
-    """cfg.json: everything needed to rebuild the SAE and interpret it."""
-    return {
-        # SAELens's name of what the weights hold (BatchTopK and Matryoshka are saved as JumpReLU); the
-        # architecture trained, with all its keys, is `sae`
-        "architecture": inference_class(cfg.sae.architecture).saelens_architecture,
-        "sae": describe_sae(cfg),
-        "d_in": d_in,
-        "d_sae": d_sae,
-        "dict_ratio": cfg.dict_ratio,
-        "l1_coef": cfg.sae.get("l1_coef"),
-        "k": cfg.sae.get("k"),
-        "hook_point": hook_point,
-        # for SAELens (sae_lens.SAE.load_from_disk): how the weights are to be used
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "context_size": cfg.ctx_len,
-        "prepend_bos": cfg.data.get("prepend_bos", False),  # synthetic activations have no tokens
-        "dataset_path": cfg.data.name or str(Path(cfg.data.path).resolve()),
-        # model.path wins when both are set; synthetic activations come from no model
-        "model_name": None if cfg.model.path or is_synthetic(cfg.data) else cfg.model.name,
-        "model_path": str(Path(cfg.model.path).resolve()) if cfg.model.path and not is_synthetic(cfg.data) else None,
-        "dataset": dataset_description(cfg),
-        "ctx_len": cfg.ctx_len,
-        "eval_n_tokens": cfg.eval.n_tokens,  # the first eval_n_tokens of the held-out order (ContextSource)
-        "n_tokens": cfg.n_tokens,
-        "epochs": cfg.trainer.get("max_epochs", 1),  # passes over the n_tokens (trainer.max_steps may cut the last)
-        "tokens_trained": tokens_trained,
-        "train_contexts": train_contexts,  # contexts the harvest read
-        "seed": cfg.seed,
-        "train": OmegaConf.to_container(cfg.train, resolve=True),
-        "saesweep_version": saesweep.__version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }

@@ -10,7 +10,7 @@ import numpy as np
 
 from saesweep import plots
 from saesweep.rundir import natural_key
-from saesweep.sae import trained_architecture
+from saesweep.sae import sparsity_setting, trained_architecture
 
 from .compare import Comparison, EvalSettings
 from .runs import Run
@@ -49,7 +49,7 @@ def write_plots(
             points.append(
                 plots.FoundPoint(
                     d_sae=run.d_sae,
-                    l1_coef=run.cfg.get("l1_coef"),
+                    sparsity=sparsity_setting(run.cfg),
                     counts={t: int((values >= t).sum()) for t in settings.thresholds},
                     baseline_counts={t: int((chance >= t).sum()) for t in settings.thresholds},
                 )
@@ -81,7 +81,7 @@ def write_plots(
                 l0=run.metrics.get("l0", math.nan),
                 fvu=run.metrics.get("fvu", math.nan),
                 ce_delta=run.metrics.get("ce_delta", math.nan),
-                l1_coef=run.cfg.get("l1_coef"),
+                sparsity=sparsity_setting(run.cfg),
                 dict_ratio=run.cfg.get("dict_ratio"),
                 l0_se=run.metrics.get("l0_se", math.nan),
                 fvu_se=run.metrics.get("fvu_se", math.nan),

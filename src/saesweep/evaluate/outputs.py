@@ -10,7 +10,7 @@ from pathlib import Path
 
 from saesweep.io import atomic_write_bytes
 from saesweep.rundir import natural_key
-from saesweep.sae import trained_architecture
+from saesweep.sae import sparsity_setting, trained_architecture
 
 from .compare import Comparison, EvalSettings
 from .runs import FailedRun, Run
@@ -19,8 +19,11 @@ _HYPERPARAMETERS = ("architecture", "hook_point", "d_in", "d_sae", "dict_ratio",
 
 
 def hyperparameters(cfg: dict) -> dict:
-    """The run's settings that mcs.json and summary.csv show, the architecture as trained."""
-    return {**{key: cfg.get(key) for key in _HYPERPARAMETERS}, "architecture": trained_architecture(cfg)}
+    """The run's settings that mcs.json and summary.csv show: the architecture as trained and its
+    sparsity knob with its value, whatever the architecture (l1_coef and k also in their own columns)."""
+    knob, value = sparsity_setting(cfg) or (None, None)
+    return {**{key: cfg.get(key) for key in _HYPERPARAMETERS}, "architecture": trained_architecture(cfg),
+            "sparsity_knob": knob, "sparsity": value}
 
 
 def mcs_json(

@@ -127,23 +127,10 @@ def build_report(
     log.info("report on %d features of %s over %s", len(features), run_dir, held_out.describe())
 
     data = _compute_views(model, sae, run_cfg, held_out, features, acts, stats, sweep, settings, watch)
-    data["run"] = {
-        "run_dir": str(run_dir.resolve()),
-        "architecture": trained_architecture(run_cfg),
-        "d_in": sae.d_in,
-        "d_sae": sae.d_sae,
-        "hook_point": hook_point,
-        "model": run_cfg.get("model_path") or run_cfg.get("model_name"),
-        "dict_ratio": run_cfg.get("dict_ratio"),
-        "l1_coef": run_cfg.get("l1_coef"),
-    }
+    data["run"] = _run_summary(run_dir, run_cfg, sae, hook_point)
     data["held_out"] = {
-        "n_tokens": held_out.n_tokens,
-        "n_contexts": len(held_out.contexts),
-        "ctx_len": held_out.contexts.shape[1],
-        "n_eval_tokens": held_out.n_eval_tokens,
-        "n_documents": held_out.n_documents,
-        "description": held_out.describe(),
+        "n_tokens": held_out.n_tokens, "n_contexts": len(held_out.contexts), "ctx_len": held_out.contexts.shape[1],
+        "n_eval_tokens": held_out.n_eval_tokens, "n_documents": held_out.n_documents, "description": held_out.describe(),
     }
     data["selection"] = {"method": selection, "n_features": len(features)}
     data["settings"] = asdict(settings)
@@ -157,6 +144,22 @@ def build_report(
         with watch("wandb"):
             log_report(wandb_run, data, wandb_prefix)
     return BuiltReport(report_dir, features, data, watch.seconds)
+
+
+def _run_summary(run_dir: Path, run_cfg: dict, sae: Sae, hook_point: str) -> dict:
+    """The report's `run`: what was trained, on what."""
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "architecture": trained_architecture(run_cfg),
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "hook_point": hook_point,
+        "model": run_cfg.get("model_path") or run_cfg.get("model_name"),
+        "dict_ratio": run_cfg.get("dict_ratio"),
+        "l1_coef": run_cfg.get("l1_coef"),
+        # the architecture's own keys as trained (l1_coef, k, l0_coef ... whichever it has)
+        "hyperparameters": {k: v for k, v in (run_cfg.get("sae") or {}).items() if k != "architecture"},
+    }
 
 
 def _compute_views(
@@ -207,74 +210,11 @@ def _compute_views(
         example_deltas, aggregates = _direction_views(model, sae, hook_point, contexts, features, acts, causal,
                                                       settings, generator)
 
-    steering = {}
-    if settings.steering:
-        from saesweep.steering import SteeringResult, SteeringSettings, steer_with
-
-        with watch("steering"):
-            for feature in features:
-                scale = float(stats.max_activation[feature])
-                steered = SteeringSettings(feature=feature, seed=settings.seed, **settings.steering)
-                continuations, shifts = steer_with(model, sae, hook_point, scale, steered, bos)
-                steering[feature] = SteeringResult(feature, steered.mode, float(steered.strength), _round(scale),
-                                                   hook_point, continuations, shifts).to_dict()
-
+    steering = _steering_views(model, sae, hook_point, features, stats, bos, settings, watch)
+    computed = _Computed(contexts, text, acts, stats, sweep, settings, tops, uniforms, histograms, causal, alone,
+                         lens, deletions_of, example_deltas, aggregates, steering)
     with watch("assemble"):
-        pages = []
-        for j, feature in enumerate(features):
-            feature_acts = acts[:, :, j]
-            edges, counts = histograms[j]
-            mcs_runs = {} if sweep is None else {
-                name: _round(float(sweep.mcs[r, feature])) for r, name in enumerate(sweep.run_names)
-            }
-            best = max(mcs_runs.values()) if mcs_runs else None
-            examples = tops[j] + uniforms[j]
-            alone_j = None if alone is None else alone[j]
-            pages.append({
-                "id": feature,
-                "frequency": float(stats.frequency[feature]),
-                "mean_activation": _round(float(stats.mean_activation[feature])),
-                "max_activation": _round(float(stats.max_activation[feature])),
-                "mcs": mcs_runs,
-                "mcs_max": best,
-                "layers": [] if sweep is None else _layer_matches(sweep, feature, settings.found_threshold),
-                "found_again": None if best is None else best >= settings.found_threshold,
-                "histogram": {"edges": _rounded(edges), "counts": counts},
-                "context_dependence": None if alone_j is None else _maybe_round(views.context_dependence(
-                    torch.tensor([e.activation for e in examples]), torch.tensor(alone_j))),
-                "deletion_by_offset": [
-                    {"offset": offset, "mean_drop": _maybe_round(drop), "n": n}
-                    for offset, drop, n in views.deletion_by_offset(deletions_of[j], contexts.shape[1] - 1)
-                ],
-                "logit_lens": {
-                    "top": _lens_entries(lens[0][j], lens[1][j], text),
-                    "bottom": _lens_entries(lens[2][j], lens[3][j], text),
-                },
-                "top_examples": [
-                    _example(e, contexts, feature_acts, text, whole=True, alone=_at(alone_j, k))
-                    for k, e in enumerate(tops[j])
-                ],
-                "uniform_examples": [
-                    _example(e, contexts, feature_acts, text, whole=False, alone=_at(alone_j, len(tops[j]) + k))
-                    for k, e in enumerate(uniforms[j])
-                ],
-                "ablated_text": [
-                    {**_example(e, contexts, feature_acts, text, whole=False), "kind": _kind(e),
-                     "deltas": _rounded(d.tolist())}
-                    for e, d in zip(causal[j], deletions_of[j])
-                ],
-                "steering": steering.get(feature),
-                "direction_ablation": {
-                    "examples": [
-                        {**_example(e, contexts, feature_acts, text, whole=True), "kind": _kind(e),
-                         "delta_logprob": [None] + _rounded(d.tolist())}  # the first token has no prediction
-                        for e, d in zip(causal[j], example_deltas[j])
-                    ],
-                    "dataset": {**aggregates[j],
-                                "falls": [_effect(e, text) for e in aggregates[j]["falls"]],
-                                "rises": [_effect(e, text) for e in aggregates[j]["rises"]]},
-                },
-            })
+        pages = [_feature_page(computed, j, feature) for j, feature in enumerate(features)]
     return {
         "features": pages,
         "density": views.density_histogram(stats.frequency),
@@ -288,6 +228,103 @@ def _compute_views(
         },
         "sweep": None if sweep is None else {
             "runs": sweep.run_names, "skipped": sweep.skipped, "found_threshold": settings.found_threshold,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class _Computed:
+    """What the report computed for its features (index j in each list), from which each page is made."""
+
+    contexts: torch.Tensor
+    text: ReadableTokens
+    acts: torch.Tensor
+    stats: views.FeatureStatistics
+    sweep: SweepComparison | None
+    settings: ReportSettings
+    tops: list
+    uniforms: list
+    histograms: list
+    causal: list
+    alone: list | None
+    lens: tuple
+    deletions_of: list
+    example_deltas: list
+    aggregates: list
+    steering: dict
+
+
+def _steering_views(model, sae: Sae, hook_point: str, features: list[int], stats: views.FeatureStatistics,
+                    bos: int | None, settings: ReportSettings, watch: _Stopwatch) -> dict:
+    """Per feature, steering's continuations and logit shifts (report.steering; {} when off)."""
+    if not settings.steering:
+        return {}
+    from saesweep.steering import SteeringResult, SteeringSettings, steer_with
+
+    steering = {}
+    with watch("steering"):
+        for feature in features:
+            scale = float(stats.max_activation[feature])
+            steered = SteeringSettings(feature=feature, seed=settings.seed, **settings.steering)
+            continuations, shifts = steer_with(model, sae, hook_point, scale, steered, bos)
+            steering[feature] = SteeringResult(feature, steered.mode, float(steered.strength), _round(scale),
+                                               hook_point, continuations, shifts).to_dict()
+    return steering
+
+
+def _feature_page(c: _Computed, j: int, feature: int) -> dict:
+    """The page of feature `feature`, the j-th of the report."""
+    feature_acts = c.acts[:, :, j]
+    edges, counts = c.histograms[j]
+    mcs_runs = {} if c.sweep is None else {
+        name: _round(float(c.sweep.mcs[r, feature])) for r, name in enumerate(c.sweep.run_names)
+    }
+    best = max(mcs_runs.values()) if mcs_runs else None
+    examples = c.tops[j] + c.uniforms[j]
+    alone_j = None if c.alone is None else c.alone[j]
+    return {
+        "id": feature,
+        "frequency": float(c.stats.frequency[feature]),
+        "mean_activation": _round(float(c.stats.mean_activation[feature])),
+        "max_activation": _round(float(c.stats.max_activation[feature])),
+        "mcs": mcs_runs,
+        "mcs_max": best,
+        "layers": [] if c.sweep is None else _layer_matches(c.sweep, feature, c.settings.found_threshold),
+        "found_again": None if best is None else best >= c.settings.found_threshold,
+        "histogram": {"edges": _rounded(edges), "counts": counts},
+        "context_dependence": None if alone_j is None else _maybe_round(views.context_dependence(
+            torch.tensor([e.activation for e in examples]), torch.tensor(alone_j))),
+        "deletion_by_offset": [
+            {"offset": offset, "mean_drop": _maybe_round(drop), "n": n}
+            for offset, drop, n in views.deletion_by_offset(c.deletions_of[j], c.contexts.shape[1] - 1)
+        ],
+        "logit_lens": {
+            "top": _lens_entries(c.lens[0][j], c.lens[1][j], c.text),
+            "bottom": _lens_entries(c.lens[2][j], c.lens[3][j], c.text),
+        },
+        "top_examples": [
+            _example(e, c.contexts, feature_acts, c.text, whole=True, alone=_at(alone_j, k))
+            for k, e in enumerate(c.tops[j])
+        ],
+        "uniform_examples": [
+            _example(e, c.contexts, feature_acts, c.text, whole=False, alone=_at(alone_j, len(c.tops[j]) + k))
+            for k, e in enumerate(c.uniforms[j])
+        ],
+        "ablated_text": [
+            {**_example(e, c.contexts, feature_acts, c.text, whole=False), "kind": _kind(e),
+             "deltas": _rounded(d.tolist())}
+            for e, d in zip(c.causal[j], c.deletions_of[j])
+        ],
+        "steering": c.steering.get(feature),
+        "direction_ablation": {
+            "examples": [
+                {**_example(e, c.contexts, feature_acts, c.text, whole=True), "kind": _kind(e),
+                 "delta_logprob": [None] + _rounded(d.tolist())}  # the first token has no prediction
+                for e, d in zip(c.causal[j], c.example_deltas[j])
+            ],
+            "dataset": {**c.aggregates[j],
+                        "falls": [_effect(e, c.text) for e in c.aggregates[j]["falls"]],
+                        "rises": [_effect(e, c.text) for e in c.aggregates[j]["rises"]]},
         },
     }
 

@@ -130,12 +130,18 @@ def _json_for_script(obj: object) -> str:
     )
 
 
+def _hyperparameters_text(run: dict) -> str:
+    """`; k=32, aux_coef=0.03125`: the architecture's own keys as trained (reports from before: none)."""
+    keys = run.get("hyperparameters") or {}
+    return "; " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in keys.items()) if keys else ""
+
+
 def _run_header(data: dict) -> str:
     run, held_out = data["run"], data["held_out"]
     parts = [
         f'<p class="meta">{esc(run["run_dir"])}</p>',
         (f'<p class="meta">{esc(run["architecture"])} SAE, d_sae {run["d_sae"]} on {esc(run["hook_point"])} '
-        f'of {esc(run["model"])} (d_in {run["d_in"]})</p>'),
+        f'of {esc(run["model"])} (d_in {run["d_in"]}){esc(_hyperparameters_text(run))}</p>'),
         f'<p class="meta">Held-out tokens: {esc(held_out["description"])}.</p>',
     ]
     return "".join(parts)

@@ -47,6 +47,20 @@ def saelens_architectures() -> dict[str, type[Sae]]:
     return {cls.saelens_architecture: cls for cls in ARCHITECTURES.values() if cls.saelens_architecture}
 
 
+def sparsity_knob(cls: type[Sae]) -> str | None:
+    """The key that sets an architecture's sparsity: `k` where it has one, else its sparsity coefficient."""
+    return "k" if "k" in cls.hyperparameters else cls.sparsity_coefficient
+
+
+def sparsity_setting(cfg: dict) -> tuple[str, float] | None:
+    """A run's sparsity knob and its value, from its cfg.json (`sae`, or the top-level `k`/`l1_coef` of
+    runs from before it); None when its architecture has none or the run does not say."""
+    cls = ARCHITECTURES.get(trained_architecture(cfg) or "")
+    knob = sparsity_knob(cls) if cls is not None else next((k for k in ("k", "l1_coef") if cfg.get(k) is not None), None)
+    value = None if knob is None else (cfg.get("sae") or {}).get(knob, cfg.get(knob))
+    return None if value is None else (knob, value)
+
+
 def trained_architecture(cfg: dict) -> str | None:
     """The architecture a run trained (its cfg.json's `sae.architecture`; older runs: `architecture`)."""
     return (cfg.get("sae") or {}).get("architecture") or cfg.get("architecture")
@@ -68,7 +82,7 @@ __all__ = [
     "ARCHITECTURES", "PLUGIN_GROUP", "BatchTopKSae", "GatedSae", "Hyperparameter", "JumpReluSae",
     "MatryoshkaBatchTopKSae", "ReluSae", "Sae", "SaeOutput", "TopKSae", "TrainStep", "default_group_sizes",
     "geometric_median", "inference_class", "load_plugins", "saelens_architectures", "saved_class",
-    "trained_architecture",
+    "sparsity_knob", "sparsity_setting", "trained_architecture",
 ]
 
 
