@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from saesweep.errors import DataError
 from saesweep.hub import require_hub
-from saesweep.rundir import run_setting
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".parquet")
 _TOKENIZE_BATCH = 64
@@ -260,15 +259,6 @@ def context_source(dataset: Mapping, tokenizer, ctx_len: int) -> ContextSource:
         contexts_per_document=dataset["contexts_per_document"],
         mix_pool_contexts=dataset["mix_pool_contexts"],
     )
-
-
-def held_out_contexts(tokenizer, run_cfg: dict, n_tokens: int, purpose: str) -> HeldOutContexts:
-    """The first contexts of the held-out order of a run's dataset (its cfg.json), `n_tokens` rounded up to
-    whole contexts; `purpose` names them in the error when the held-out documents are too few."""
-    ctx_len = run_setting(run_cfg, "ctx_len")
-    dataset = run_setting(run_cfg, "dataset")
-    run_setting(run_cfg, "dataset", "heldout_fraction")  # runs before held-out documents cannot be rebuilt
-    return context_source(dataset, tokenizer, ctx_len).held_out_contexts(-(-n_tokens // ctx_len), purpose)
 
 
 def not_enough_text(ctx_len: int, have_contexts: int, want_contexts: int, purpose: str) -> DataError:

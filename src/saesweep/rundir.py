@@ -23,6 +23,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from saesweep.data import HeldOutContexts, context_source
 from saesweep.errors import CheckpointError, SaesweepError
 from saesweep.foreign import read_foreign
 from saesweep.io import atomic_write_json, atomic_write_safetensors
@@ -340,3 +341,12 @@ def recorded_wandb_group(run_dirs: Sequence[Path], sweep_dir: Path | None = None
             configured = str(Path(sweep_dir).absolute())
         return wandb_group(Path(run_dir), Path(configured))
     return wandb_group(Path(run_dirs[0]) if run_dirs else sweep_dir, sweep_dir)
+
+
+def held_out_contexts(tokenizer, run_cfg: dict, n_tokens: int, purpose: str) -> HeldOutContexts:
+    """The first contexts of the held-out order of a run's dataset (its cfg.json), `n_tokens` rounded up to
+    whole contexts; `purpose` names them in the error when the held-out documents are too few."""
+    ctx_len = run_setting(run_cfg, "ctx_len")
+    dataset = run_setting(run_cfg, "dataset")
+    run_setting(run_cfg, "dataset", "heldout_fraction")  # runs before held-out documents cannot be rebuilt
+    return context_source(dataset, tokenizer, ctx_len).held_out_contexts(-(-n_tokens // ctx_len), purpose)

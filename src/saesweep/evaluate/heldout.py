@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from saesweep.activations import activations_at
-from saesweep.data import held_out_contexts
 from saesweep.errors import ConfigError
 from saesweep.lm import load_model
 from saesweep.outliers import BasisAlignment, MagnitudeSums, OutlierDimensions, basis_alignment
-from saesweep.rundir import load_sae
+from saesweep.rundir import held_out_contexts, load_sae
 from saesweep.similarity import activation_similarity, agreement_with_decoder_matching, check_same_tokenizer
 
 from .cosines import matching

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.activations import harvest
-from saesweep.data import held_out_contexts
-from saesweep.rundir import run_setting
+from saesweep.rundir import held_out_contexts, run_setting
 
 
 @dataclass(frozen=True)
