@@ -80,6 +80,19 @@ def test_every_architecture_resumes_bit_identically(tmp_path, tiny_model_dir, co
     assert_resume_is_bit_identical(tmp_path, [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), *architecture])
 
 
+@pytest.mark.slow
+def test_a_synthetic_run_resumes_bit_identically(tmp_path):
+    """data=synthetic: the generated store is reused by the killed job's rerun, and the resumed run ends
+    with the uninterrupted one's bits."""
+    overrides = [
+        "data=synthetic", "data.d_in=16", "data.n_features=48", "data.mean_active=4", "n_tokens=8000",
+        "eval.n_tokens=800", "ctx_len=25", "train.batch_size=256", "eval.every_n_steps=10",
+        "train.checkpoint_every_n_steps=4", "dict_ratio=2", "trainer.enable_progress_bar=false",
+        f"store.dir={tmp_path / 'store'}", "store.shard_tokens=1000", "store.buffer_tokens=2048", "logger=none",
+    ]
+    assert_resume_is_bit_identical(tmp_path, overrides)
+
+
 def assert_resume_is_bit_identical(tmp_path, overrides: list[str]) -> None:
     """The job killed with SIGKILL after its step-8 checkpoint and started again with the same command
     ends with the same bits as an uninterrupted one."""
