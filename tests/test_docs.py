@@ -146,6 +146,21 @@ def saelens_section() -> str:
     return section(README, "For SAELens users")
 
 
+def test_the_architecture_table_lists_each_architectures_own_keys():
+    """The README's `sae=` table against each architecture's Hyperparameters: every key named in its row
+    (or in the row it says it shares them with, "as topk"), and no row for an unknown architecture."""
+    from saesweep.sae import ARCHITECTURES
+
+    rows = dict(re.findall(r"^\| `(\w+)`(?: \(default\))? \|(.*)$", README.split("### The SAE and its training")[1],
+                           flags=re.M)[:len(ARCHITECTURES)])
+    assert set(rows) == set(ARCHITECTURES)
+    for name, row in rows.items():
+        keys_cell = row.split("|")[2]
+        shared = re.findall(r"as (\w+)", keys_cell)
+        named = set(re.findall(r"`(\w+)`", keys_cell)) | {k for other in shared for k in re.findall(r"`(\w+)`", rows[other].split("|")[2])}
+        assert set(ARCHITECTURES[name].hyperparameters) <= named, (name, keys_cell)
+
+
 def test_the_saelens_table_names_saesweeps_real_config_keys():
     table = saelens_section().split("**cfg.json**")[0]
     keys = set()
