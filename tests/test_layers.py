@@ -136,6 +136,32 @@ def test_models_with_different_tokenizers_are_refused_in_one_line(tiny_sweep, ti
         evaluate_sweep(sweep, CPU, NO_WANDB, layer_settings=LayerSettings(activation_similarity=True))
 
 
+def test_a_dictionary_of_another_model_is_compared_by_activation_not_by_decoder(tiny_sweep, tiny_model_dir, tmp_path):
+    """compare_with= a dictionary whose files name another model (here: the same weights under another
+    path, so that its features are run 1's, permuted): it forms no decoder comparison with the sweep, is
+    matched by activation with every run of the sweep, and without activation_similarity is refused."""
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other_model)
+    sweep = tmp_path / "sweep"
+    for name in ("0", "1"):
+        shutil.copytree(tiny_sweep / name, sweep / name)
+    released = tmp_path / "theirs"
+    shutil.copytree(tiny_sweep / "2", released)  # run 1's features, permuted
+    set_cfg(released, model_path=str(other_model))
+
+    with pytest.raises(ConfigError, match=r"compare_with=.*theirs.* is from model .*other_model.*activation_similarity=true"):
+        evaluate_sweep(sweep, CPU, NO_WANDB, compare_with=[released])
+    settings = LayerSettings(activation_similarity=True, similarity_tokens=800)
+    evaluation = evaluate_sweep(sweep, CPU, NO_WANDB, compare_with=[released], layer_settings=settings)
+    assert not any("released:theirs" in pair for pair in evaluation.comparison.pairs)  # no shared basis
+    report = json.loads((evaluation.out_dir / LAYERS_FILE).read_text())
+    pairs = {(p["a"], p["b"]): p for p in report["activation_similarity"]["pairs"]}
+    assert pairs["0", "released:theirs"]["relation"] == pairs["1", "released:theirs"]["relation"] == "models"
+    same = pairs["1", "released:theirs"]
+    assert same["share"] == 1.0 and same["chance_share"] < 0.2 and same["agreement"] is None
+    assert pairs["0", "released:theirs"]["share"] < same["share"]
+
+
 def test_bad_layer_settings_are_config_errors():
     with pytest.raises(ConfigError, match="similarity_threshold=2"):
         LayerSettings(similarity_threshold=2.0)

@@ -29,7 +29,7 @@ from saesweep.outliers import BasisAlignment
 from .compare import EvalSettings
 from .cosines import matching, random_dictionary
 from .heldout import HeldOutComparison, RunPair, held_out_comparison
-from .runs import Run
+from .runs import RELEASED_PREFIX, Run
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,8 @@ def evaluate_layers(
 
 def similarity_pairs(runs: list[Run], stacks: list[Stack], seed_partners: dict[str, str]) -> list[RunPair]:
     """The pairs compared by activation: runs at different residual hook points of one model, the two seeds
-    of a setting, and runs of two models at the same hook point."""
+    of a setting, runs of two models at the same hook point, and each released dictionary of another
+    model (compare_with) with every run of the sweep, whatever its hook point."""
     by_name = {run.name: run for run in runs}
     pairs = [
         RunPair(a, b, "layers")
@@ -380,9 +381,11 @@ def similarity_pairs(runs: list[Run], stacks: list[Stack], seed_partners: dict[s
     ]
     seeds = {tuple(sorted(pair)) for pair in seed_partners.items()}
     pairs += [RunPair(by_name[a], by_name[b], "seeds") for a, b in sorted(seeds)]
+    own_models = {run.model for run in runs if not run.name.startswith(RELEASED_PREFIX)}
+    from_elsewhere = {run.name for run in runs if run.name.startswith(RELEASED_PREFIX) and run.model not in own_models}
     pairs += [
         RunPair(a, b, "models")
         for i, a in enumerate(runs) for b in runs[i + 1 :]
-        if a.model != b.model and a.cfg.get("hook_point") == b.cfg.get("hook_point")
+        if a.model != b.model and (a.cfg.get("hook_point") == b.cfg.get("hook_point") or b.name in from_elsewhere)
     ]
     return pairs

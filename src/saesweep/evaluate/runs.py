@@ -116,15 +116,14 @@ def discover_runs(sweep_dir: Path, exclude: Path | None = None) -> tuple[list[Ru
 
 
 def load_released(directories: list[Path], runs: list[Run]) -> list[Run]:
-    """Dictionaries others released (any format load_sae reads), to compare with the sweep's runs:
-    each joins the sweep's comparison group, and is refused, naming the value, when its d_in or its hook
-    point (where its files name one) differs from the sweep's."""
+    """Dictionaries others released (any format load_sae reads), to compare with the sweep's runs. One
+    of the sweep's model joins the sweep's comparison group, and is refused, naming the value, when its
+    d_in or its hook point (where its files name one) differs from the sweep's. One whose files name
+    another model keeps its model and hook point: it forms a group of its own, compared with the sweep's
+    runs by activation on the same tokens (activation_similarity), which needs no shared basis."""
     if not runs:
         raise ConfigError("compare_with needs a sweep with at least one finished run to compare with")
     groups = {(run.cfg.get("hook_point"), run.decoder.shape[1]) for run in runs}
-    if len(groups) > 1:
-        raise ConfigError(f"compare_with: the sweep has runs at several hook points or widths {sorted(groups, key=str)}")
-    ((hook_point, d_in),) = groups
     released = []
     for directory in directories:
         try:
@@ -133,6 +132,20 @@ def load_released(directories: list[Path], runs: list[Run]) -> list[Run]:
             raise ConfigError(f"compare_with={str(directory)!r}: {e}") from None
         cfg = sae.run_cfg
         their_hook = cfg.get("hook_point") or cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+        name = f"{RELEASED_PREFIX}{Path(directory).name}"
+        their_model = cfg.get("model_path") or cfg.get("model_name") or (cfg.get("metadata") or {}).get("model_name")
+        if their_model is not None and their_model not in {run.model for run in runs}:
+            if their_hook is None:
+                raise ConfigError(f"compare_with={str(directory)!r} is from model {their_model!r} and names no hook point")
+            described = {**cfg, "hook_point": their_hook, "architecture": trained_architecture(cfg),
+                         "model_path": cfg.get("model_path"), "model_name": None if cfg.get("model_path") else their_model}
+            released.append(Run(name, Path(directory), "", described, {}, sae.W_dec.detach().clone(), None))
+            log.info("compare_with: %s (model %s at %s, d_sae %d): compared by activation", directory, their_model,
+                     their_hook, sae.d_sae)
+            continue
+        if len(groups) > 1:
+            raise ConfigError(f"compare_with: the sweep has runs at several hook points or widths {sorted(groups, key=str)}")
+        ((hook_point, d_in),) = groups
         if sae.d_in != d_in:
             raise ConfigError(f"compare_with={str(directory)!r} has d_in={sae.d_in}, the sweep's runs d_in={d_in}")
         if their_hook is not None and cfg.get("source_format") != "sparsify" and their_hook != hook_point:
@@ -143,7 +156,6 @@ def load_released(directories: list[Path], runs: list[Run]) -> list[Run]:
         # the sweep's model and hook: a released dictionary of the same width and hook point is compared with them
         described = {**cfg, "hook_point": hook_point, "architecture": trained_architecture(cfg),
                      "model_path": runs[0].cfg.get("model_path"), "model_name": runs[0].cfg.get("model_name")}
-        name = f"{RELEASED_PREFIX}{Path(directory).name}"
         released.append(Run(name, Path(directory), "", described, {}, sae.W_dec.detach().clone(), None))
         log.info("compare_with: %s (%s, d_sae %d)", directory, described["architecture"], sae.d_sae)
     return released

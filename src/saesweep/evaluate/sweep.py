@@ -64,8 +64,17 @@ def evaluate_sweep(
     default_out_dir = evaluation_dir(sweep_dir)  # checks sweep_dir
     out_dir = Path(out_dir) if out_dir else default_out_dir
     runs, failed = discover_runs(sweep_dir, exclude=out_dir)
+    layer_settings = layer_settings or LayerSettings()
     if compare_with:
-        runs = runs + load_released([Path(d) for d in compare_with], runs)
+        released = load_released([Path(d) for d in compare_with], runs)
+        other_model = next((r for r in released if r.model not in {run.model for run in runs}), None)
+        if other_model is not None and not layer_settings.activation_similarity:
+            raise ConfigError(
+                f"compare_with={str(other_model.path)!r} is from model {other_model.model!r}, not the sweep's: "
+                "decoder directions of two models share no basis; add activation_similarity=true to compare them "
+                "by their activations on the same tokens"
+            )
+        runs = runs + released
     log.info("%d runs to compare, %d failed", len(runs), len(failed))
     comparison = compare_runs(runs, settings)
     if runs and not comparison.pairs:
@@ -88,7 +97,7 @@ def evaluate_sweep(
             log.info("stability: %s (%s, d_sae %d): %.1f %% ± %.1f found again by another seed, fidelity %.4f%s",
                      s.setting, s.architecture, s.d_sae, 100 * s.found_by_other_seed, 100 * s.found_by_other_seed_sd,
                      s.fidelity, " (on the frontier)" if s.on_frontier else "")
-    layers = evaluate_layers(runs, comparison.seed_partners, settings, layer_settings or LayerSettings(), out_dir)
+    layers = evaluate_layers(runs, comparison.seed_partners, settings, layer_settings, out_dir)
     if wandb_settings.mode != "disabled":
         group = recorded_wandb_group([r.path for r in [*runs, *failed]], sweep_dir)
         config = {"sweep_dir": str(sweep_dir), **asdict(settings)}
