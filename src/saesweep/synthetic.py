@@ -35,6 +35,7 @@ from saesweep.store import ActivationStore, StoreSpec, TokenFilter
 TRUE_FEATURES_FILE = "true_features.safetensors"
 _TRAIN_STREAM, _HELD_OUT_STREAM = "train", "held_out"  # the token streams, seeded apart from the features
 BLOCK = 16384  # rows drawn from one seed
+GENERATOR_VERSION = 2  # in the store key: a store made by an earlier sampler (other rows for a seed) is not reused
 
 
 @dataclass(frozen=True)
@@ -109,23 +110,46 @@ class TrueFeatures:
         return cls(**load_file(Path(path)))
 
     @functools.cached_property
-    def units(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def units(self) -> tuple[Members, torch.Tensor]:
         """The independently firing units: each free (ungrouped, parentless) feature, and each group;
         the features each stands for, and its Poisson rate −log(1 − p) (see `sample`)."""
         free = ((self.group < 0) & (self.parent < 0)).nonzero().squeeze(-1)
         groups = [(self.group == g).nonzero().squeeze(-1) for g in range(int(self.group.max()) + 1)]
         members = [f.reshape(1) for f in free] + groups
         probability = torch.stack([self.firing_probability[f[0]] for f in members]).double()
-        return members, -torch.log1p(-probability.clamp(max=1 - 1e-9))
+        return Members.of(members), -torch.log1p(-probability.clamp(max=1 - 1e-9))
 
     @functools.cached_property
-    def children(self) -> list[torch.Tensor]:
+    def children(self) -> Members:
         """Each feature's children (empty for most)."""
-        return [torch.nonzero(self.parent == f).squeeze(-1) for f in range(len(self.parent))]
+        return Members.of([torch.nonzero(self.parent == f).squeeze(-1) for f in range(len(self.parent))])
 
     def hierarchy_pairs(self) -> list[tuple[int, int]]:
         """(parent, child) for every child."""
         return [(int(p), child) for child, p in enumerate(self.parent.tolist()) if p >= 0]
+
+
+@dataclass(frozen=True)
+class Members:
+    """Lists of features (a unit's members, a feature's children) as one flat tensor with each list's
+    size and start, so that expanding (token, list) pairs into (token, member) pairs is a few tensor ops."""
+
+    flat: torch.Tensor
+    sizes: torch.Tensor
+    starts: torch.Tensor
+
+    @classmethod
+    def of(cls, lists: list[torch.Tensor]) -> Members:
+        sizes = torch.tensor([len(m) for m in lists], dtype=torch.long)
+        flat = torch.cat(lists) if lists else torch.zeros(0, dtype=torch.long)
+        return cls(flat, sizes, torch.cumsum(sizes, 0) - sizes)
+
+    def expand(self, token: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, list) pairs expanded to (token, member) for every member of the list."""
+        per_pair = self.sizes[which]
+        first = torch.cumsum(per_pair, 0) - per_pair
+        within = torch.arange(int(per_pair.sum())) - torch.repeat_interleave(first, per_pair)
+        return torch.repeat_interleave(token, per_pair), self.flat[torch.repeat_interleave(self.starts[which], per_pair) + within]
 
 
 def make_features(spec: SyntheticSpec) -> TrueFeatures:
@@ -188,15 +212,17 @@ def sample(
     among the units in proportion to their rates. A parent's children then fire with it at their
     probability. x is one embedding_bag over the firing features' directions."""
     unit_features, unit_rate = features.units
-    units = len(unit_features)
+    units = len(unit_features.sizes)
     counts = torch.poisson(torch.full((n,), float(unit_rate.sum())), generator=generator).long()
+    token = torch.repeat_interleave(torch.arange(n), counts)
     cdf = torch.cumsum(unit_rate / unit_rate.sum(), 0)  # a categorical draw by inverse CDF (faster than multinomial)
-    drawn = torch.searchsorted(cdf, torch.rand(int(counts.sum()), generator=generator, dtype=torch.float64)).clamp(max=units - 1)
-    key = torch.unique(torch.repeat_interleave(torch.arange(n), counts) * units + drawn)  # a unit fires once per token
+    drawn = torch.searchsorted(cdf, _sorted_uniforms(counts, generator)).clamp(max=units - 1)
+    # each token's units come sorted, so a unit drawn twice for a token is a neighbour of itself: it fires once
+    key = torch.unique_consecutive(token * units + drawn)
     token, unit = key // units, key % units
-    token, feature = _expand(token, unit, unit_features)
+    token, feature = unit_features.expand(token, unit)
     if (features.parent >= 0).any():  # a child fires only with its parent, then at its probability
-        child_token, child = _expand(token, feature, features.children)
+        child_token, child = features.children.expand(token, feature)
         kept = torch.rand(len(child), generator=generator) < features.firing_probability[child]
         token, feature = torch.cat([token, child_token[kept]]), torch.cat([feature, child[kept]])
     order = torch.argsort(token * len(features.parent) + feature)
@@ -212,14 +238,14 @@ def sample(
     return x, coefficients
 
 
-def _expand(token: torch.Tensor, unit: torch.Tensor, members: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token, unit) pairs expanded to (token, member) for every member of the unit."""
-    sizes = torch.tensor([len(m) for m in members])
-    flat = torch.cat(members) if members else torch.zeros(0, dtype=torch.long)
-    starts = torch.cumsum(sizes, 0) - sizes
-    per_pair = sizes[unit]
-    within = torch.arange(int(per_pair.sum())) - torch.repeat_interleave(torch.cumsum(per_pair, 0) - per_pair, per_pair)
-    return torch.repeat_interleave(token, per_pair), flat[torch.repeat_interleave(starts[unit], per_pair) + within]
+def _sorted_uniforms(counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """counts[t] uniforms for each token t, sorted within each token, token after token: the partial
+    sums of counts[t] + 1 exponentials divided by their total are distributed exactly as sorted
+    uniforms, and cost no sort (one row per token, padded to the largest count)."""
+    width = int(counts.max()) + 1 if len(counts) else 1
+    sums = torch.cumsum(-torch.log1p(-torch.rand(len(counts), width, generator=generator, dtype=torch.float64)), 1)
+    uniforms = sums[:, :-1] / sums.gather(1, counts[:, None])
+    return uniforms[torch.arange(width - 1) < counts[:, None]]
 
 
 def _unit(m: torch.Tensor) -> torch.Tensor:
@@ -265,7 +291,8 @@ def synthetic_data(cfg, store_root: Path) -> SyntheticData:
     spec = SyntheticSpec.from_config(cfg.data)
     features = make_features(spec)
     key = StoreSpec(
-        model=SYNTHETIC, model_fingerprint=hashlib.blake2b(repr(spec).encode(), digest_size=16).hexdigest(),
+        model=SYNTHETIC,
+        model_fingerprint=hashlib.blake2b(repr((GENERATOR_VERSION, spec)).encode(), digest_size=16).hexdigest(),
         hook_point=SYNTHETIC, dataset=dataclasses.asdict(spec), split="train", ctx_len=cfg.ctx_len,
         n_tokens=cfg.n_tokens, dtype=cfg.store.dtype, token_filter=TokenFilter(),
     )
