@@ -75,6 +75,7 @@ bench:
 	$(PYTHON) benchmarks/stream.py
 	$(PYTHON) benchmarks/mcs.py
 	$(PYTHON) benchmarks/similarity.py
+	$(PYTHON) benchmarks/synthetic_generator.py
 	$(PYTHON) benchmarks/report.py
 	$(PYTHON) benchmarks/bench_train.py
 	$(PYTHON) benchmarks/host_step.py
