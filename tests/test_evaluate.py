@@ -462,6 +462,22 @@ def test_runs_that_differ_only_in_seed_are_compared_both_ways(tmp_path):
     assert "by the other seed" in console_table(evaluation.summary, 0.9).splitlines()[0]
 
 
+def test_seeds_trained_to_one_target_l0_are_partners_whatever_coefficient_the_controller_chose(tmp_path):
+    """sae.target_l0 steers l1_coef to a value of its own in each seed: the two runs are still one setting
+    (seed partners), while a fixed l1_coef that differs makes two settings."""
+    torch.manual_seed(0)
+    truth = torch.randn(32, 16)
+    runs = (("0", 0, 1.21, 32), ("1", 1, 1.35, 32), ("2", 0, 1.21, None), ("3", 1, 1.35, None))
+    for name, seed, l1_coef, target in runs:
+        keys = {"architecture": "relu_l1", "l1_coef": l1_coef, **({"target_l0": target} if target else {})}
+        make_run(tmp_path / "sweep" / name, truth + 0.01 * torch.randn(32, 16), l1_coef=l1_coef, sae_keys=keys)
+        cfg_path = tmp_path / "sweep" / name / "cfg.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "seed": seed}))
+    evaluation = evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"))
+    partner = {name: (run["found_again"]["other_seed"] or {}).get("run") for name, run in evaluation.report["runs"].items()}
+    assert partner == {"0": "1", "1": "0", "2": None, "3": None}
+
+
 def seed_size_sweep(sweep: Path) -> None:
     """Dictionaries of 16, 32 and 64 features, seeds 0 and 1, all noisy copies of nested subsets of one
     set of true directions: every feature of a smaller dictionary is in each larger one and in the other

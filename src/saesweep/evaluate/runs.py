@@ -25,7 +25,7 @@ from saesweep.rundir import (
     load_sae,
     natural_key,
 )
-from saesweep.sae import trained_architecture
+from saesweep.sae import ARCHITECTURES, trained_architecture
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,22 @@ def _runs_by_setting(runs: list[Run], ignore: tuple[str, ...]) -> list[list[Run]
     for run in runs:
         if run.name.startswith(RELEASED_PREFIX) or run.cfg.get("seed") is None:
             continue
-        setting = json.dumps({k: v for k, v in run.cfg.items() if k not in ignore}, sort_keys=True, default=str)
-        by_setting.setdefault(setting, []).append(run)
+        by_setting.setdefault(_setting(run.cfg, ignore), []).append(run)
     return list(by_setting.values())
+
+
+def _setting(cfg: dict, ignore: tuple[str, ...]) -> str:
+    """What a run was asked to train, as a key: its cfg.json but for `ignore`. Under sae.target_l0 the
+    sparsity coefficient is where the controller left it, an outcome that differs between seeds, not a
+    setting: it is left out (in `sae` and its top-level copy)."""
+    setting = {k: v for k, v in cfg.items() if k not in ignore}
+    sae = dict(setting.get("sae") or {})
+    cls = ARCHITECTURES.get(sae.get("architecture") or "")
+    if sae.get("target_l0") is not None and cls is not None and cls.sparsity_coefficient:
+        sae.pop(cls.sparsity_coefficient, None)
+        setting.pop(cls.sparsity_coefficient, None)
+        setting["sae"] = sae
+    return json.dumps(setting, sort_keys=True, default=str)
 
 
 def settings_with_seeds(runs: list[Run]) -> list[list[Run]]:
