@@ -28,7 +28,7 @@ _MULTIRUN_FLAGS = ("-m", "--multirun")
 _ENSEMBLE_FLAG = "train.ensemble=true"
 # config groups that config.yaml's defaults list holds as null: `+group=x` (Hydra's "append") would collide
 # with that entry, so it is taken as `group=x`, the override that works
-_NULL_DEFAULT_GROUPS = ("hparams_search", "experiment")
+_NULL_DEFAULT_GROUPS = ("eval_sets", "hparams_search", "experiment")
 _EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-terminated process
 
 

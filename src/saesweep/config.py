@@ -6,13 +6,16 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from saesweep.data import EVAL_SET_KEYS
 from saesweep.errors import ConfigError
+from saesweep.metrics import HEADLINE_SET
 from saesweep.sae import ARCHITECTURES, Hyperparameter
 
 
@@ -43,7 +46,28 @@ def check_config(cfg: DictConfig) -> None:
         check_documents(cfg)
     if _number(cfg, "eval.n_tokens", integer=True) < cfg.ctx_len:
         raise ConfigError(f"eval.n_tokens={cfg.eval.n_tokens} is less than one context (ctx_len={cfg.ctx_len})")
+    check_eval_sets(cfg)
     check_types(cfg)
+
+
+def check_eval_sets(cfg: DictConfig) -> None:
+    """eval.sets: name → a corpus never trained on. The names become metric prefixes and file names."""
+    sets = cfg.eval.get("sets") or {}
+    if sets and cfg.data.get("name") == "synthetic":
+        raise ConfigError(f"eval.sets={list(sets)} are text corpora, and data=synthetic has no language model to "
+                          "read them; allowed: eval.sets={} with data=synthetic")
+    for name, spec in sets.items():
+        if name == HEADLINE_SET or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+            raise ConfigError(f"eval.sets.{name}: the name must be letters, digits, _ or - (starting with a letter), "
+                              f"and not {HEADLINE_SET!r} (the training corpus's own held-out documents)")
+        if not isinstance(spec, DictConfig):
+            raise ConfigError(f"eval.sets.{name}={spec!r} must be a mapping with a path (a local file) or name "
+                              f"(a hub dataset); allowed keys: {', '.join(EVAL_SET_KEYS)}")
+        unknown = sorted(set(spec) - set(EVAL_SET_KEYS))
+        if unknown:
+            raise ConfigError(f"eval.sets.{name} has unknown keys {unknown}; allowed: {', '.join(EVAL_SET_KEYS)}")
+        if not spec.get("path") and not spec.get("name"):
+            raise ConfigError(f"eval.sets.{name} names no corpus: set its path (a local file) or name (a hub dataset)")
 
 
 def check_documents(cfg: DictConfig) -> None:

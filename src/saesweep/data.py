@@ -16,6 +16,8 @@ How documents become contexts (docs/METHODS.md, "Data"):
 - Training contexts are mixed across documents as they are made: pieces pass through a pool of
   `mix_pool_contexts` and leave it in a seeded random order, so any window of the activation store
   is close to a sample of the training corpus (and a small store is not a few documents).
+- Extra held-out sets (`eval.sets`, `eval_set_description`) are corpora never trained on: all their
+  documents are held out, and their contexts are spread over them the same way.
 """
 
 from __future__ import annotations
@@ -162,8 +164,8 @@ class ContextSource:
         contexts_per_document: int | None = None,
         mix_pool_contexts: int = 65536,
     ):
-        if not 0 < heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
+        if not 0 < heldout_fraction <= 1:
+            raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1]")
         self.texts = texts
         self.tokenizer = tokenizer
         self.ctx_len = ctx_len
@@ -174,7 +176,8 @@ class ContextSource:
         self.mix_pool_contexts = mix_pool_contexts
         order = list(range(len(texts)))
         random.Random(seed).shuffle(order)
-        n_heldout = min(max(1, round(heldout_fraction * len(texts))), len(texts) - 1)
+        # 1: an evaluation-only corpus (eval.sets), every document held out
+        n_heldout = len(texts) if heldout_fraction == 1 else min(max(1, round(heldout_fraction * len(texts))), len(texts) - 1)
         self.heldout_docs = order[:n_heldout]
         self.train_docs = order[n_heldout:]
 
@@ -297,6 +300,21 @@ def bos_token_id(tokenizer) -> int:
     if bos is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS token; set data.prepend_bos=false")
     return int(bos)
+
+
+EVAL_SET_KEYS = {"path": None, "name": None, "split": "train", "text_field": "text", "contexts_per_document": None}
+
+
+def eval_set_description(cfg: DictConfig, set_name: str) -> dict:
+    """The dataset description (as `dataset_description`'s) of the extra held-out set `eval.sets.<set_name>`:
+    a corpus never trained on, so every document is held out; BOS and the shuffle seed are the training data's."""
+    spec = cfg.eval.sets[set_name]  # checked by config.check_eval_sets
+    description = {key: spec.get(key, default) for key, default in EVAL_SET_KEYS.items()}
+    if description["path"]:
+        description["path"] = str(Path(description["path"]).resolve())
+    return description | {
+        "prepend_bos": cfg.data.prepend_bos, "seed": cfg.data.seed, "heldout_fraction": 1.0, "mix_pool_contexts": 1,
+    }
 
 
 def dataset_description(cfg: DictConfig) -> dict:

@@ -17,6 +17,14 @@ from torch.utils.data import TensorDataset
 from saesweep.sae import Sae
 
 DENSE_THRESHOLD = 0.1  # a feature firing on more than 10 % of tokens counts as dense
+# The held-out documents of the training corpus: the headline set, whose metrics carry no prefix. Each
+# extra set of eval.sets reports the same metrics as `<set name>/<metric>`.
+HEADLINE_SET = "corpus"
+
+
+def set_metric(set_name: str, metric: str) -> str:
+    """The name of `metric` measured on the held-out set `set_name`."""
+    return metric if set_name == HEADLINE_SET else f"{set_name}/{metric}"
 
 
 class HeldOutSet(TensorDataset):
@@ -67,8 +75,15 @@ def spliced_loss(model, tokens: torch.Tensor, hook_point: str, replace) -> torch
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]
-    feature_stats: dict[str, torch.Tensor]  # per feature: frequency, mean_activation, max_activation
+    metrics: dict[str, float]  # the headline set's by name, each extra set's as `<set name>/<metric>`
+    feature_stats: dict[str, torch.Tensor]  # per feature, on the headline set: frequency, mean_activation, max_activation
+
+    @staticmethod
+    def of_sets(results: dict[str, EvalResult]) -> EvalResult:
+        """One SAE's results on several held-out sets (the headline set first) as one."""
+        headline = next(iter(results.values()))
+        metrics = {set_metric(name, k): v for name, result in results.items() for k, v in result.metrics.items()}
+        return EvalResult(metrics, headline.feature_stats)
 
 
 # Per-context sums kept by MetricAccumulator: the contexts are the units of the standard errors.

@@ -81,10 +81,10 @@ def train_ensemble(
     data = data or training_data(cfgs)
     saes = [new_sae(cfg, d_sae, data) for cfg, d_sae in zip(cfgs, data.d_saes)]
     plan = training_plan(cfgs, run_dirs, sweep_dir, data, ensemble_name)
-    train_loader, eval_loader = loaders(plan, data)
+    train_loader, eval_loaders = loaders(plan, data)
     module = training_module(plan, saes, data)
-    fit(plan, module, train_loader, eval_loader)
-    plan.trainer.validate(module, dataloaders=eval_loader, verbose=False)
+    fit(plan, module, train_loader, eval_loaders)
+    plan.trainer.validate(module, dataloaders=eval_loaders, verbose=False)
     if plan.rank != 0:  # under DDP the run directory and the W&B run are rank 0's
         return module.last_evals
     return write_outcomes(plan, module, data)
@@ -255,19 +255,24 @@ def training_module(plan: TrainingPlan, saes: Sequence[Sae], data: TrainingData)
         compile=cfg.train.compile,
         dead_window_tokens=cfg.train.dead_window_tokens,
         grad_clip_norm=cfg.train.get("grad_clip_norm"),
+        eval_set_names=list(data.eval_sets),
     )
 
 
-def loaders(plan: TrainingPlan, data: TrainingData) -> tuple[ResumableLoader, DataLoader]:
-    """This rank's training batches (the plan's stream) and its part of the held-out set."""
+def loaders(plan: TrainingPlan, data: TrainingData) -> tuple[ResumableLoader, list[DataLoader]]:
+    """This rank's training batches (the plan's stream) and its part of each held-out set (the headline first)."""
     pin = data.device.type == "cuda"
     train_loader = ResumableLoader(plan.stream, pin_memory=pin and not plan.stream.resident)
     # under DDP each rank evaluates every world_size-th context; the module adds the ranks' sums up
-    eval_part = Subset(data.held_out, range(plan.rank, len(data.held_out), plan.world_size))
-    return train_loader, DataLoader(eval_part, batch_size=plan.cfg.eval.batch_contexts, pin_memory=pin)
+    eval_loaders = [
+        DataLoader(Subset(held_out, range(plan.rank, len(held_out), plan.world_size)),
+                   batch_size=plan.cfg.eval.batch_contexts, pin_memory=pin)
+        for held_out in data.eval_sets.values()
+    ]
+    return train_loader, eval_loaders
 
 
-def fit(plan: TrainingPlan, module: SaeTrainingModule, train_loader: ResumableLoader, eval_loader: DataLoader) -> None:
+def fit(plan: TrainingPlan, module: SaeTrainingModule, train_loader: ResumableLoader, eval_loaders: list[DataLoader]) -> None:
     """Trains to the end (resuming from the plan's last checkpoint when there is a readable one) and
     checkpoints the whole state; a signal stops it with its checkpoint written."""
     resume_from = readable_checkpoint(plan.last)
@@ -276,7 +281,7 @@ def fit(plan: TrainingPlan, module: SaeTrainingModule, train_loader: ResumableLo
     trainer = plan.trainer
     # weights_only: a checkpoint holds tensors and plain values, so nothing in it needs unpickling
     trainer.fit(
-        module, train_dataloaders=train_loader, val_dataloaders=eval_loader, ckpt_path=str(resume_from) if resume_from else None, weights_only=True
+        module, train_dataloaders=train_loader, val_dataloaders=eval_loaders, ckpt_path=str(resume_from) if resume_from else None, weights_only=True
     )
     signum = plan.stop_on_signal.signum
     if signum == signal.SIGINT:
@@ -332,6 +337,7 @@ def log_final_metrics(member: Member, result: EvalResult, step: int) -> None:
     if member.cfg.target_l0 is not None:  # the objective of sweeps/bayes_l1_target_l0.yaml
         final["final/abs_l0_error"] = abs(result.metrics["l0"] - member.cfg.target_l0)
     member.logger.log_metrics(final, step=step)
+    member.logger.save()  # a file logger (CSV) writes what it holds only when saved, and training has ended
     if run := wandb_run(member.logger):
         run.summary.update(result.metrics)
         run.finish()

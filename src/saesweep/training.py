@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from saesweep.errors import CheckpointError, TrainingDivergedError
-from saesweep.metrics import EvalResult, MetricAccumulator
+from saesweep.metrics import HEADLINE_SET, EvalResult, MetricAccumulator
 from saesweep.readback import DeviceReadback
 from saesweep.sae import Sae
 from saesweep.step import (
@@ -76,6 +76,7 @@ class SaeTrainingModule(L.LightningModule):
         grad_clip_norm: float | None = None,
         lr_warmup_max_fraction: float = 0.25,
         batched: bool | None = None,
+        eval_set_names: Sequence[str] = (HEADLINE_SET,),
     ):
         super().__init__()
         if len(saes) != len(metric_prefixes):
@@ -118,6 +119,7 @@ class SaeTrainingModule(L.LightningModule):
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_evals: list[EvalResult] = []
+        self.eval_set_names = list(eval_set_names)  # of the validation dataloaders, in order: the headline first
         self._accumulators: list[MetricAccumulator] = []
         self._eval_saes: list[Sae] = []
 
@@ -372,17 +374,23 @@ class SaeTrainingModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._eval_saes = self.raw_saes()
-        self._accumulators = [MetricAccumulator(sae.d_in, sae.d_sae, self.device) for sae in self._eval_saes]
+        # per held-out set (validation dataloader, in eval_set_names' order), one accumulator per SAE
+        self._accumulators = [
+            [MetricAccumulator(sae.d_in, sae.d_sae, self.device) for sae in self._eval_saes] for _ in self.eval_set_names
+        ]
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        for sae, accumulator in zip(self._eval_saes, self._accumulators):
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        for sae, accumulator in zip(self._eval_saes, self._accumulators[dataloader_idx]):
             accumulator.update(sae, self.lm, self.hook_point, batch)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.world_size > 1:  # each rank evaluated its own part of the held-out set
-            for accumulator in self._accumulators:
+        if self.trainer.world_size > 1:  # each rank evaluated its own part of each held-out set
+            for accumulator in (a for per_set in self._accumulators for a in per_set):
                 accumulator.all_reduce()
-        self.last_evals = [accumulator.compute() for accumulator in self._accumulators]
+        per_set = [[accumulator.compute() for accumulator in accumulators] for accumulators in self._accumulators]
+        self.last_evals = [
+            EvalResult.of_sets(dict(zip(self.eval_set_names, results))) for results in zip(*per_set)
+        ]
         for prefix, result in zip(self.metric_prefixes, self.last_evals):
             self.log_dict({f"{prefix}eval/{k}": v for k, v in result.metrics.items()})
         self._accumulators, self._eval_saes = [], []

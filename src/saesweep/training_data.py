@@ -4,6 +4,8 @@ synthetic activations (data=synthetic)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,9 +16,9 @@ from omegaconf import DictConfig
 
 from saesweep.activations import harvest
 from saesweep.config import check_with_model
-from saesweep.data import ContextSource, context_source, dataset_description
+from saesweep.data import ContextSource, context_source, dataset_description, eval_set_description
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
-from saesweep.metrics import HeldOutSet
+from saesweep.metrics import HEADLINE_SET, HeldOutSet
 from saesweep.store import ActivationStore, StoreSpec, TokenFilter, default_store_dir, model_fingerprint
 from saesweep.synthetic import SYNTHETIC, is_synthetic, synthetic_data
 from saesweep.training import activation_scale
@@ -39,9 +41,14 @@ class TrainingData:
     d_saes: list[int]  # of each config, in order
     store: ActivationStore
     manifest: dict
-    held_out: HeldOutSet
+    eval_sets: dict[str, HeldOutSet]  # name → held-out set, the headline (HEADLINE_SET) first, then eval.sets
     sample: torch.Tensor
     scale: float
+
+    @property
+    def held_out(self) -> HeldOutSet:
+        """The headline held-out set: the training corpus's held-out documents."""
+        return self.eval_sets[HEADLINE_SET]
 
 
 def store_root(cfg: DictConfig) -> Path:
@@ -67,9 +74,11 @@ def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
     store = ActivationStore(store_root(cfg), store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
     store.check_room(d_in)
     manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
-    held_out = held_out_set(cfg, model, hook_point, store, contexts, cfg.eval.n_tokens)
+    eval_sets = {HEADLINE_SET: held_out_set(cfg, model, hook_point, store, contexts, cfg.eval.n_tokens)}
+    for name in cfg.eval.get("sets") or {}:
+        eval_sets[name] = extra_held_out_set(cfg, name, model, hook_point, store)
     sample = first_rows(store, manifest)
-    return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, held_out, sample, activation_scale(sample))
+    return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, eval_sets, sample, activation_scale(sample))
 
 
 def synthetic_training_data(cfgs: Sequence[DictConfig], device: torch.device) -> TrainingData:
@@ -80,8 +89,8 @@ def synthetic_training_data(cfgs: Sequence[DictConfig], device: torch.device) ->
     d_saes = [check_with_model(c, cfg.ctx_len, d_in) for c in cfgs]  # no model: no context length to exceed
     log.info("data=synthetic: no language model; ce_* and ppl_* are not measured (NaN)")
     sample = first_rows(synthetic.store, synthetic.manifest)
-    return TrainingData(None, device, SYNTHETIC, d_in, d_saes, synthetic.store, synthetic.manifest, synthetic.held_out,
-                        sample, activation_scale(sample))
+    return TrainingData(None, device, SYNTHETIC, d_in, d_saes, synthetic.store, synthetic.manifest,
+                        {HEADLINE_SET: synthetic.held_out}, sample, activation_scale(sample))
 
 
 def first_rows(store: ActivationStore, manifest: dict) -> torch.Tensor:
@@ -102,6 +111,25 @@ def held_out_set(
         return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
 
     return HeldOutSet.from_named_tensors(store.held_out(n_contexts, build))
+
+
+def extra_held_out_set(cfg: DictConfig, set_name: str, model, hook_point: str, store: ActivationStore) -> HeldOutSet:
+    """eval.n_tokens of the extra held-out set `eval.sets.<set_name>` (a corpus never trained on), kept in the
+    store like the headline set, under a key that changes with the corpus's description and file size."""
+    description = eval_set_description(cfg, set_name)
+    n_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
+    size = Path(description["path"]).stat().st_size if description["path"] else None
+    identity = json.dumps([description, size], sort_keys=True)
+    digest = hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()
+
+    def build() -> dict[str, torch.Tensor]:
+        contexts = context_source(description, model.tokenizer, cfg.ctx_len)
+        eval_contexts = contexts.held_out_contexts(n_contexts, f"eval.sets.{set_name}")
+        log.info("held-out set %s: %d contexts from %d documents", set_name, len(eval_contexts.tokens),
+                 eval_contexts.n_documents)
+        return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
+
+    return HeldOutSet.from_named_tensors(store.held_out(n_contexts, build, set_key=f"{set_name}-{digest}"))
 
 
 def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:

@@ -223,13 +223,17 @@ def console_table(rows: list[SummaryRow], found_threshold: float) -> str:
     seeds = any(row.other_seed_run for row in rows)
     sizes = any(row.next_larger_run for row in rows)
     where = "in the next larger, same seed" if sizes else "in the largest"
-    header = ["run", "architecture", "d_sae", "L0", "FVU", "ce_recovered", f"found again {where} (MCS ≥ {found_threshold:g})"]
+    extra_sets = extra_eval_sets(rows)
+    header = ["run", "architecture", "d_sae", "L0", "FVU", "ce_recovered",
+              *(f"{column} ({name})" for name in extra_sets for column in ("FVU", "ce_recovered")),
+              f"found again {where} (MCS ≥ {found_threshold:g})"]
     if seeds:
         header.append("by the other seed")
     table = [header]
     for row in rows:
         if row.status != "ok":
-            table.append([row.run, "failed", "", "", "", "", str(row.failure)[:60]] + [""] * seeds)
+            table.append([row.run, "failed", "", "", "", "", *[""] * (2 * len(extra_sets)), str(row.failure)[:60]]
+                         + [""] * seeds)
             continue
         d_sae = row.setting["d_sae"]
         if sizes:
@@ -243,7 +247,8 @@ def console_table(rows: list[SummaryRow], found_threshold: float) -> str:
             again = (f"{share(found, d_sae, row.matched_with_largest)}; chance "
                      f"{row.baseline_found_in_largest} in {row.largest_in_group}")
         line = [row.run, str(row.setting["architecture"]), str(d_sae), number(row, "l0", 1),
-                number(row, "fvu", 4), number(row, "ce_recovered", 4), again]
+                number(row, "fvu", 4), number(row, "ce_recovered", 4),
+                *(number(row, f"{name}/{key}", 4) for name in extra_sets for key in ("fvu", "ce_recovered")), again]
         if seeds:
             found = row.found_by_other_seed
             line.append("-" if found is None else (
@@ -257,6 +262,11 @@ def console_table(rows: list[SummaryRow], found_threshold: float) -> str:
         lines.append(f"features found again in a larger dictionary of the same seed (MCS ≥ {found_threshold:g}), "
                      f"all runs: {total} (chance {chance})")
     return "\n".join(lines)
+
+
+def extra_eval_sets(rows: list[SummaryRow]) -> list[str]:
+    """The names of the extra held-out sets (eval.sets) the runs were measured on, from their `<set>/fvu` metrics."""
+    return list(dict.fromkeys(key.split("/")[0] for row in rows for key in row.metrics if key.endswith("/fvu")))
 
 
 def write_summary_csv(path: Path, rows: list[SummaryRow]) -> None:

@@ -209,23 +209,28 @@ class ActivationStore:
         manifest["d_in"] = shard.shape[1]
         atomic_write_json(self.path / MANIFEST, manifest)
 
-    def held_out(self, n_contexts: int, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def held_out(
+        self, n_contexts: int, build: Callable[[], dict[str, torch.Tensor]], set_key: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The tensors of the first `n_contexts` held-out contexts (see ContextSource.held_out_contexts),
-        made once by `build` and kept beside the shards: every job of a sweep reads them."""
-        if (tensors := self._read_held_out(n_contexts)) is not None:
+        made once by `build` and kept beside the shards: every job of a sweep reads them. `set_key`: an
+        extra held-out set's (eval.sets; a name and a digest of its corpus), None for the training corpus's."""
+        entry_key = str(n_contexts) if set_key is None else f"{set_key}/{n_contexts}"
+        if (tensors := self._read_held_out(entry_key)) is not None:
             return tensors
         with self._lock("given its held-out set"):
-            if (tensors := self._read_held_out(n_contexts)) is not None:  # another job built it while we waited
+            if (tensors := self._read_held_out(entry_key)) is not None:  # another job built it while we waited
                 return tensors
             tensors = build()
-            entry = {**write_file(self.path, f"held_out_{n_contexts}.safetensors", tensors), "tensors": sorted(tensors)}
+            file_name = f"held_out_{entry_key.replace('/', '_')}.safetensors"
+            entry = {**write_file(self.path, file_name, tensors), "tensors": sorted(tensors)}
             manifest = self.manifest()
-            manifest["held_out"] = {**manifest.get("held_out", {}), str(n_contexts): entry}
+            manifest["held_out"] = {**manifest.get("held_out", {}), entry_key: entry}
             atomic_write_json(self.path / MANIFEST, manifest)
         return tensors
 
-    def _read_held_out(self, n_contexts: int) -> dict[str, torch.Tensor] | None:
-        entry = self.manifest().get("held_out", {}).get(str(n_contexts))
+    def _read_held_out(self, entry_key: str) -> dict[str, torch.Tensor] | None:
+        entry = self.manifest().get("held_out", {}).get(entry_key)
         if not entry:
             return None
         try:
