@@ -111,5 +111,6 @@ def test_the_shipped_out_of_distribution_set_resolves_and_reads(tmp_path, tiny_m
     cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "eval_sets=other_sources")
     description = eval_set_description(cfg, "other_sources")
     assert Path(description["path"]).name == "other_sources.jsonl.gz" and description["heldout_fraction"] == 1.0
-    lines = [json.loads(line) for line in gzip.open(description["path"], "rt")]
+    with gzip.open(description["path"], "rt") as f:
+        lines = [json.loads(line) for line in f]
     assert len(lines) == 998 and {d["meta"]["source"] for d in lines} == {"sotu", "kjv"}
