@@ -23,6 +23,7 @@ import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from machine import describe_machine  # benchmarks/machine.py
 
+from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae, Sae, TopKSae
 from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, write_store
 from saesweep.training import SaeTrainingModule
@@ -107,8 +108,8 @@ def saesweep_lightning(
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=device_buffer, device=DEVICE)
     saes = saes or [ReluSae(d_in, d_sae, l1_coef=2.0)]
     module = SaeTrainingModule(
-        saes, metric_prefixes=[""] if len(saes) == 1 else [f"d{i}/" for i in range(len(saes))], act_scale=1.0, lr=1e-3,
-        adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=len(stream),
+        saes, metric_prefixes=[""] if len(saes) == 1 else [f"d{i}/" for i in range(len(saes))], act_scale=1.0,
+        recipes=[Recipe(1e-3, 1, 0.0, None)] * len(saes), adam_betas=(0.9, 0.999), total_steps=len(stream),
         max_bad_steps=10, model=None, hook_point="", resume_key={}, compile=compile,
     )
     timer = _StepTimer(warmup=3)

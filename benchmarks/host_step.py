@@ -33,6 +33,7 @@ from bench_train import bare_loop  # benchmarks/bench_train.py
 from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.dispatch import SYNC_OPS, OpCounter
+from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae
 from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
 from saesweep.training import SaeTrainingModule
@@ -73,7 +74,7 @@ def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted:
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True)
     module = SaeTrainingModule(
         [ReluSae(d_in, d_sae, l1_coef=2.0 + 0.25 * i) for i in range(n_saes)], metric_prefixes=[f"d{i}/" for i in range(n_saes)] if n_saes > 1 else [""],
-        act_scale=1.0, lr=1e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1, lr_decay_fraction=0.0,
+        act_scale=1.0, recipes=[Recipe(1e-3, 1, 0.0, None)] * n_saes, adam_betas=(0.9, 0.999),
         total_steps=len(stream), max_bad_steps=10, model=None, hook_point="", resume_key={}, batched=batched,
     )
     probe = StepProbe(warmup=5, counted=counted)

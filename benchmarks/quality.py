@@ -14,8 +14,10 @@ grid is one setting per architecture at dict_ratio 4.
 
     python benchmarks/quality.py [--n-tokens 2000000] [--ratios 4] [--grid default|full]
                                  [--architectures relu_l1,topk] [--saelens-ratios 4,8 | none]
-                                 [--dead-tokens 250000]
+                                 [--dead-tokens 250000] [--eval-sets other_sources] [--plain-baseline]
 
+`--eval-sets other_sources` measures every row on that held-out set too (conf/eval_sets/); `--plain-baseline`
+adds the plain TopK recipe of Gao et al. (benchmarks/plain_topk.py, not saesweep's trainer) at each ratio.
 `--dead-tokens N` also counts each dictionary's dead fraction on a larger sample of N tokens from the same
 held-out documents: a latent that fires once in 100k tokens is silent on the run's 25k, and the larger
 sample tells rare latents from dead ones.
@@ -33,12 +35,13 @@ import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from hydra import compose, initialize_config_dir
 from machine import describe_machine  # benchmarks/machine.py
+from plain_topk import train_plain_topk  # benchmarks/plain_topk.py
 
 from saesweep import load_sae
 from saesweep.data import context_source
-from saesweep.metrics import evaluate
+from saesweep.metrics import HEADLINE_SET, evaluate, set_metric
+from saesweep.recipe import Recipe
 from saesweep.run_description import sae_hyperparameters
-from saesweep.step import warmup_steps
 from saesweep.store import StoreStream
 from saesweep.train import total_steps, train_ensemble
 from saesweep.training_data import TrainingData, held_out_set, training_data
@@ -71,11 +74,16 @@ def main() -> None:
     parser.add_argument("--architectures", default=None,
                         help="comma-separated architectures of the grid to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every setting (repeatable), e.g. train.grad_clip_norm=1")
+                        help="a config override for every setting (repeatable), e.g. sae.recipe.grad_clip_norm=1")
     parser.add_argument("--saelens-ratios", default=None,
                         help="dict_ratios SAELens trains too (default: all of --ratios; 'none': no SAELens)")
     parser.add_argument("--dead-tokens", type=int, default=None,
                         help="also count the dead fraction on this many held-out tokens (e.g. 250000)")
+    parser.add_argument("--eval-sets", default=None,
+                        help="extra held-out sets (conf/eval_sets/), e.g. other_sources: every row on each set too")
+    parser.add_argument("--plain-baseline", action="store_true",
+                        help="also train the plain TopK recipe of Gao et al. (benchmarks/plain_topk.py) at each ratio, "
+                             "k 32, on the same activations")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_quality"))
     args = parser.parse_args()
     print(describe_machine(), flush=True)
@@ -89,6 +97,7 @@ def main() -> None:
     base = [
         f"model.path={REFERENCE / 'model'}", "data=jsonl", f"data.path={REFERENCE / 'corpus' / 'train.jsonl.gz'}",
         f"n_tokens={args.n_tokens}", "logger=none", "trainer.enable_progress_bar=false", "eval.every_n_steps=100000", *args.set,
+        *([f"eval_sets={args.eval_sets}"] if args.eval_sets else []),
     ]
     labels, cfgs, run_dirs = [], [], []
     out = Path(args.out) / f"{args.n_tokens}"
@@ -102,18 +111,32 @@ def main() -> None:
     started = time.monotonic()
     results = train_ensemble(cfgs, run_dirs, out, data=data)
     print(f"{len(cfgs)} dictionaries on {args.n_tokens} tokens in one pass: {time.monotonic() - started:.0f} s")
-    print(f"{'setting':<30} {'L0':>14} {'FVU':>17} {'ce_recovered':>17} {'dead':>6}")
-    fields, metrics = [], {}
+    metrics = {label: result.metrics for label, result in zip(labels, results) if not isinstance(result, Exception)}
     for label, result in zip(labels, results):
         if isinstance(result, Exception):
             print(f"{label:<30} failed: {result}")
-            continue
-        metrics[label] = m = result.metrics
-        print(f"{label:<30} {_cells(m)}")
-        fields.append(_fields(label, m))
-    print(flush=True)
+    saes = {label: load_sae(run_dir) for label, run_dir in zip(labels, run_dirs) if label in metrics}
+    if args.plain_baseline:
+        for ratio in sorted({c.dict_ratio for c in cfgs}):
+            label = f"plain topk k=32 ×{ratio:g}"
+            started = time.monotonic()
+            saes[label] = plain_baseline(cfgs[0], data, int(ratio * data.d_in))
+            metrics[label] = {set_metric(name, k): v for name, held_out in data.eval_sets.items()
+                              for k, v in evaluate(saes[label], data.model, data.hook_point, held_out,
+                                                   cfgs[0].eval.batch_contexts).metrics.items()}
+            print(f"{label}: trained and evaluated in {time.monotonic() - started:.0f} s", flush=True)
+    fields = []
+    for set_name in data.eval_sets:
+        print(f"held-out set: {set_name}")
+        print(f"{'setting':<30} {'L0':>14} {'FVU':>17} {'ce_recovered':>17} {'dead':>6}")
+        prefix = "" if set_name == HEADLINE_SET else f"{set_name}_"
+        for label, m in metrics.items():
+            on_set = {k: m[set_metric(set_name, k)] for k in _COLUMNS}
+            print(f"{label:<30} {_cells(on_set)}")
+            fields.append(_fields(label, on_set, prefix))
+        print(flush=True)
     if args.dead_tokens:
-        fields += wide_dead_fields(cfgs[0], data, args.dead_tokens, labels, run_dirs, metrics)
+        fields += wide_dead_fields(cfgs[0], data, args.dead_tokens, saes)
 
     saelens_ratios = args.ratios if args.saelens_ratios is None else args.saelens_ratios
     if not saelens_contender.available():
@@ -122,6 +145,18 @@ def main() -> None:
         chosen = [i for i, c in enumerate(cfgs) if f"{c.dict_ratio:g}" in saelens_ratios.split(",")]
         fields += saelens_rows([cfgs[i] for i in chosen], [labels[i] for i in chosen], metrics, data, out / "saelens")
     print("RESULT " + " ".join(fields))
+
+
+_COLUMNS = ("l0", "l0_se", "fvu", "fvu_se", "ce_recovered", "ce_recovered_se", "dead_fraction")
+
+
+def plain_baseline(cfg, data: TrainingData, d_sae: int):
+    """The plain TopK recipe (benchmarks/plain_topk.py) on the stream saesweep trained on (same store, seed,
+    batch and normalisation), as saesweep's TopKSae on raw activations."""
+    stream = StoreStream(data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed)
+    batches = (b.to(data.device, torch.float32) / data.scale for b in stream)
+    sae = train_plain_topk(batches, data.d_in, d_sae, 32, data.sample / data.scale, seed=cfg.seed)
+    return sae.as_saesweep(data.scale)
 
 
 def _cells(m: dict) -> str:
@@ -165,19 +200,15 @@ def matched_ce_recovered(l0: float, curve: list[tuple[float, float]]) -> float |
     return None
 
 
-def wide_dead_fields(
-    cfg, data: TrainingData, n_tokens: int, labels: list[str], run_dirs: list[Path], ours: dict[str, dict]
-) -> list[str]:
-    """Each trained dictionary's dead fraction on `n_tokens` held-out tokens (through the LM already
-    loaded); prints a row each and returns the RESULT fields (`<setting>_dead_<n>k`)."""
+def wide_dead_fields(cfg, data: TrainingData, n_tokens: int, saes: dict) -> list[str]:
+    """Each trained dictionary's dead fraction on `n_tokens` held-out tokens of the training corpus (through
+    the LM already loaded); prints a row each and returns the RESULT fields (`<setting>_dead_<n>k`)."""
     contexts = context_source(cfg.data, data.model.tokenizer, cfg.ctx_len)
     wide = held_out_set(cfg, data.model, data.hook_point, data.store, contexts, n_tokens)
     print(f"{'setting':<30} {'dead on ' + str(n_tokens) + ' held-out tokens':>34}")
     fields = []
-    for label, run_dir in zip(labels, run_dirs):
-        if label not in ours:
-            continue
-        m = evaluate(load_sae(run_dir), data.model, data.hook_point, wide, cfg.eval.batch_contexts).metrics
+    for label, sae in saes.items():
+        m = evaluate(sae, data.model, data.hook_point, wide, cfg.eval.batch_contexts).metrics
         print(f"{label:<30} {m['dead_fraction']:>34.4f}", flush=True)
         fields.append(f"{_key(label)}_dead_{n_tokens // 1000}k={m['dead_fraction']:.4f}")
     print(flush=True)
@@ -203,10 +234,11 @@ def saelens_rows(cfgs: list, labels: list[str], ours: dict[str, dict], data: Tra
         # the stream repeated: SAELens's loop may ask past the steps it was given
         batches = (b.to(data.device, torch.float32) / data.scale for _ in itertools.count() for b in stream)
         directory = out / _key(label)
-        warmup = warmup_steps(c.train.lr_warmup_steps, steps, c.train.lr_warmup_max_fraction)
+        recipe = Recipe.from_config(c.sae.recipe)  # SAELens's trainer on the same schedule
         seconds = saelens_contender.train_saelens_architecture(
             c.sae.architecture, sae_hyperparameters(c), data.d_in, int(c.dict_ratio * data.d_in), batches, steps,
-            c.train.batch_size, c.train.lr, warmup, int(steps * c.train.lr_decay_fraction), directory,
+            c.train.batch_size, recipe.lr, recipe.warmup_steps(steps, c.train.lr_warmup_max_fraction),
+            int(steps * recipe.lr_decay_fraction), directory,
         )
         sae = load_sae(directory).rescaled(data.scale)  # trained on x / scale, judged on raw activations
         m = evaluate(sae, data.model, data.hook_point, data.held_out, c.eval.batch_contexts).metrics

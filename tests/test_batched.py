@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from saesweep.dispatch import OpCounter
+from saesweep.recipe import Recipe
 from saesweep.sae import ARCHITECTURES, GatedSae, ReluSae, TopKSae
 from saesweep.training import SaeTrainingModule
 
@@ -39,9 +40,9 @@ def make_saes(architecture: str) -> list:
 
 def ensemble(saes: list, batched: bool) -> SaeTrainingModule:
     return SaeTrainingModule(
-        saes, metric_prefixes=[f"m{i}/" for i in range(len(saes))], act_scale=1.0, lr=3e-3, adam_betas=(0.9, 0.999),
-        lr_warmup_steps=5, lr_decay_fraction=0.2, total_steps=STEPS, max_bad_steps=3, model=None, hook_point="h",
-        resume_key={}, dead_window_tokens=2 * BATCH, grad_clip_norm=1.0, batched=batched,
+        saes, metric_prefixes=[f"m{i}/" for i in range(len(saes))], act_scale=1.0,
+        recipes=[Recipe(3e-3, 5, 0.2, 1.0)] * len(saes), adam_betas=(0.9, 0.999), total_steps=STEPS, max_bad_steps=3, model=None, hook_point="h",
+        resume_key={}, dead_window_tokens=2 * BATCH, batched=batched,
     )
 
 

@@ -56,7 +56,7 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, corpus_path):
         "k_too_large": (["sae=topk", "sae.k=1000"], "sae.k=1000 exceeds d_sae=64"),
         "foreign_key": (["+sae.k=3"], "sae.k=3 is not a key of sae=relu_l1; its keys: encoder_init_norm, l1_coef, resample_every_tokens"),
         "encoder_init": (["sae.encoder_init_norm=0"], "sae.encoder_init_norm=0 must be > 0"),
-        "grad_clip": (["train.grad_clip_norm=0"], "train.grad_clip_norm=0 must be > 0, or null for no clipping"),
+        "grad_clip": (["sae.recipe.grad_clip_norm=0"], "sae.recipe.grad_clip_norm=0 is not allowed: the dictionary's gradient clipped to this norm before Adam (> 0), or null for none"),
         "txt_bytes": ([f"data.path={latin1}"], f"{latin1}: line 3, byte offset 22: b'\\xff he' is not UTF-8 text"),
         "seed_fraction": (["seed=1.5"], "seed=1.5 is not an integer"),
         "groups": (["sae=matryoshka_batchtopk", "sae.group_sizes=[8,8,8]"],

@@ -172,7 +172,7 @@ def test_the_saelens_table_names_saesweeps_real_config_keys():
         cfg = compose("config", overrides=["sae=jumprelu"])
         topk = compose("config", overrides=["sae=topk"])
     missing = [k for k in sorted(keys) if OmegaConf.select(cfg, k, default="∅") == "∅" and OmegaConf.select(topk, k, default="∅") == "∅"]
-    assert not missing and {"dict_ratio", "l1_coef", "hook_point", "ctx_len", "n_tokens", "train.lr"} <= keys, missing
+    assert not missing and {"dict_ratio", "l1_coef", "hook_point", "ctx_len", "n_tokens", "sae.recipe.lr"} <= keys, missing
 
 
 def test_the_saelens_section_names_real_cfg_json_fields():

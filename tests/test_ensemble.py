@@ -50,12 +50,14 @@ def test_an_ensemble_trains_each_dictionary_as_a_lone_job_would(tmp_path, tiny_m
 def test_ensemble_members_may_differ_only_in_their_dictionary(tmp_path, tiny_model_dir, corpus_path):
     base = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=1")
     check_ensemble([base, tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=4", "l1_coef=0.5")])
-    other_lr = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=2", "train.lr=0.01")
-    with pytest.raises(ConfigError, match=r"also differ in: train\.lr\b"):
-        check_ensemble([base, other_lr])
+    # the recipe is the dictionary's own (sae.recipe): members may train at their own learning rates
+    check_ensemble([base, tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "sae.recipe.lr=0.01")])
+    other_batch = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=2", "train.batch_size=128")
+    with pytest.raises(ConfigError, match=r"also differ in: train\.batch_size\b"):
+        check_ensemble([base, other_batch])
     # a sweep's jobs go into one ensemble per setting of the other keys, in order of first appearance
     other_seed = tiny_cfg(tiny_model_dir, corpus_path, tmp_path, "dict_ratio=2", "seed=1")
-    assert ensemble_groups([base, other_lr, other_seed, base, other_seed]) == [[0, 3], [1], [2, 4]]
+    assert ensemble_groups([base, other_batch, other_seed, base, other_seed]) == [[0, 3], [1], [2, 4]]
 
 
 def test_train_ensemble_true_on_the_command_line_trains_the_sweep_in_one_pass(tmp_path, tiny_model_dir, corpus_path):
@@ -132,15 +134,19 @@ def test_a_member_that_diverges_leaves_the_ensemble_and_the_others_finish(tmp_pa
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("saes.0."))
 
 
-def test_an_ensemble_of_different_architectures_trains_each_as_a_lone_job_would(tmp_path, tiny_model_dir, corpus_path):
+def test_an_ensemble_of_different_architectures_and_recipes_trains_each_as_a_lone_job_would(
+    tmp_path, tiny_model_dir, corpus_path
+):
     store = tmp_path / "store"
     cfgs = [
-        # a clip small enough to act on every step: it must act on each member alone
-        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=topk", "sae.k=8", "train.grad_clip_norm=0.1"),
+        # a clip small enough to act on every step: it must act on each member alone; each member has its
+        # own learning rate, schedule and clip (its sae.recipe)
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=topk", "sae.k=8", "sae.recipe.grad_clip_norm=0.1",
+                 "sae.recipe.lr=0.01", "sae.recipe.lr_warmup_steps=0"),
         tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=jumprelu", "dict_ratio=1",
-                 "train.grad_clip_norm=0.1"),
+                 "sae.recipe.grad_clip_norm=null", "sae.recipe.lr_decay_fraction=0.5"),
         tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "sae=batchtopk", "sae.k=4",
-                 "train.grad_clip_norm=0.1"),
+                 "sae.recipe.grad_clip_norm=0.1"),
     ]
     together = train_ensemble(cfgs, [tmp_path / "ensemble" / str(i) for i in range(3)], tmp_path / "ensemble")
     for i, cfg in enumerate(cfgs):

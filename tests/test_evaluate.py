@@ -361,11 +361,15 @@ def test_pareto_plot_draws_error_bars_and_marks_architectures(tmp_path):
 def test_summary_has_a_column_for_every_architecture_key(tmp_path):
     torch.manual_seed(0)
     make_run(tmp_path / "sweep" / "0", torch.randn(32, 16), sae_keys={"architecture": "relu_l1", "l1_coef": 2.0})
-    make_run(tmp_path / "sweep" / "1", torch.randn(64, 16), sae_keys={"architecture": "topk", "k": 8, "aux_coef": 0.03})
+    recipe = {"lr": 2e-3, "lr_warmup_steps": 0, "lr_decay_fraction": 0.0, "grad_clip_norm": None}
+    make_run(tmp_path / "sweep" / "1", torch.randn(64, 16),
+             sae_keys={"architecture": "topk", "k": 8, "aux_coef": 0.03, "recipe": recipe})
     evaluation = evaluate_sweep(tmp_path / "sweep", wandb_settings=WandbSettings(mode="disabled"))
     rows = read_summary(tmp_path / "sweep" / "evaluation")
     assert (rows["0"]["architecture"], rows["0"]["sae.l1_coef"], rows["0"]["sae.k"]) == ("relu_l1", "2.0", "")
     assert (rows["1"]["architecture"], rows["1"]["sae.k"], rows["1"]["sae.aux_coef"]) == ("topk", "8", "0.03")
+    # the recipe's keys in their own columns, empty for a run that records none
+    assert (rows["1"]["sae.recipe.lr"], rows["1"]["sae.recipe.lr_warmup_steps"], rows["0"]["sae.recipe.lr"]) == ("0.002", "0", "")
     # each architecture's own sparsity knob, in one pair of columns
     assert [(rows[r]["sparsity_knob"], rows[r]["sparsity"]) for r in "01"] == [("l1_coef", "2.0"), ("k", "8")]
     table = console_table(evaluation.summary, 0.9).splitlines()

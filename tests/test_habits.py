@@ -81,7 +81,7 @@ def test_wandb_run_names_say_the_setting(overrides, name):
 
 def test_the_learning_rate_is_logged_every_logged_step(tmp_path, tiny_model_dir, corpus_path):
     cfg = tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=csv", "trainer.log_every_n_steps=1",
-                   "train.lr=0.001", "train.lr_warmup_steps=4")
+                   "sae.recipe.lr=0.001", "sae.recipe.lr_warmup_steps=4")
     train(cfg, tmp_path / "run")
     (metrics_csv,) = (tmp_path / "run").glob("**/metrics.csv")
     lrs = [float(row["train/lr"]) for row in csv.DictReader(metrics_csv.open()) if row.get("train/lr")]

@@ -59,7 +59,8 @@ def plugin(tmp_path):
         "[saesweep.architectures]\nsqrt_penalty = sqrt_penalty_sae\n")
     (tmp_path / "conf" / "sae").mkdir(parents=True)
     (tmp_path / "conf" / "sae" / "sqrt_penalty.yaml").write_text(
-        "architecture: sqrt_penalty\nsqrt_coef: 0.5\ntarget_l0: null\n")
+        "architecture: sqrt_penalty\nsqrt_coef: 0.5\ntarget_l0: null\n"
+        "recipe: {lr: 3e-3, lr_warmup_steps: 100, lr_decay_fraction: 0.2, grad_clip_norm: 1.0}\n")
     return site, tmp_path / "conf"
 
 

@@ -35,7 +35,8 @@ any_value = st.one_of(
 CHECKED_KEYS = [
     "dict_ratio", "l1_coef", "ctx_len", "n_tokens", "eval.n_tokens", "train.batch_size", "eval.batch_contexts",
     "harvest_batch_contexts", "train.checkpoint_every_n_steps", "train.max_bad_steps", "sae.architecture",
-    "train.lr", "train.lr_warmup_steps", "train.lr_warmup_max_fraction", "train.lr_decay_fraction",
+    "sae.recipe.lr", "sae.recipe.lr_warmup_steps", "train.lr_warmup_max_fraction", "sae.recipe.lr_decay_fraction",
+    "sae.recipe.grad_clip_norm",
 ]
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from saesweep.recipe import Recipe
 from saesweep.sae import (
     ARCHITECTURES,
     JumpReluSae,
@@ -20,39 +21,46 @@ def test_decoder_rows_start_unit_norm_and_encoder_is_their_scaled_transpose():
 
 
 def test_gradient_clipping_is_per_dictionary():
-    """Each SAE's gradient is clipped to train.grad_clip_norm on its own: a member with a large gradient
-    does not shrink another's step, as one norm over the whole ensemble would."""
+    """Each SAE's gradient is clipped to its own sae.recipe.grad_clip_norm on its own: a member with a large
+    gradient does not shrink another's step, as one norm over the whole ensemble would, and a member
+    without a clip keeps its gradient whole."""
     from saesweep.training import SaeTrainingModule
 
-    saes = [ReluSae(4, 8), ReluSae(4, 8)]
+    saes = [ReluSae(4, 8) for _ in range(4)]
+    clips = (1.0, 1.0, 0.05, None)
     module = SaeTrainingModule(
-        saes, metric_prefixes=["a/", "b/"], act_scale=1.0, lr=1e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=1,
-        lr_decay_fraction=0.0, total_steps=1, max_bad_steps=1, model=None, hook_point="h", resume_key={},
-        grad_clip_norm=1.0,
+        saes, metric_prefixes=["a/", "b/", "c/", "d/"], act_scale=1.0,
+        recipes=[Recipe(1e-3, 1, 0.0, clip) for clip in clips], adam_betas=(0.9, 0.999),
+        total_steps=1, max_bad_steps=1, model=None, hook_point="h", resume_key={},
     )
-    for sae, size in zip(saes, (10.0, 0.1)):
+    for sae, size in zip(saes, (10.0, 0.1, 0.1, 10.0)):
         for name, parameter in sae.named_parameters():  # W_dec's gradient 0: its projection leaves it so
             parameter.grad = torch.zeros_like(parameter) if name == "W_dec" else torch.full_like(parameter, size)
-    small = {name: p.grad.clone() for name, p in saes[1].named_parameters()}
+    before = [{name: p.grad.clone() for name, p in sae.named_parameters()} for sae in saes]
     module.on_before_optimizer_step(None)
-    large_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in saes[0].parameters()]))
-    assert large_norm.item() == pytest.approx(1.0, rel=1e-5)
-    for name, parameter in saes[1].named_parameters():  # norm 0.1·√44 ≈ 0.66 < 1: untouched
-        torch.testing.assert_close(parameter.grad, small[name], rtol=0, atol=0)
+
+    def norm(sae):
+        return torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in sae.parameters()])).item()
+
+    assert norm(saes[0]) == pytest.approx(1.0, rel=1e-5)
+    assert norm(saes[2]) == pytest.approx(0.05, rel=1e-4)  # 0.1·√44 ≈ 0.66 clipped to its own 0.05
+    for i in (1, 3):  # b: norm 0.66 < 1, untouched; d: no clip, its norm 66 untouched
+        for name, parameter in saes[i].named_parameters():
+            torch.testing.assert_close(parameter.grad, before[i][name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("total, asked, max_fraction, warmup", [
-    (2000, 500, 0.25, 500), (1953, 500, 0.25, 488), (40, 500, 0.25, 10), (1953, 1000, 0.5, 976), (1953, 0, 0.25, 1),
+    (2000, 500, 0.25, 500), (1953, 500, 0.25, 488), (40, 500, 0.25, 10), (1953, 1000, 0.5, 976), (1953, 1, 0.25, 1),
 ])
 def test_learning_rate_warms_up_over_at_most_a_share_of_the_run_then_decays_to_zero(total, asked, max_fraction, warmup):
-    """train.lr_warmup_steps=500 (the default): a run of 2000 steps warms up over 500; a shorter one over a
+    """sae.recipe.lr_warmup_steps=500: a run of 2000 steps warms up over 500; a shorter one over a
     quarter of its steps (train.lr_warmup_max_fraction), so it still reaches its full learning rate; the last
     20 % decay linearly to zero."""
     from saesweep.training import SaeTrainingModule
 
     module = SaeTrainingModule(
-        [ReluSae(4, 8)], metric_prefixes=[""], act_scale=1.0, lr=3e-3, adam_betas=(0.9, 0.999), lr_warmup_steps=asked,
-        lr_decay_fraction=0.2, total_steps=total, max_bad_steps=1, model=None, hook_point="h", resume_key={},
+        [ReluSae(4, 8)], metric_prefixes=[""], act_scale=1.0, recipes=[Recipe(3e-3, asked, 0.2, None)],
+        adam_betas=(0.9, 0.999), total_steps=total, max_bad_steps=1, model=None, hook_point="h", resume_key={},
         lr_warmup_max_fraction=max_fraction,
     )
     factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
@@ -63,6 +71,24 @@ def test_learning_rate_warms_up_over_at_most_a_share_of_the_run_then_decays_to_z
     assert factor(decay_start - 1) == 1.0
     assert factor(decay_start + (total - decay_start) // 2) == pytest.approx(0.5, abs=1 / (total - decay_start))
     assert factor(total) == 0.0
+
+
+def test_each_member_follows_its_own_schedule():
+    """Members of one ensemble with other recipes: each parameter group gets its own learning rate and
+    schedule (no warm-up: the full rate from the first step; no decay: to the end)."""
+    from saesweep.training import SaeTrainingModule
+
+    module = SaeTrainingModule(
+        [ReluSae(4, 8), ReluSae(4, 8)], metric_prefixes=["a/", "b/"], act_scale=1.0,
+        recipes=[Recipe(3e-3, 500, 0.2, 1.0), Recipe(2e-3, 0, 0.0, None)], adam_betas=(0.9, 0.999),
+        total_steps=2000, max_bad_steps=1, model=None, hook_point="h", resume_key={},
+    )
+    configured = module.configure_optimizers()
+    scheduler, optimizer = configured["lr_scheduler"]["scheduler"], configured["optimizer"]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3e-3 / 500, 2e-3])
+    first, second = scheduler.lr_lambdas
+    assert (first(250), second(0), second(1999)) == (pytest.approx(251 / 500), 1.0, 1.0)
+    assert first(1999) == pytest.approx(1 / 400)
 
 
 def test_forward_is_relu_of_centred_input_then_linear_decode():

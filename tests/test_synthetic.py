@@ -145,7 +145,7 @@ def test_training_on_synthetic_activations_recovers_the_true_features(tmp_path):
     from saesweep.train import train
 
     cfg = synthetic_cfg(tmp_path / "store", "n_tokens=60000", "l1_coef=1", "trainer.max_epochs=3",
-                        "train.lr_warmup_steps=20")
+                        "sae.recipe.lr_warmup_steps=20")
     result = train(cfg, tmp_path / "run")
     cfg_json = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert cfg_json["hook_point"] == "synthetic" and cfg_json["model_name"] is None
@@ -166,7 +166,7 @@ def test_the_evaluator_judges_synthetic_runs_against_their_truth(tmp_path):
     sweep = tmp_path / "sweep"
     for job, (seed, ratio) in enumerate([(0, 4), (1, 4), (0, 8)]):
         cfg = synthetic_cfg(tmp_path / "store", "n_tokens=60000", "l1_coef=1", "trainer.max_epochs=3",
-                            "train.lr_warmup_steps=20", f"seed={seed}", f"dict_ratio={ratio}")
+                            "sae.recipe.lr_warmup_steps=20", f"seed={seed}", f"dict_ratio={ratio}")
         train(cfg, sweep / str(job), sweep)
     evaluate_sweep(sweep, wandb_settings=WandbSettings(mode="disabled"))
     report = json.loads((sweep / "evaluation" / "ground_truth.json").read_text())

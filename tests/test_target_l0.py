@@ -14,7 +14,7 @@ from test_train import tiny_cfg
 def test_the_coefficient_is_steered_to_the_target_then_frozen_and_recorded(tmp_path, architecture):
     """On synthetic activations (48 true features, 4 per token), l1_coef 1 gives L0 ≈ 9 (ReLU) or 8
     (gated); sae.target_l0=3 ends within 15 % of 3 on held-out tokens."""
-    cfg = synthetic_cfg(tmp_path / "store", "n_tokens=60000", "trainer.max_epochs=3", "train.lr_warmup_steps=20",
+    cfg = synthetic_cfg(tmp_path / "store", "n_tokens=60000", "trainer.max_epochs=3", "sae.recipe.lr_warmup_steps=20",
                         f"sae={architecture}", "l1_coef=1", "sae.target_l0=3")
     result = train(cfg, tmp_path / "run")
     recorded = json.loads((tmp_path / "run" / "cfg.json").read_text())

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import REFERENCE_CORPUS, REFERENCE_MODEL, REPO, requires_reference
 from saesweep import load_sae
 from saesweep.errors import ConfigError
+from saesweep.recipe import Recipe
 from saesweep.train import train
 
 METRIC_KEYS = {
@@ -68,7 +70,7 @@ def test_training_beats_the_initial_dictionary(tmp_path, tiny_model_dir, corpus_
     store = tmp_path / "store"
     trained = train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none"), tmp_path / "trained").metrics
     barely = train(
-        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "n_tokens=256", "train.lr=1e-9"), tmp_path / "init"
+        tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", "n_tokens=256", "sae.recipe.lr=1e-9"), tmp_path / "init"
     ).metrics
     # seen: 0.49 against 0.82 (relu_l1's 0.1 encoder start trains sparser on this random model: L0 16)
     assert trained["fvu"] < 0.65 * barely["fvu"]
@@ -106,12 +108,14 @@ def test_resident_and_streamed_activations_train_the_same_dictionary(tmp_path, t
         ("hook=resid_mid_typo", "is not a hook of this model"),
         ("layer=7", "layer 7 .* out of range"),
         ("train.max_bad_steps=0", "train.max_bad_steps=0 must be a positive integer"),
-        ("train.lr=0", "train.lr=0 must be > 0"),
-        ("train.lr_warmup_steps=-1", "train.lr_warmup_steps=-1 must be an integer ≥ 0"),
+        ("sae.recipe.lr=0", r"sae.recipe.lr=0 is not allowed: Adam's learning rate \(> 0\)"),
+        ("sae.recipe.lr_warmup_steps=-1", r"sae.recipe.lr_warmup_steps=-1 is not allowed: linear warm-up steps \(integer ≥ 0"),
         ("train.lr_warmup_max_fraction=0", r"train.lr_warmup_max_fraction=0 must be in \(0, 1\]"),
-        ("train.lr_decay_fraction=1.5", r"train.lr_decay_fraction=1.5 must be in \[0, 1\]"),
-        ("train.lr_warmup_max_fraction=0.9", "train.lr_warmup_max_fraction=0.9 and train.lr_decay_fraction=0.2 sum to "
-                                             "more than 1"),
+        ("sae.recipe.lr_decay_fraction=1.5", r"sae.recipe.lr_decay_fraction=1.5 is not allowed: .*\(\[0, 1\]\)"),
+        ("sae.recipe.grad_clip_norm=0", r"sae.recipe.grad_clip_norm=0 is not allowed: .* \(> 0\), or null for none"),
+        ("+sae.recipe.momentum=0.9", r"sae.recipe has unknown keys \['momentum'\]; its keys: lr: "),
+        ("train.lr_warmup_max_fraction=0.9", "train.lr_warmup_max_fraction=0.9 and sae.recipe.lr_decay_fraction=0.2 sum "
+                                             "to more than 1"),
         ("store.dir=/proc/saesweep-store", r"store.dir='/proc/saesweep-store' is not writable"),
         ("seed=abc", "seed='abc' is not an integer"),
         ("data.seed=-1", r"data.seed=-1 must be an integer in \[0, 2\^32\)"),
@@ -233,8 +237,8 @@ def test_train_dead_fraction_counts_features_silent_over_the_window(tmp_path):
             sae.b_enc.copy_(torch.tensor([0.0, 0.0, -1e6]))
             sae.b_dec.zero_()
         module = SaeTrainingModule(
-            [sae], metric_prefixes=[""], act_scale=1.0, lr=1e-12, adam_betas=(0.9, 0.999),
-            lr_warmup_steps=1, lr_decay_fraction=0.0, total_steps=5, max_bad_steps=1, model=None, hook_point="h",
+            [sae], metric_prefixes=[""], act_scale=1.0, recipes=[Recipe(1e-12, 1, 0.0, None)],
+            adam_betas=(0.9, 0.999), total_steps=5, max_bad_steps=1, model=None, hook_point="h",
             resume_key={}, dead_window_tokens=window,
         )
         logger = CSVLogger(tmp_path, name=f"window_{window}")
@@ -264,7 +268,9 @@ def test_every_architecture_trains_saves_and_reloads(tmp_path, tiny_model_dir, c
     result = train(cfg, tmp_path / "run")
     cfg_json = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert cfg_json["sae"]["architecture"] == architecture
-    assert cfg_json["sae"].keys() - {"architecture"} == ARCHITECTURES[architecture].hyperparameters.keys()
+    assert cfg_json["sae"].keys() - {"architecture", "recipe"} == ARCHITECTURES[architecture].hyperparameters.keys()
+    assert cfg_json["sae"]["recipe"] == OmegaConf.to_container(cfg.sae.recipe)  # the architecture's own recipe
+    assert set(cfg_json["sae"]["recipe"]) == {"lr", "lr_warmup_steps", "lr_decay_fraction", "grad_clip_norm"}
     saved_as = "jumprelu" if "batchtopk" in architecture else architecture
     # cfg.json's "architecture" is SAELens's name of what the weights hold
     assert cfg_json["architecture"] == {"relu_l1": "standard"}.get(saved_as, saved_as)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from saesweep.data import EVAL_SET_KEYS
 from saesweep.errors import ConfigError
 from saesweep.metrics import HEADLINE_SET
+from saesweep.recipe import recipe_problem
 from saesweep.sae import ARCHITECTURES, Hyperparameter
 
 
@@ -34,9 +35,6 @@ def check_config(cfg: DictConfig) -> None:
     ):
         if _number(cfg, key, integer=True) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be a positive integer")
-    clip = cfg.train.get("grad_clip_norm")
-    if clip is not None and not _number(cfg, "train.grad_clip_norm") > 0:
-        raise ConfigError(f"train.grad_clip_norm={clip} must be > 0, or null for no clipping")
     check_schedule(cfg)
     if _number(cfg, "n_tokens", integer=True) < cfg.train.batch_size:
         raise ConfigError(
@@ -132,21 +130,17 @@ def _plain(value: object) -> object:
 
 
 def check_schedule(cfg: DictConfig) -> None:
-    """The learning rate and its schedule: warm-up, constant, decay to zero."""
-    if not _number(cfg, "train.lr") > 0:
-        raise ConfigError(f"train.lr={cfg.train.lr} must be > 0")
-    if _number(cfg, "train.lr_warmup_steps", integer=True) < 0:
-        raise ConfigError(f"train.lr_warmup_steps={cfg.train.lr_warmup_steps} must be an integer ≥ 0")
-    warmup, decay = _number(cfg, "train.lr_warmup_max_fraction"), _number(cfg, "train.lr_decay_fraction")
+    """The learning rate and its schedule (the architecture's sae.recipe): warm-up, constant, decay to zero."""
+    recipe = cfg.sae.get("recipe")
+    if (problem := recipe_problem(OmegaConf.to_object(recipe) if OmegaConf.is_config(recipe) else recipe)) is not None:
+        raise ConfigError(problem)
+    warmup, decay = _number(cfg, "train.lr_warmup_max_fraction"), recipe.lr_decay_fraction
     if not 0 < warmup <= 1:
         raise ConfigError(f"train.lr_warmup_max_fraction={warmup} must be in (0, 1]: the largest share of the steps "
                           "the warm-up may take")
-    if not 0 <= decay <= 1:
-        raise ConfigError(f"train.lr_decay_fraction={decay} must be in [0, 1]: the share of the steps over which the "
-                          "learning rate decays to 0")
     if warmup + decay > 1:
-        raise ConfigError(f"train.lr_warmup_max_fraction={warmup} and train.lr_decay_fraction={decay} sum to more than 1: "
-                          "the warm-up would run into the decay")
+        raise ConfigError(f"train.lr_warmup_max_fraction={warmup} and sae.recipe.lr_decay_fraction={decay} sum to more "
+                          "than 1: the warm-up would run into the decay")
 
 
 # Each architecture key and the values it allows: (integer, lowest, lowest allowed itself, may be null)
@@ -164,7 +158,7 @@ def check_architecture(cfg: DictConfig) -> None:
         raise ConfigError(f"sae.architecture={architecture!r} is unknown; allowed: {sorted(ARCHITECTURES)}{hint}")
     own = ARCHITECTURES[architecture].hyperparameters
     for key in cfg.sae:
-        if key == "architecture":
+        if key in ("architecture", "recipe"):  # the recipe: check_schedule
             continue
         hyperparameter = TARGET_L0 if key == "target_l0" else own.get(key)
         value = OmegaConf.select(cfg, f"sae.{key}")

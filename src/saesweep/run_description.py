@@ -17,18 +17,21 @@ from saesweep.synthetic import is_synthetic
 
 
 def sae_hyperparameters(cfg: DictConfig) -> dict:
-    """The architecture's own keys (`sae.*` but `architecture` and `target_l0`), as constructor
+    """The architecture's own keys (`sae.*` but `architecture`, `target_l0` and `recipe`), as constructor
     arguments; `sae.target_l0` is the k of an architecture that has one."""
-    keys = {k: v for k, v in OmegaConf.to_container(cfg.sae, resolve=True).items() if k not in ("architecture", "target_l0")}
+    keys = {k: v for k, v in OmegaConf.to_container(cfg.sae, resolve=True).items()
+            if k not in ("architecture", "target_l0", "recipe")}
     if cfg.sae.get("target_l0") is not None and "k" in keys:
         keys["k"] = int(round(cfg.sae.target_l0))
     return keys
 
 
 def describe_sae(cfg: DictConfig) -> dict:
-    """The architecture and all its keys: cfg.json's `sae`, part of the initialisation seed."""
+    """The architecture and all its keys, its recipe included: cfg.json's `sae` (all but the recipe seed
+    the initialisation)."""
     target = {"target_l0": cfg.sae.target_l0} if cfg.sae.get("target_l0") is not None else {}
-    return {"architecture": cfg.sae.architecture, **sae_hyperparameters(cfg), **target}
+    recipe = {"recipe": OmegaConf.to_container(cfg.sae.recipe, resolve=True)} if cfg.sae.get("recipe") is not None else {}
+    return {"architecture": cfg.sae.architecture, **sae_hyperparameters(cfg), **target, **recipe}
 
 
 def run_name(cfg: DictConfig) -> str:

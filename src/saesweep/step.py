@@ -18,8 +18,9 @@ class MemberAdam(torch.optim.Adam):
     in `skip` ([n_saes] bool on the device, set by each training step) inside its fused kernel: their
     weights, moments and step counts stay as they were, and the host never waits to find out which."""
 
-    def __init__(self, parameters_per_sae: Sequence[Any], lr: float, betas: tuple[float, float]):
-        super().__init__([{"params": list(p)} for p in parameters_per_sae], lr=lr, betas=betas, fused=True)
+    def __init__(self, parameters_per_sae: Sequence[Any], lrs: Sequence[float], betas: tuple[float, float]):
+        groups = [{"params": list(p), "lr": lr} for p, lr in zip(parameters_per_sae, lrs, strict=True)]
+        super().__init__(groups, lr=lrs[0], betas=betas, fused=True)
         self.skip: torch.Tensor | None = None
 
     def step(self, closure=None):
@@ -57,12 +58,6 @@ class StepLosses(NamedTuple):
         return self.map(lambda t: t[j])
 
 
-def warmup_steps(lr_warmup_steps: int, total_steps: int, max_fraction: float) -> int:
-    """The steps of the linear warm-up: lr_warmup_steps, but at most max_fraction of the run, so a short
-    run still trains at its full learning rate."""
-    return max(min(lr_warmup_steps, int(total_steps * max_fraction)), 1)
-
-
 def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> StepLosses:
     """The training loss of `sae` on the batch `x` [batch, d_in]: the sum of its architecture's named
     terms (torch.compile makes one graph for each value of `with_l0`)."""
@@ -75,19 +70,20 @@ def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> St
 
 
 @torch.no_grad()
-def clip_grad_norms(saes: Sequence[Sae], max_norm: float) -> None:
-    """Each SAE's gradient clipped to `max_norm` on its own, not over the ensemble, so each member's step
+def clip_grad_norms(saes: Sequence[Sae], max_norms: Sequence[float]) -> None:
+    """SAE i's gradient clipped to `max_norms[i]` on its own, not over the ensemble, so each member's step
     stays the one it would take alone: clip_grad_norm_'s arithmetic on each SAE's parameters (the norm
     of their gradients' norms, times max_norm / (norm + 1e-6) up to 1), for SAEs of one shape at once."""
     grads = [[p.grad for p in sae.parameters() if p.grad is not None] for sae in saes]
     if len({len(g) for g in grads}) > 1:  # SAEs of one shape whose gradients are not alike: one by one
-        for sae in saes:
+        for sae, max_norm in zip(saes, max_norms, strict=True):
             torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
         return
     if grads[0]:
         flat = [g for member in grads for g in member]
         norms = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)).view(len(saes), -1), dim=1)
-        factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0).repeat_interleave(len(grads[0]))
+        limits = torch.tensor(list(max_norms), dtype=norms.dtype, device=norms.device)
+        factors = torch.clamp(limits / (norms + 1e-6), max=1.0).repeat_interleave(len(grads[0]))
         torch._foreach_mul_(flat, list(factors.unbind()))
 
 

@@ -20,8 +20,6 @@ import math
 import lightning as L
 import torch
 
-from saesweep.step import warmup_steps
-
 log = logging.getLogger(__name__)
 
 
@@ -36,11 +34,14 @@ class TargetL0(L.Callback):
         self.freeze_fraction = freeze_fraction
         self.every, self.gain, self.max_step = every, gain, math.log(max_factor)
         self.log_coefficients: dict[int, float] = {}
-        self.start_step = self.freeze_step = 0
+        self.start_steps: dict[int, int] = {}  # per controlled SAE: the end of its warm-up
+        self.freeze_step = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = pl_module.total_steps
-        self.start_step = warmup_steps(pl_module.lr_warmup_steps, total, pl_module.lr_warmup_max_fraction)
+        self.start_steps = {
+            i: pl_module.recipes[i].warmup_steps(total, pl_module.lr_warmup_max_fraction) for i in self.controlled
+        }
         self.freeze_step = int(total * (1 - self.freeze_fraction))
         for i, (key, _) in self.controlled.items():
             if i in self.log_coefficients:  # resumed: the coefficient the job had reached
@@ -52,9 +53,9 @@ class TargetL0(L.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every or not self.start_step <= step < self.freeze_step:
+        if step % self.every or step >= self.freeze_step:
             return
-        live = [i for i in self.controlled if i not in pl_module.dropped]
+        live = [i for i in self.controlled if i not in pl_module.dropped and self.start_steps[i] <= step]
         if not live:
             return
         x = pl_module._last_batch

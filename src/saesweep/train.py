@@ -34,6 +34,7 @@ from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError, JobStopped, TrainingDivergedError
 from saesweep.lm import hook_point_for
 from saesweep.metrics import EvalResult
+from saesweep.recipe import Recipe
 from saesweep.run_description import describe_run, describe_sae, run_name, sae_hyperparameters
 from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, wandb_group, write_run_dir
 from saesweep.sae import ARCHITECTURES, Sae
@@ -242,11 +243,9 @@ def training_module(plan: TrainingPlan, saes: Sequence[Sae], data: TrainingData)
         saes,
         metric_prefixes=[member.metric_prefix for member in plan.members],
         act_scale=data.scale,
-        lr=cfg.train.lr,
+        recipes=[Recipe.from_config(member.cfg.sae.recipe) for member in plan.members],
         adam_betas=tuple(cfg.train.adam_betas),
-        lr_warmup_steps=cfg.train.lr_warmup_steps,
         lr_warmup_max_fraction=cfg.train.lr_warmup_max_fraction,
-        lr_decay_fraction=cfg.train.lr_decay_fraction,
         total_steps=plan.total_steps,
         max_bad_steps=cfg.train.max_bad_steps,
         model=data.model,
@@ -254,7 +253,6 @@ def training_module(plan: TrainingPlan, saes: Sequence[Sae], data: TrainingData)
         resume_key=plan.resume_key,
         compile=cfg.train.compile,
         dead_window_tokens=cfg.train.dead_window_tokens,
-        grad_clip_norm=cfg.train.get("grad_clip_norm"),
         eval_set_names=list(data.eval_sets),
     )
 
@@ -357,7 +355,9 @@ def init_generator(cfg: DictConfig, d_sae: int) -> torch.Generator:
     across sizes or layers) would partly measure shared initial directions.
     """
     hook_point = SYNTHETIC if is_synthetic(cfg.data) else hook_point_for(cfg.layer, cfg.hook, cfg.hook_point)
-    identity = json.dumps([cfg.seed, d_sae, describe_sae(cfg), hook_point], sort_keys=True)
+    # the recipe left out: dictionaries trained by two recipes start alike, so they compare in pairs
+    sae = {k: v for k, v in describe_sae(cfg).items() if k != "recipe"}
+    identity = json.dumps([cfg.seed, d_sae, sae, hook_point], sort_keys=True)
     return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest()))
 
 

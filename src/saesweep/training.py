@@ -22,6 +22,7 @@ from torch import nn
 from saesweep.errors import CheckpointError, TrainingDivergedError
 from saesweep.metrics import HEADLINE_SET, EvalResult, MetricAccumulator
 from saesweep.readback import DeviceReadback
+from saesweep.recipe import Recipe
 from saesweep.sae import Sae
 from saesweep.step import (
     MemberAdam,
@@ -31,7 +32,6 @@ from saesweep.step import (
     per_member_coefficients,
     sae_step,
     shape_key,
-    warmup_steps,
 )
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,8 @@ class SaeTrainingModule(L.LightningModule):
         saes: Sequence[Sae],
         metric_prefixes: Sequence[str],
         act_scale: float,
-        lr: float,
+        recipes: Sequence[Recipe],
         adam_betas: tuple[float, float],
-        lr_warmup_steps: int,
-        lr_decay_fraction: float,
         total_steps: int,
         max_bad_steps: int,
         model,
@@ -73,23 +71,20 @@ class SaeTrainingModule(L.LightningModule):
         resume_key: dict[str, object],
         compile: bool = False,
         dead_window_tokens: int = 1_000_000,
-        grad_clip_norm: float | None = None,
         lr_warmup_max_fraction: float = 0.25,
         batched: bool | None = None,
         eval_set_names: Sequence[str] = (HEADLINE_SET,),
     ):
         super().__init__()
-        if len(saes) != len(metric_prefixes):
-            raise ValueError(f"{len(saes)} SAEs and {len(metric_prefixes)} metric prefixes")
+        if not len(saes) == len(metric_prefixes) == len(recipes):
+            raise ValueError(f"{len(saes)} SAEs, {len(metric_prefixes)} metric prefixes and {len(recipes)} recipes")
         self.saes = nn.ModuleList(saes)
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.metric_prefixes = list(metric_prefixes)
-        self.lr = lr
+        self.recipes = list(recipes)  # SAE i's learning rate, schedule and gradient clip
         self.adam_betas = tuple(adam_betas)
-        self.lr_warmup_steps = lr_warmup_steps
         self.lr_warmup_max_fraction = lr_warmup_max_fraction
-        self.lr_decay_fraction = lr_decay_fraction
         self.total_steps = total_steps
         self.max_bad_steps = max_bad_steps
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
@@ -101,7 +96,6 @@ class SaeTrainingModule(L.LightningModule):
         # per SAE and feature: training tokens since it last fired (checkpointed, cut per member in an ensemble)
         self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
         self.dead_window_tokens = dead_window_tokens
-        self.grad_clip_norm = grad_clip_norm
         self._bad_in_a_row = [0] * len(saes)
         # SAEs that diverged, with why: they train no more, their jobs fail, the others go on
         self.dropped: dict[int, str] = {}
@@ -284,7 +278,7 @@ class SaeTrainingModule(L.LightningModule):
             error = TrainingDivergedError(
                 f"{self._bad_in_a_row[i]} consecutive steps up to step {step} had NaN/Inf "
                 f"{what} (train.max_bad_steps={self.max_bad_steps}); last good checkpoint: {checkpoint}. "
-                "Check the activations, or lower train.lr and resume from the checkpoint."
+                "Check the activations, or lower sae.recipe.lr and resume from the checkpoint."
             )
             self.dropped[i] = str(error)
             if len(self.dropped) == len(self.saes):
@@ -295,9 +289,10 @@ class SaeTrainingModule(L.LightningModule):
         for members in self._shape_groups(range(len(self.saes))):
             saes = [self.saes[i] for i in members]
             type(saes[0]).before_optimizer_step(saes)
-        if self.grad_clip_norm is not None:
-            for members in self._live_groups():
-                clip_grad_norms([self.saes[i] for i in members], self.grad_clip_norm)
+        for members in self._live_groups():
+            clipped = [i for i in members if self.recipes[i].grad_clip_norm is not None]
+            if clipped:
+                clip_grad_norms([self.saes[i] for i in clipped], [self.recipes[i].grad_clip_norm for i in clipped])
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -351,25 +346,15 @@ class SaeTrainingModule(L.LightningModule):
             random.setstate(states["python"])
 
     def configure_optimizers(self):
-        optimizer = MemberAdam([sae.parameters() for sae in self.saes], lr=self.lr, betas=self.adam_betas)
+        optimizer = MemberAdam([sae.parameters() for sae in self.saes], [r.lr for r in self.recipes], betas=self.adam_betas)
         # total_steps is given, not read from trainer.estimated_stepping_batches: that property sets the
         # train loader up before a resumed job restores the loader's position, which is then lost.
-        total = max(self.total_steps, 1)
-        decay_start = int(total * (1 - self.lr_decay_fraction))
-        warmup = warmup_steps(self.lr_warmup_steps, total, self.lr_warmup_max_fraction)
-        if warmup < self.lr_warmup_steps:
-            log.info("learning-rate warm-up: %d steps, train.lr_warmup_max_fraction=%g of the %d (train.lr_warmup_steps=%d)",
-                     warmup, self.lr_warmup_max_fraction, total, self.lr_warmup_steps)
-
-        def lr_factor(step: int) -> float:
-            # linear warm-up, constant, then linear decay to zero over the last lr_decay_fraction
-            if step < warmup:
-                return (step + 1) / warmup
-            if step >= decay_start:
-                return max(total - step, 0) / max(total - decay_start, 1)
-            return 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        for recipe in {r for r in self.recipes if r.warmup_steps(self.total_steps, self.lr_warmup_max_fraction) < r.lr_warmup_steps}:
+            log.info("learning-rate warm-up: %d steps, train.lr_warmup_max_fraction=%g of the %d (sae.recipe.lr_warmup_steps=%d)",
+                     recipe.warmup_steps(self.total_steps, self.lr_warmup_max_fraction), self.lr_warmup_max_fraction,
+                     self.total_steps, recipe.lr_warmup_steps)
+        factors = [r.lr_factor(self.total_steps, self.lr_warmup_max_fraction) for r in self.recipes]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)  # one schedule per SAE's parameter group
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_validation_epoch_start(self) -> None:

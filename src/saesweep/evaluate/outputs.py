@@ -162,10 +162,10 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
     its group's largest dictionary, and every key of its metrics.json."""
     metric_keys = list(dict.fromkeys(key for run in runs for key in run.metrics))
     # every architecture key of any run (sae.k, sae.l0_coef, ...): a column each, empty where it has none
-    sae_keys = list(dict.fromkeys(k for r in [*runs, *failed] for k in (r.cfg.get("sae") or {}) if k != "architecture"))
+    sae_keys = list(dict.fromkeys(k for r in [*runs, *failed] for k in _sae_columns(r.cfg) if k != "sae.architecture"))
     rows = []
     for entry in sorted([*runs, *failed], key=lambda r: natural_key(r.name)):
-        setting = hyperparameters(entry.cfg) | {f"sae.{key}": (entry.cfg.get("sae") or {}).get(key) for key in sae_keys}
+        setting = hyperparameters(entry.cfg) | {key: _sae_columns(entry.cfg).get(key) for key in sae_keys}
         if isinstance(entry, FailedRun):
             metrics = dict.fromkeys(metric_keys)
             rows.append(SummaryRow(entry.name, "failed", entry.reason, entry.overrides, setting, metrics=metrics))
@@ -173,6 +173,17 @@ def summary_rows(runs: list[Run], failed: list[FailedRun], comparison: Compariso
             metrics = {key: entry.metrics.get(key) for key in metric_keys}
             rows.append(_run_row(entry, comparison, setting, metrics))
     return rows
+
+
+def _sae_columns(cfg: dict) -> dict[str, object]:
+    """The run's architecture keys as columns: `sae.k`, and the recipe's as `sae.recipe.lr` ..."""
+    columns = {}
+    for key, value in (cfg.get("sae") or {}).items():
+        if isinstance(value, dict):
+            columns |= {f"sae.{key}.{inner}": v for inner, v in value.items()}
+        else:
+            columns[f"sae.{key}"] = value
+    return columns
 
 
 def _run_row(run: Run, comparison: Comparison, setting: dict, metrics: dict) -> SummaryRow:
