@@ -349,10 +349,11 @@ class SaeTrainingModule(L.LightningModule):
         optimizer = MemberAdam([sae.parameters() for sae in self.saes], [r.lr for r in self.recipes], betas=self.adam_betas)
         # total_steps is given, not read from trainer.estimated_stepping_batches: that property sets the
         # train loader up before a resumed job restores the loader's position, which is then lost.
-        for recipe in {r for r in self.recipes if r.warmup_steps(self.total_steps, self.lr_warmup_max_fraction) < r.lr_warmup_steps}:
-            log.info("learning-rate warm-up: %d steps, train.lr_warmup_max_fraction=%g of the %d (sae.recipe.lr_warmup_steps=%d)",
-                     recipe.warmup_steps(self.total_steps, self.lr_warmup_max_fraction), self.lr_warmup_max_fraction,
-                     self.total_steps, recipe.lr_warmup_steps)
+        for recipe in {r.lr_warmup_steps: r for r in self.recipes}.values():  # one line per warm-up asked for
+            if (warmup := recipe.warmup_steps(self.total_steps, self.lr_warmup_max_fraction)) < recipe.lr_warmup_steps:
+                log.info("learning-rate warm-up: %d steps, train.lr_warmup_max_fraction=%g of the %d "
+                         "(sae.recipe.lr_warmup_steps=%d)", warmup, self.lr_warmup_max_fraction, self.total_steps,
+                         recipe.lr_warmup_steps)
         factors = [r.lr_factor(self.total_steps, self.lr_warmup_max_fraction) for r in self.recipes]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)  # one schedule per SAE's parameter group
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,93 @@
+"""The recipe grid of each architecture, read from a sweep trained with saesweep's own machinery and evaluated:
+per architecture and recipe, the mean over seeds (± half their spread) of L0, FVU, ce_recovered and silent
+latents on every held-out set, and the share of features found again by the other seed; the recipe with
+the lowest FVU averaged over the held-out sets is marked. Prints a table and a `RESULT` line.
+
+The grid of benchmarks/RESULTS.md ("Recipes per architecture"), about 85 minutes on 2 CPU cores:
+    python train.py -m model.path=../shared/reference/model data=jsonl \\
+        data.path=../shared/reference/corpus/train.jsonl.gz \\
+        sae=relu_l1,topk,batchtopk,jumprelu,matryoshka_batchtopk,gated sae.target_l0=32 \\
+        sae.recipe.lr=3e-3,2e-3 sae.recipe.grad_clip_norm=1.0,null seed=0,1 train.ensemble=true \\
+        eval_sets=other_sources eval.every_n_steps=100000 hydra.sweep.dir=multirun/recipes
+    python evaluate.py sweep_dir=multirun/recipes
+    python benchmarks/recipes.py multirun/recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+
+METRICS = ("l0", "fvu", "ce_recovered", "dead_fraction")
+
+
+def recipe_label(recipe: dict) -> str:
+    clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
+    return (f"lr {recipe['lr']:g}, warm-up {recipe['lr_warmup_steps']}, decay {recipe['lr_decay_fraction']:g}, "
+            f"clip {clip}")
+
+
+def recipe_key(recipe: dict) -> str:
+    clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
+    return f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}"
+
+
+def read_grid(sweep: Path) -> tuple[dict, list[str]]:
+    """(architecture, recipe key) → {"label", "seeds": [per-seed values]}, and the held-out sets."""
+    grid: dict[tuple[str, str], dict] = {}
+    sets = ["corpus"]
+    with (sweep / "evaluation" / "summary.csv").open() as f:
+        for row in csv.DictReader(f):
+            if row["status"] != "ok":
+                continue
+            cfg = json.loads((sweep / row["run"] / "cfg.json").read_text())
+            recipe = cfg["sae"]["recipe"]
+            sets = ["corpus", *sorted({k.split("/")[0] for k in row if k.endswith("/fvu")})]
+            values = {}
+            for set_name in sets:
+                prefix = "" if set_name == "corpus" else f"{set_name}/"
+                values |= {f"{set_name}:{m}": float(row[prefix + m]) for m in METRICS}
+            found = row.get("found_by_other_seed")
+            values["found_by_other_seed"] = float(found) / cfg["d_sae"] if found else float("nan")
+            entry = grid.setdefault((row["architecture"], recipe_key(recipe)), {"label": recipe_label(recipe), "seeds": []})
+            entry["seeds"].append(values)
+    return grid, sets
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args()
+    grid, sets = read_grid(args.sweep_dir)
+    columns = [f"{s}:{m}" for s in sets for m in ("fvu", "ce_recovered", "dead_fraction")]
+    print(f"{'architecture':<22} {'recipe':<44} {'seeds':>5} {'L0':>6} "
+          + " ".join(f"{c:>24}" for c in columns) + f" {'found by other seed':>20}")
+    fields, best = [], {}
+    for (architecture, key), entry in sorted(grid.items()):
+        seeds = entry["seeds"]
+        stats = {name: mean_spread([s[name] for s in seeds]) for name in seeds[0]}
+        fidelity = statistics.fmean(stats[f"{s}:fvu"][0] for s in sets)
+        if architecture not in best or fidelity < best[architecture][1]:
+            best[architecture] = (key, fidelity)
+        cells = " ".join(f"{stats[c][0]:>15.4f} ± {stats[c][1]:.4f}" for c in columns)
+        found = stats["found_by_other_seed"]
+        print(f"{architecture:<22} {entry['label']:<44} {len(seeds):>5} {stats['corpus:l0'][0]:>6.1f} {cells} "
+              f"{found[0]:>12.3f} ± {found[1]:.3f}")
+        for c in (*columns, "found_by_other_seed"):
+            fields.append(f"{architecture}_{key}_{c.replace(':', '_')}={stats[c][0]:.4f}")
+    print("\nlowest FVU averaged over the held-out sets:")
+    for architecture, (key, fidelity) in sorted(best.items()):
+        print(f"  {architecture:<22} {grid[architecture, key]['label']} (mean FVU {fidelity:.4f})")
+        fields.append(f"best_{architecture}={key}")
+    print("RESULT " + " ".join(fields))
+
+
+if __name__ == "__main__":
+    main()
