@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from saesweep.matching import match_rows
 from saesweep.synthetic import TrueFeatures
 
 RECOVERED_COS = 0.9
@@ -49,14 +50,8 @@ def cosines(W_dec: torch.Tensor, truth: TrueFeatures) -> torch.Tensor:
 
 
 def recovery(W_dec: torch.Tensor, truth: TrueFeatures, threshold: float = RECOVERED_COS) -> Recovery:
-    from scipy.optimize import linear_sum_assignment
-
     cos = cosines(W_dec, truth)
-    rows, cols = linear_sum_assignment(cos.double().numpy(), maximize=True)
-    match = torch.full((cos.shape[0],), -1, dtype=torch.long)
-    match[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-    match_cos = torch.full((cos.shape[0],), float("nan"))
-    match_cos[torch.as_tensor(rows)] = cos[rows, cols]
+    match, match_cos = match_rows(cos).per_row_tensors(cos.shape[0])
     return Recovery(
         n_true=cos.shape[0],
         recovered=int((match_cos >= threshold).sum()),

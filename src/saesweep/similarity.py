@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from saesweep.errors import ConfigError
+from saesweep.matching import match_rows
 from saesweep.sae import Sae
 
 
@@ -87,22 +88,10 @@ def activation_similarity(
         raise ConfigError(f"activation similarity needs at least 2 tokens; got {sums.n}")
     correlation, chance = sums.correlations(), sums.correlations(shuffled=True)
     best, best_index = correlation.max(dim=1)
-    matched, matched_index = _matched(correlation)
+    matched_index, matched = match_rows(correlation).per_row_tensors(correlation.shape[0])
     return ActivationSimilarity(
-        correlation, best, best_index, matched, matched_index, chance.max(dim=1).values, _matched(chance)[0], sums.n
+        correlation, best, best_index, matched, matched_index, chance.max(dim=1).values, match_rows(chance).per_row_tensors(chance.shape[0])[1], sums.n
     )
-
-
-def _matched(correlation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's correlation with the column matched to it one-to-one (maximum total), NaN/-1 unmatched."""
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(correlation.double().numpy(), maximize=True)
-    matched = torch.full((correlation.shape[0],), float("nan"))
-    index = torch.full((correlation.shape[0],), -1, dtype=torch.long)
-    matched[torch.as_tensor(rows)] = correlation[rows, cols]
-    index[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-    return matched, index
 
 
 def check_same_tokenizer(name_a: str, tokenizer_a, name_b: str, tokenizer_b) -> None:

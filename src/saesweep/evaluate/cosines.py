@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from saesweep.matching import Matching, match_rows
+
 DEFAULT_CHUNK_SIZE = 4096
 
 
@@ -51,35 +53,11 @@ def mcs(a: torch.Tensor, b: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) 
     return mcs_both_ways(a, b, chunk_size)[0]
 
 
-@dataclass(frozen=True)
-class Matching:
-    """A one-to-one matching of the rows of two dictionaries: row `rows[k]` of A with row `cols[k]` of B."""
-
-    rows: np.ndarray
-    cols: np.ndarray
-    cosines: np.ndarray  # cos(A[rows[k]], B[cols[k]])
-
-    def per_row(self, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """For each of A's `n_rows` rows: the index of its match in B (-1 unmatched) and the cosine (NaN)."""
-        index, cosine = np.full(n_rows, -1), np.full(n_rows, np.nan)
-        index[self.rows], cosine[self.rows] = self.cols, self.cosines
-        return index, cosine
-
-    def swapped(self) -> Matching:
-        """The same matching seen from B."""
-        return Matching(self.cols, self.rows, self.cosines)
-
-
 def matching(a: torch.Tensor, b: torch.Tensor) -> Matching:
     """One-to-one matching of the rows of `a` and `b` (decoder directions) that maximises the summed
-    cosine (Hungarian assignment, scipy's linear_sum_assignment, as in Cunningham et al.'s
-    run_mmcs_with_larger): min(n_a, n_b) matched pairs. Unlike max cosine, no row of one dictionary can
-    count for several of the other."""
-    from scipy.optimize import linear_sum_assignment
-
-    cos = (_unit_rows(a.float().cpu()) @ _unit_rows(b.float().cpu()).T).double().numpy()
-    rows, cols = linear_sum_assignment(cos, maximize=True)
-    return Matching(rows, cols, cos[rows, cols])
+    cosine (as in Cunningham et al.'s run_mmcs_with_larger): min(n_a, n_b) matched pairs. Unlike max
+    cosine, no row of one dictionary can count for several of the other."""
+    return match_rows(_unit_rows(a.float().cpu()) @ _unit_rows(b.float().cpu()).T)
 
 
 def matched_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
