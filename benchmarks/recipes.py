@@ -1,7 +1,8 @@
 """The recipe grid of each architecture, read from a sweep trained with saesweep's own machinery and evaluated:
 per architecture and recipe, the mean over seeds (± half their spread) of L0, FVU, ce_recovered and silent
-latents on every held-out set, and the share of features found again by the other seed; the recipe with
-the lowest FVU averaged over the held-out sets is marked. Prints a table and a `RESULT` line.
+latents on every held-out set, and the share of features found again by the other seed; of the recipes
+whose L0 is within ±10 % of the runs' target L0 (a matched comparison), the one with the lowest FVU averaged
+over the held-out sets is marked. Prints a table and a `RESULT` line.
 
 The grid of benchmarks/RESULTS.md ("Recipes per architecture"), about 85 minutes on 2 CPU cores:
     python train.py -m model.path=../shared/reference/model data=jsonl \\
@@ -52,7 +53,8 @@ def read_grid(sweep: Path) -> tuple[dict, list[str]]:
                 values |= {f"{set_name}:{m}": float(row[prefix + m]) for m in METRICS}
             found = row.get("found_by_other_seed")
             values["found_by_other_seed"] = float(found) / cfg["d_sae"] if found else float("nan")
-            entry = grid.setdefault((row["architecture"], recipe_key(recipe)), {"label": recipe_label(recipe), "seeds": []})
+            entry = grid.setdefault((row["architecture"], recipe_key(recipe)),
+                                    {"label": recipe_label(recipe), "target_l0": cfg["sae"].get("target_l0"), "seeds": []})
             entry["seeds"].append(values)
     return grid, sets
 
@@ -74,15 +76,17 @@ def main() -> None:
         seeds = entry["seeds"]
         stats = {name: mean_spread([s[name] for s in seeds]) for name in seeds[0]}
         fidelity = statistics.fmean(stats[f"{s}:fvu"][0] for s in sets)
-        if architecture not in best or fidelity < best[architecture][1]:
+        target = entry["target_l0"]
+        on_target = target is None or abs(stats["corpus:l0"][0] / target - 1) <= 0.1
+        if on_target and (architecture not in best or fidelity < best[architecture][1]):
             best[architecture] = (key, fidelity)
         cells = " ".join(f"{stats[c][0]:>15.4f} ± {stats[c][1]:.4f}" for c in columns)
         found = stats["found_by_other_seed"]
         print(f"{architecture:<22} {entry['label']:<44} {len(seeds):>5} {stats['corpus:l0'][0]:>6.1f} {cells} "
-              f"{found[0]:>12.3f} ± {found[1]:.3f}")
+              f"{found[0]:>12.3f} ± {found[1]:.3f}" + ("" if on_target else "  (L0 off its target: not compared)"))
         for c in (*columns, "found_by_other_seed"):
             fields.append(f"{architecture}_{key}_{c.replace(':', '_')}={stats[c][0]:.4f}")
-    print("\nlowest FVU averaged over the held-out sets:")
+    print("\nlowest FVU averaged over the held-out sets, at L0 within ±10 % of the target:")
     for architecture, (key, fidelity) in sorted(best.items()):
         print(f"  {architecture:<22} {grid[architecture, key]['label']} (mean FVU {fidelity:.4f})")
         fields.append(f"best_{architecture}={key}")
