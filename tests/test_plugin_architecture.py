@@ -87,7 +87,9 @@ def test_an_architecture_from_one_file_and_one_yaml_trains_resumes_evaluates_rep
     first = run("train.py", *common, f"hydra.run.dir={lone}", site=site)
     cfg = json.loads((lone / "cfg.json").read_text())
     # saved as its inference form, a ReLU SAE: the files SAELens loads as "standard" (test_interop loads those)
-    assert cfg["sae"] == {"architecture": "sqrt_penalty", "sqrt_coef": 0.5} and cfg["architecture"] == "standard"
+    recipe = {"lr": 3e-3, "lr_warmup_steps": 100, "lr_decay_fraction": 0.2, "grad_clip_norm": 1.0}  # its YAML's own
+    assert cfg["sae"] == {"architecture": "sqrt_penalty", "sqrt_coef": 0.5, "recipe": recipe}
+    assert cfg["architecture"] == "standard"
     weights = load_file(lone / "sae_weights.safetensors")
     assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec"} and weights["W_dec"].shape == (128, 32)
     metrics = json.loads((lone / "metrics.json").read_text())
