@@ -39,7 +39,7 @@ from plain_topk import train_plain_topk  # benchmarks/plain_topk.py
 
 from saesweep import load_sae
 from saesweep.data import context_source
-from saesweep.metrics import HEADLINE_SET, evaluate, set_metric
+from saesweep.metrics import HEADLINE_SET, EvalResult, evaluate, set_metric
 from saesweep.recipe import Recipe
 from saesweep.run_description import sae_hyperparameters
 from saesweep.store import StoreStream
@@ -121,9 +121,10 @@ def main() -> None:
             label = f"plain topk k=32 ×{ratio:g}"
             started = time.monotonic()
             saes[label] = plain_baseline(cfgs[0], data, int(ratio * data.d_in))
-            metrics[label] = {set_metric(name, k): v for name, held_out in data.eval_sets.items()
-                              for k, v in evaluate(saes[label], data.model, data.hook_point, held_out,
-                                                   cfgs[0].eval.batch_contexts).metrics.items()}
+            metrics[label] = EvalResult.of_sets({
+                name: evaluate(saes[label], data.model, data.hook_point, held_out, cfgs[0].eval.batch_contexts)
+                for name, held_out in data.eval_sets.items()
+            }).metrics
             print(f"{label}: trained and evaluated in {time.monotonic() - started:.0f} s", flush=True)
     fields = []
     for set_name in data.eval_sets:
