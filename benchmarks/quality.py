@@ -204,8 +204,8 @@ def matched_ce_recovered(l0: float, curve: list[tuple[float, float]]) -> float |
 def wide_dead_fields(cfg, data: TrainingData, n_tokens: int, saes: dict) -> list[str]:
     """Each trained dictionary's dead fraction on `n_tokens` held-out tokens of the training corpus (through
     the LM already loaded); prints a row each and returns the RESULT fields (`<setting>_dead_<n>k`)."""
-    contexts = context_source(cfg.data, data.model.tokenizer, cfg.ctx_len)
-    wide = held_out_set(cfg, data.model, data.hook_point, data.store, contexts, n_tokens)
+    wide = held_out_set(cfg, data.model, data.hook_point, data.store,
+                        lambda: context_source(cfg.data, data.model.tokenizer, cfg.ctx_len), n_tokens)
     print(f"{'setting':<30} {'dead on ' + str(n_tokens) + ' held-out tokens':>34}")
     fields = []
     for label, sae in saes.items():

@@ -18,6 +18,7 @@ from saesweep import load_sae
 from saesweep.errors import ConfigError
 from saesweep.recipe import Recipe
 from saesweep.train import train
+from saesweep.training import SaeTrainingModule
 
 METRIC_KEYS = {
     "mse", "fvu", "l0", "l1", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",
@@ -297,3 +298,21 @@ def test_every_architecture_trains_saves_and_reloads(tmp_path, tiny_model_dir, c
     first = report.data["features"][0]
     # features.json keeps four significant digits: a relative error up to 5e-4
     assert first["max_activation"] == pytest.approx(float(again.feature_stats["max_activation"][first["id"]]), rel=5e-4)
+
+
+def test_a_periodic_evaluation_on_the_last_step_is_not_repeated(tmp_path, tiny_model_dir, corpus_path, monkeypatch):
+    """The final metrics are the last periodic evaluation's when it fell on the last step (32 of 8000 tokens
+    at batch 256: every 8 steps), not a second pass over the held-out set; otherwise one more pass at the end."""
+    steps = []
+    evaluate = SaeTrainingModule.on_validation_epoch_end
+
+    def recording(module):
+        steps.append(module.global_step)
+        evaluate(module)
+
+    monkeypatch.setattr(SaeTrainingModule, "on_validation_epoch_end", recording)
+    train(tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "eval.every_n_steps=8"), tmp_path / "a")
+    assert steps == [8, 16, 24, 32]
+    steps.clear()
+    train(tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "eval.every_n_steps=10"), tmp_path / "b")
+    assert steps == [10, 20, 30, 32]

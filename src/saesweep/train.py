@@ -85,7 +85,8 @@ def train_ensemble(
     train_loader, eval_loaders = loaders(plan, data)
     module = training_module(plan, saes, data)
     fit(plan, module, train_loader, eval_loaders)
-    plan.trainer.validate(module, dataloaders=eval_loaders, verbose=False)
+    if module.last_evals_step != plan.trainer.global_step:  # unless the periodic evaluation fell on the last step
+        plan.trainer.validate(module, dataloaders=eval_loaders, verbose=False)
     if plan.rank != 0:  # under DDP the run directory and the W&B run are rank 0's
         return module.last_evals
     return write_outcomes(plan, module, data)

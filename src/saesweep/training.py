@@ -113,6 +113,7 @@ class SaeTrainingModule(L.LightningModule):
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_evals: list[EvalResult] = []
+        self.last_evals_step: int | None = None  # the global step last_evals were measured at
         self.eval_set_names = list(eval_set_names)  # of the validation dataloaders, in order: the headline first
         self._accumulators: list[MetricAccumulator] = []
         self._eval_saes: list[Sae] = []
@@ -377,6 +378,7 @@ class SaeTrainingModule(L.LightningModule):
         self.last_evals = [
             EvalResult.of_sets(dict(zip(self.eval_set_names, results))) for results in zip(*per_set)
         ]
+        self.last_evals_step = self.global_step
         for prefix, result in zip(self.metric_prefixes, self.last_evals):
             self.log_dict({f"{prefix}eval/{k}": v for k, v in result.metrics.items()})
         self._accumulators, self._eval_saes = [], []

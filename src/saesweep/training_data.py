@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +74,7 @@ def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
     store = ActivationStore(store_root(cfg), store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
     store.check_room(d_in)
     manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
-    eval_sets = {HEADLINE_SET: held_out_set(cfg, model, hook_point, store, contexts, cfg.eval.n_tokens)}
+    eval_sets = {HEADLINE_SET: held_out_set(cfg, model, hook_point, store, lambda: contexts, cfg.eval.n_tokens)}
     for name in cfg.eval.get("sets") or {}:
         eval_sets[name] = extra_held_out_set(cfg, name, model, hook_point, store)
     sample = first_rows(store, manifest)
@@ -99,37 +99,32 @@ def first_rows(store: ActivationStore, manifest: dict) -> torch.Tensor:
 
 
 def held_out_set(
-    cfg: DictConfig, model, hook_point: str, store: ActivationStore, contexts: ContextSource, n_tokens: int
+    cfg: DictConfig, model, hook_point: str, store: ActivationStore, contexts: Callable[[], ContextSource],
+    n_tokens: int, set_name: str = HEADLINE_SET, set_key: str | None = None,
 ) -> HeldOutSet:
-    """n_tokens of held-out text (whole contexts from the held-out documents) with the LM's clean pass
-    over them: built once, then kept in the store beside its activations."""
+    """n_tokens of held-out text (whole contexts from the held-out documents of `contexts()`, made only
+    when the store lacks them) with the LM's clean pass over them: built once, then kept in the store
+    beside its activations, under `set_key` for an extra set (None: the training corpus's)."""
     n_contexts = -(-n_tokens // cfg.ctx_len)
+    purpose = "evaluation" if set_name == HEADLINE_SET else f"eval.sets.{set_name}"
 
     def build() -> dict[str, torch.Tensor]:
-        eval_contexts = contexts.held_out_contexts(n_contexts, "evaluation")
-        log.info("held-out set: %d contexts from %d documents", len(eval_contexts.tokens), eval_contexts.n_documents)
+        eval_contexts = contexts().held_out_contexts(n_contexts, purpose)
+        log.info("held-out set %s: %d contexts from %d documents", set_name, len(eval_contexts.tokens),
+                 eval_contexts.n_documents)
         return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
 
-    return HeldOutSet.from_named_tensors(store.held_out(n_contexts, build))
+    return HeldOutSet.from_named_tensors(store.held_out(n_contexts, build, set_key=set_key))
 
 
 def extra_held_out_set(cfg: DictConfig, set_name: str, model, hook_point: str, store: ActivationStore) -> HeldOutSet:
     """eval.n_tokens of the extra held-out set `eval.sets.<set_name>` (a corpus never trained on), kept in the
     store like the headline set, under a key that changes with the corpus's description and file size."""
     description = eval_set_description(cfg, set_name)
-    n_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)
     size = Path(description["path"]).stat().st_size if description["path"] else None
-    identity = json.dumps([description, size], sort_keys=True)
-    digest = hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()
-
-    def build() -> dict[str, torch.Tensor]:
-        contexts = context_source(description, model.tokenizer, cfg.ctx_len)
-        eval_contexts = contexts.held_out_contexts(n_contexts, f"eval.sets.{set_name}")
-        log.info("held-out set %s: %d contexts from %d documents", set_name, len(eval_contexts.tokens),
-                 eval_contexts.n_documents)
-        return HeldOutSet.build(model, eval_contexts.tokens, hook_point, cfg.eval.batch_contexts).named_tensors()
-
-    return HeldOutSet.from_named_tensors(store.held_out(n_contexts, build, set_key=f"{set_name}-{digest}"))
+    digest = hashlib.blake2b(json.dumps([description, size], sort_keys=True).encode(), digest_size=6).hexdigest()
+    return held_out_set(cfg, model, hook_point, store, lambda: context_source(description, model.tokenizer, cfg.ctx_len),
+                        cfg.eval.n_tokens, set_name, set_key=f"{set_name}-{digest}")
 
 
 def store_spec(cfg: DictConfig, model, hook_point: str) -> StoreSpec:
