@@ -35,7 +35,7 @@ from saesweep.store import ActivationStore, StoreSpec, TokenFilter
 TRUE_FEATURES_FILE = "true_features.safetensors"
 _TRAIN_STREAM, _HELD_OUT_STREAM = "train", "held_out"  # the token streams, seeded apart from the features
 BLOCK = 16384  # rows drawn from one seed
-GENERATOR_VERSION = 2  # in the store key: a store made by an earlier sampler (other rows for a seed) is not reused
+GENERATOR_VERSION = 3  # in the store key: a store made by an earlier sampler (other rows for a seed) is not reused
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,12 @@ class TrueFeatures:
     @functools.cached_property
     def units(self) -> tuple[Members, torch.Tensor]:
         """The independently firing units: each free (ungrouped, parentless) feature, and each group;
-        the features each stands for, and its Poisson rate −log(1 − p) (see `sample`)."""
+        the features each stands for, and its firing probability per token (float64)."""
         free = ((self.group < 0) & (self.parent < 0)).nonzero().squeeze(-1)
         groups = [(self.group == g).nonzero().squeeze(-1) for g in range(int(self.group.max()) + 1)]
         members = [f.reshape(1) for f in free] + groups
         probability = torch.stack([self.firing_probability[f[0]] for f in members]).double()
-        return Members.of(members), -torch.log1p(-probability.clamp(max=1 - 1e-9))
+        return Members.of(members), probability.clamp(max=1)
 
     @functools.cached_property
     def children(self) -> Members:
@@ -198,54 +198,82 @@ def activation_chunks(
     for block, start in enumerate(range(0, n_tokens, BLOCK)):
         digest = hashlib.blake2b(f"{spec.seed}/{stream}/{block}".encode(), digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        yield sample(spec, features, BLOCK, generator)[0][: n_tokens - start]  # whole blocks: the same rows
+        yield _draw(spec, features, BLOCK, generator)[0][: n_tokens - start]  # whole blocks: the same rows
 
 
 def sample(
     spec: SyntheticSpec, features: TrueFeatures, n: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n tokens: their activations [n, d_in] and the true features' coefficients a_i·m_i, a sparse
-    [n, n_features] tensor. Only the features that fire are drawn (about mean_active per token, not
-    n_features): a unit (a free feature, or a group firing as one) with probability p fires on a token
-    when a Poisson process of rate −log(1 − p) has an event there, which is exactly a Bernoulli(p) draw,
-    independent between units; the processes are drawn together, as Poisson counts per token split
-    among the units in proportion to their rates. A parent's children then fire with it at their
-    probability. x is one embedding_bag over the firing features' directions."""
-    unit_features, unit_rate = features.units
-    units = len(unit_features.sizes)
-    counts = torch.poisson(torch.full((n,), float(unit_rate.sum())), generator=generator).long()
-    token = torch.repeat_interleave(torch.arange(n), counts)
-    cdf = torch.cumsum(unit_rate / unit_rate.sum(), 0)  # a categorical draw by inverse CDF (faster than multinomial)
-    drawn = torch.searchsorted(cdf, _sorted_uniforms(counts, generator)).clamp(max=units - 1)
-    # each token's units come sorted, so a unit drawn twice for a token is a neighbour of itself: it fires once
-    key = torch.unique_consecutive(token * units + drawn)
-    token, unit = key // units, key % units
-    token, feature = unit_features.expand(token, unit)
+    """n tokens: their activations [n, d_in] and the true features' coefficients a_i·m_i, a coalesced
+    sparse [n, n_features] tensor (see _draw)."""
+    x, token, feature, magnitude = _draw(spec, features, n, generator)
+    coefficients = torch.sparse_coo_tensor(torch.stack([token, feature]), magnitude, (n, len(features.parent)))
+    return x, coefficients.coalesce()
+
+
+def _draw(
+    spec: SyntheticSpec, features: TrueFeatures, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n tokens: their activations [n, d_in], and the (token, feature, magnitude) of every feature that
+    fires, grouped by token. Only the firing features are drawn (about mean_active per token, not
+    n_features): each unit (a free feature, or a group firing as one) fires on each token with its
+    probability p independently, so the gaps between its firing tokens are Geometric(p), drawn for all
+    units at once; a parent's children then fire with it at their probability. x is one embedding_bag
+    over the firing features' directions."""
+    unit_features, probability = features.units
+    unit, token = _bernoulli_events(probability, n, generator)
+    token, feature = _members(unit_features, unit, token)
     if (features.parent >= 0).any():  # a child fires only with its parent, then at its probability
-        child_token, child = features.children.expand(token, feature)
+        has_children = features.children.sizes[feature] > 0
+        child_token, child = features.children.expand(token[has_children], feature[has_children])
         kept = torch.rand(len(child), generator=generator) < features.firing_probability[child]
         token, feature = torch.cat([token, child_token[kept]]), torch.cat([feature, child[kept]])
-    order = torch.argsort(token * len(features.parent) + feature)
+    order = torch.argsort(token.int(), stable=True)  # int32 keys: a radix sort
     token, feature = token[order], feature[order]
     magnitude = (spec.magnitude_mean + spec.magnitude_std * torch.randn(len(token), generator=generator)).clamp_min(0)
-    offsets = torch.cumsum(torch.bincount(token, minlength=n), 0) - torch.bincount(token, minlength=n)
+    per_token = torch.bincount(token, minlength=n)
+    offsets = torch.cumsum(per_token, 0) - per_token
     x = torch.nn.functional.embedding_bag(feature, features.directions, offsets, mode="sum", per_sample_weights=magnitude)
     if spec.noise_std:
         x += spec.noise_std * torch.randn(x.shape, generator=generator)
-    coefficients = torch.sparse_coo_tensor(
-        torch.stack([token, feature]), magnitude, (n, len(features.parent)), is_coalesced=True, check_invariants=False
-    )
-    return x, coefficients
+    return x, token, feature, magnitude
 
 
-def _sorted_uniforms(counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """counts[t] uniforms for each token t, sorted within each token, token after token: the partial
-    sums of counts[t] + 1 exponentials divided by their total are distributed exactly as sorted
-    uniforms, and cost no sort (one row per token, padded to the largest count)."""
-    width = int(counts.max()) + 1 if len(counts) else 1
-    sums = torch.cumsum(-torch.log1p(-torch.rand(len(counts), width, generator=generator, dtype=torch.float64)), 1)
-    uniforms = sums[:, :-1] / sums.gather(1, counts[:, None])
-    return uniforms[torch.arange(width - 1) < counts[:, None]]
+def _bernoulli_events(
+    probability: torch.Tensor, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit, token) of every event when unit u fires on each of n tokens with probability[u]: per unit, the
+    partial sums of Geometric(p) gaps, drawn a little past the expected count (n·p plus two standard
+    deviations); the few units whose draws end before token n draw on from where they stopped."""
+    units = torch.arange(len(probability))
+    start = torch.full((len(probability),), -1, dtype=torch.long)  # each unit's last event so far
+    unit_parts, token_parts = [], []
+    while len(units):
+        p = probability[units]
+        expected = (n - 1 - start[units]) * p
+        count = (expected + 2 * (expected * (1 - p)).sqrt() + 2).ceil().long()
+        which = torch.repeat_interleave(units, count)
+        uniform = torch.rand(len(which), generator=generator, dtype=torch.float64)
+        gaps = (torch.log1p(-uniform) / torch.log1p(-probability[which])).floor().long() + 1  # p = 1: gap 1
+        ends = torch.cumsum(count, 0)
+        steps = torch.cumsum(gaps, 0)
+        before = torch.cat([steps.new_zeros(1), steps[ends[:-1] - 1]]) - start[units]  # per unit
+        position = steps - torch.repeat_interleave(before, count)
+        inside = position < n
+        unit_parts.append(which[inside])
+        token_parts.append(position[inside])
+        start[units] = position[ends - 1]
+        units = units[start[units] < n]  # every draw fell inside: the next event may still be
+    return torch.cat(unit_parts), torch.cat(token_parts)
+
+
+def _members(unit_features: Members, unit: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, unit) events as (token, feature): a free feature's unit is itself, a group's all its members."""
+    if len(unit_features.flat) == len(unit_features.sizes):  # no groups: no masks over every event
+        return token, unit_features.flat[unit]
+    single = unit_features.sizes[unit] == 1
+    grouped_token, grouped = unit_features.expand(token[~single], unit[~single])
+    return torch.cat([token[single], grouped_token]), torch.cat([unit_features.flat[unit_features.starts[unit[single]]], grouped])
 
 
 def _unit(m: torch.Tensor) -> torch.Tensor:
