@@ -196,3 +196,16 @@ def test_a_setting_beaten_on_stability_and_fidelity_is_off_the_frontier():
 
     a, b, c = setting("a", 0.5, 0.95), setting("b", 0.3, 0.99), setting("c", 0.4, 0.94)
     assert _on_frontier(a, [a, b, c]) and _on_frontier(b, [a, b, c]) and not _on_frontier(c, [a, b, c])
+
+
+def test_bernoulli_events_at_the_extremes_of_probability():
+    """p = 1 fires on every token once, a vanishing p (whose gaps overflow an integer unclamped) never,
+    p = 0.3 on about 30 % of the tokens, each token at most once per unit."""
+    from saesweep.synthetic import _bernoulli_events
+
+    unit, token = _bernoulli_events(torch.tensor([1.0, 1e-30, 0.3], dtype=torch.float64), 5000,
+                                    torch.Generator().manual_seed(0))
+    assert torch.equal(token[unit == 0], torch.arange(5000)) and not (unit == 1).any()
+    fired = token[unit == 2]
+    assert len(fired.unique()) == len(fired) and len(fired) == pytest.approx(1500, abs=4 * math.sqrt(5000 * 0.21))
+    assert fired.min() >= 0 and fired.max() < 5000

@@ -254,7 +254,8 @@ def _bernoulli_events(
         count = (expected + 2 * (expected * (1 - p)).sqrt() + 2).ceil().long()
         which = torch.repeat_interleave(units, count)
         uniform = torch.rand(len(which), generator=generator, dtype=torch.float64)
-        gaps = (torch.log1p(-uniform) / torch.log1p(-probability[which])).floor().long() + 1  # p = 1: gap 1
+        # p = 1: gap 1; a gap past the block is clamped to it (a tiny p's would overflow an integer)
+        gaps = (torch.log1p(-uniform) / torch.log1p(-probability[which])).clamp(max=n).floor().long() + 1
         ends = torch.cumsum(count, 0)
         steps = torch.cumsum(gaps, 0)
         before = torch.cat([steps.new_zeros(1), steps[ends[:-1] - 1]]) - start[units]  # per unit
