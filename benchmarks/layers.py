@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 
 from saesweep.evaluate.layers import LAYERS_FILE, residual_order
+from saesweep.evaluate.sweep import EVALUATION_DIR
 
 
 def layer_of(hook_point: str) -> int:
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--top", type=int, default=10, help="top cross-layer features to print")
     args = parser.parse_args()
-    layers_json = json.loads((args.sweep_dir / "evaluation" / LAYERS_FILE).read_text())
+    layers_json = json.loads((args.sweep_dir / EVALUATION_DIR / LAYERS_FILE).read_text())
     fields = []
     for model in layers_json["models"]:
         print(f"model {model['model']}: features found (matched cosine ≥ {layers_json['found_threshold']}), "

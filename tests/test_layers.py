@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from saesweep.errors import ConfigError
 from saesweep.evaluate import LAYERS_FILE, EvalSettings, LayerSettings, evaluate_sweep
 from saesweep.evaluate.layers import LAYER_FEATURES_FILE, PERSISTENCE_PLOT, residual_order
@@ -118,6 +121,10 @@ def test_activation_similarity_and_outliers_through_the_evaluator(tiny_sweep):
     assert all(0 <= r["share"] <= 1 for r in outliers["runs"].values())
     assert all("basis_direction" in f for f in report["models"][0]["top_features"])
     assert "activation similarity of 3 pairs" in evaluation.layers.console_line()
+    # benchmarks/layers.py reads the figures of #28 from it
+    figures = subprocess.run([sys.executable, str(REPO / "benchmarks" / "layers.py"), str(tiny_sweep)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "seed_pairs_agreement=1.0000 seed_pairs_similarity_share=1.0000" in figures.splitlines()[-1]
 
 
 def test_models_with_different_tokenizers_are_refused_in_one_line(tiny_sweep, tiny_model_dir, tmp_path):
