@@ -5,10 +5,13 @@ the most other layers with their firing frequencies and how many lie along an ou
 often the activation match of two seeds' features is their decoder match. Reads the sweep's
 evaluation/layers.json; prints tables and a `RESULT` line; asserts nothing.
 
-The sweep (4× at each layer, two seeds, the seed experiment's recipe and budget; one ensemble per layer
-and seed), then its evaluation with activation similarity:
-    python train.py experiment=seed_reference -m layer=0,1,2,3,4,5 dict_ratio=4 seed=0,1 \\
-        hydra.sweep.dir=multirun/layers
+The sweep of benchmarks/RESULTS.md (4× at each layer with the seed experiment's recipe, one pass over its 1M
+tokens, and a second seed at layer 2; about 10 minutes on 2 cores), then its evaluation with activation
+similarity (drop `trainer.max_epochs=1` for the seed experiment's three passes):
+    python train.py experiment=seed_reference -m layer=0,1,2,3,4,5 dict_ratio=4 seed=0 trainer.max_epochs=1 \\
+        hydra.sweep.dir=multirun/layers/seed0
+    python train.py experiment=seed_reference -m layer=2 dict_ratio=4 seed=1 trainer.max_epochs=1 \\
+        hydra.sweep.dir=multirun/layers/seed1
     python evaluate.py sweep_dir=multirun/layers activation_similarity=true similarity_tokens=20000
     python benchmarks/layers.py multirun/layers
 """
@@ -19,6 +22,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+import torch
 
 from saesweep.evaluate.layers import LAYERS_FILE, residual_order
 from saesweep.evaluate.sweep import EVALUATION_DIR
@@ -80,9 +85,16 @@ def main() -> None:
             found = ",".join(str(layer_of(h)) for h in f["found_at"])
             print(f"{f['run']:<12} {f['feature']:>7} {layer_of(f['hook_point']):>5} {found:<18} "
                   f"{f['mean_matched_cosine']:>8.3f} {f['frequency']:>10.5f} {where:>28}")
-        aligned = [f["basis_direction"]["outlier_dimension"] for f in top if f.get("basis_direction")]
+        aligned = [f["basis_direction"] for f in top if f.get("basis_direction")]
         if aligned:
-            fields.append(f"top{len(top)}_on_outlier_dimension={sum(aligned) / len(aligned):.3f}")
+            # what "largest |cos| with a basis direction" is for a direction that lies along none
+            random = torch.nn.functional.normalize(torch.randn(10_000, model["d_in"], generator=torch.Generator().manual_seed(0)), dim=1)
+            chance = float(random.abs().max(dim=1).values.mean())
+            print(f"largest |cos| with a basis direction: top features {statistics.fmean(a['abs_cos'] for a in aligned):.3f}, "
+                  f"a random direction in {model['d_in']} dimensions {chance:.3f}")
+            fields.append(f"top{len(top)}_on_outlier_dimension={sum(a['outlier_dimension'] for a in aligned) / len(aligned):.3f}")
+            fields.append(f"top{len(top)}_basis_abs_cos={statistics.fmean(a['abs_cos'] for a in aligned):.3f}")
+            fields.append(f"random_basis_abs_cos={chance:.3f}")
         fields.append(f"top{len(top)}_mean_frequency={statistics.fmean(f['frequency'] for f in top):.5f}")
     similarity = layers_json.get("activation_similarity")
     if similarity:
