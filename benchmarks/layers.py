@@ -87,14 +87,14 @@ def main() -> None:
                   f"{f['mean_matched_cosine']:>8.3f} {f['frequency']:>10.5f} {where:>28}")
         aligned = [f["basis_direction"] for f in top if f.get("basis_direction")]
         if aligned:
+            basis_cos = statistics.fmean(a["abs_cos"] for a in aligned)
             # what "largest |cos| with a basis direction" is for a direction that lies along none
-            random = torch.nn.functional.normalize(torch.randn(10_000, model["d_in"], generator=torch.Generator().manual_seed(0)), dim=1)
-            chance = float(random.abs().max(dim=1).values.mean())
-            print(f"largest |cos| with a basis direction: top features {statistics.fmean(a['abs_cos'] for a in aligned):.3f}, "
+            directions = torch.randn(10_000, model["d_in"], generator=torch.Generator().manual_seed(0))
+            chance = float(torch.nn.functional.normalize(directions, dim=1).abs().max(dim=1).values.mean())
+            print(f"largest |cos| with a basis direction: top features {basis_cos:.3f}, "
                   f"a random direction in {model['d_in']} dimensions {chance:.3f}")
             fields.append(f"top{len(top)}_on_outlier_dimension={sum(a['outlier_dimension'] for a in aligned) / len(aligned):.3f}")
-            fields.append(f"top{len(top)}_basis_abs_cos={statistics.fmean(a['abs_cos'] for a in aligned):.3f}")
-            fields.append(f"random_basis_abs_cos={chance:.3f}")
+            fields += [f"top{len(top)}_basis_abs_cos={basis_cos:.3f}", f"random_basis_abs_cos={chance:.3f}"]
         fields.append(f"top{len(top)}_mean_frequency={statistics.fmean(f['frequency'] for f in top):.5f}")
     similarity = layers_json.get("activation_similarity")
     if similarity:
