@@ -81,6 +81,15 @@ def test_every_architecture_resumes_bit_identically(tmp_path, tiny_model_dir, co
 
 
 @pytest.mark.slow
+def test_a_target_l0_run_resumes_bit_identically(tmp_path, tiny_model_dir, corpus_path):
+    """The controller's coefficient, last L0 and slope come back from the checkpoint: killed after step 12,
+    past its adjustment at step 10, the run ends with the uninterrupted one's coefficient and bits."""
+    overrides = [*_overrides(tiny_model_dir, corpus_path, tmp_path / "store"), "sae=jumprelu", "sae.target_l0=6",
+                 "sae.recipe.lr_warmup_steps=1"]
+    assert_resume_is_bit_identical(tmp_path, overrides, kill_after_step=12)
+
+
+@pytest.mark.slow
 def test_a_synthetic_run_resumes_bit_identically(tmp_path):
     """data=synthetic: the generated store is reused by the killed job's rerun, and the resumed run ends
     with the uninterrupted one's bits."""
@@ -93,9 +102,9 @@ def test_a_synthetic_run_resumes_bit_identically(tmp_path):
     assert_resume_is_bit_identical(tmp_path, overrides)
 
 
-def assert_resume_is_bit_identical(tmp_path, overrides: list[str]) -> None:
-    """The job killed with SIGKILL after its step-8 checkpoint and started again with the same command
-    ends with the same bits as an uninterrupted one."""
+def assert_resume_is_bit_identical(tmp_path, overrides: list[str], kill_after_step: int = 8) -> None:
+    """The job killed with SIGKILL after its checkpoint at `kill_after_step` and started again with the same
+    command ends with the same bits as an uninterrupted one."""
     reference = tmp_path / "uninterrupted"
     done = _start(overrides, reference, step_sleep_s=0)
     output, _ = done.communicate(timeout=300)
@@ -103,8 +112,8 @@ def assert_resume_is_bit_identical(tmp_path, overrides: list[str]) -> None:
 
     run_dir = tmp_path / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
-    killed_at = _kill_after_checkpoint(_start(overrides, run_dir, step_sleep_s=0.15), last, 8)
-    assert 8 <= killed_at < _STEPS and not (run_dir / "metrics.json").exists()
+    killed_at = _kill_after_checkpoint(_start(overrides, run_dir, step_sleep_s=0.15), last, kill_after_step)
+    assert kill_after_step <= killed_at < _STEPS and not (run_dir / "metrics.json").exists()
 
     rerun = _start(overrides, run_dir, step_sleep_s=0)  # the same command again
     output, _ = rerun.communicate(timeout=300)
@@ -120,7 +129,8 @@ def assert_resume_is_bit_identical(tmp_path, overrides: list[str]) -> None:
     for name, tensor in reference_weights.items():
         assert torch.equal(resumed_weights[name], tensor), name
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
-    assert json.loads((run_dir / "cfg.json").read_text())["tokens_trained"] == 8000
+    resumed_cfg, reference_cfg = (json.loads((d / "cfg.json").read_text()) for d in (run_dir, reference))
+    assert resumed_cfg["tokens_trained"] == 8000 and resumed_cfg["sae"] == reference_cfg["sae"]
 
 
 @pytest.mark.slow

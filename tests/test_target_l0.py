@@ -24,6 +24,17 @@ def test_the_coefficient_is_steered_to_the_target_then_frozen_and_recorded(tmp_p
     assert load_sae(tmp_path / "run").hparams["l1_coef"] == pytest.approx(recorded["sae"]["l1_coef"])  # frozen, saved
 
 
+def test_jumprelu_lands_on_the_target_though_its_l0_answers_the_coefficient_late(tmp_path):
+    """JumpReLU's thresholds move about one learning rate a step whatever l0_coef is, so its L0 lags the
+    coefficient by hundreds of steps; steered on L0 alone it ended at 14.0 for a target of 12 (L0 still
+    rising after the freeze). The controller's slope term brings it to 11.36 (seeds 1, 2: 11.62, 11.67)."""
+    cfg = synthetic_cfg(tmp_path / "store", "n_tokens=60000", "trainer.max_epochs=3", "sae.recipe.lr_warmup_steps=20",
+                        "sae=jumprelu", "sae.target_l0=12")
+    result = train(cfg, tmp_path / "run")
+    assert result.metrics["l0"] == pytest.approx(12, rel=0.1)
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text())["sae"]["l0_coef"] < 0.7  # moved from the default
+
+
 def test_target_l0_sets_k_for_topk(tmp_path, tiny_model_dir, corpus_path):
     result = train(tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=none", "sae=topk", "sae.target_l0=7"),
                    tmp_path)
