@@ -51,6 +51,12 @@ def test_tokens_fire_as_specified():
     assert train.shape == (1000, 16) and not torch.equal(train, held_out)
     longer = torch.cat(list(activation_chunks(spec, features, 40_000)))  # a larger n_tokens extends a smaller one
     assert len(longer) == 40_000 and torch.equal(train, longer[:1000])
+    threads = torch.get_num_threads()
+    try:  # blocks drawn one at a time, not side by side: the same rows in the same order
+        torch.set_num_threads(1)
+        assert torch.equal(torch.cat(list(activation_chunks(spec, features, 40_000))), longer)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -200,11 +206,14 @@ def test_a_setting_beaten_on_stability_and_fidelity_is_off_the_frontier():
 
 def test_bernoulli_events_at_the_extremes_of_probability():
     """p = 1 fires on every token once, a vanishing p (whose gaps overflow an integer unclamped) never,
-    p = 0.3 on about 30 % of the tokens, each token at most once per unit."""
+    p = 0.3 on about 30 % of the tokens, each token at most once per unit; draws past the block come back
+    at token n, for the caller to drop."""
     from saesweep.synthetic import _bernoulli_events
 
     unit, token = _bernoulli_events(torch.tensor([1.0, 1e-30, 0.3], dtype=torch.float64), 5000,
                                     torch.Generator().manual_seed(0))
+    assert token.max() == 5000 and token.min() >= 0
+    unit, token = unit[token < 5000], token[token < 5000]
     assert torch.equal(token[unit == 0], torch.arange(5000)) and not (unit == 1).any()
     fired = token[unit == 2]
     assert len(fired.unique()) == len(fired) and len(fired) == pytest.approx(1500, abs=4 * math.sqrt(5000 * 0.21))
