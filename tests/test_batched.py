@@ -119,3 +119,28 @@ def test_members_form_one_group_per_shape():
     module.dropped = {0: "diverged", 4: "diverged"}
     assert module._live_groups() == [[1], [2], [3, 5], [6]]
     assert ensemble(saes, False)._live_groups() == [[i] for i in range(7)]
+
+
+def test_member_adam_steps_each_member_as_adam_does_and_leaves_a_skipped_one_untouched():
+    from saesweep.step import MemberAdam
+
+    members = [[torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(i))),
+                torch.nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(10 + i)))] for i in range(3)]
+    alone = [[torch.nn.Parameter(p.detach().clone()) for p in params] for params in members]
+    optimizer = MemberAdam(members, lrs=[1e-2, 2e-2, 3e-2], betas=(0.9, 0.99))
+    references = [torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99)) for params, lr in zip(alone, (1e-2, 2e-2, 3e-2))]
+    untouched = [p.detach().clone() for p in members[1]]
+    for step in range(3):
+        for params in (*members, *alone):
+            for j, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.1 * (step + 1) + j)
+        optimizer.skip = torch.tensor([False, True, False])
+        optimizer.step()
+        references[0].step()
+        references[2].step()
+    for i in (0, 2):
+        for p, q in zip(members[i], alone[i]):
+            torch.testing.assert_close(p, q)
+            assert optimizer.state[p]["step"] == references[i].state[q]["step"] == 3
+    assert all(torch.equal(p, q) for p, q in zip(members[1], untouched))
+    assert all(optimizer.state[p]["step"] == 0 for p in members[1])

@@ -23,6 +23,7 @@ class MemberAdam(torch.optim.Adam):
         super().__init__(groups, lr=lrs[0], betas=betas, fused=True)
         self.skip: torch.Tensor | None = None
 
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -31,13 +32,25 @@ class MemberAdam(torch.optim.Adam):
         if self.skip is None:
             super().step()
             return loss
-        groups = self.param_groups
-        try:  # the fused kernel skips on `found_inf`, one flag per call: one call per group
-            for group, skip in zip(groups, self.skip.float()):
-                self.param_groups, self.found_inf = [group], skip
-                super().step()
-        finally:
-            self.param_groups, self.found_inf = groups, None
+        # The fused kernel skips on `found_inf`, one flag per call: one call per SAE. Adam.step would also
+        # move each call's step counts on and back (2 operators per SAE); here all move in one each.
+        members = []
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps)
+            members.append((group, params, grads, exp_avgs, exp_avg_sqs, steps))
+        flags = self.skip.float().unbind()
+        all_steps = [count for *_, steps in members for count in steps]
+        torch._foreach_add_(all_steps, 1)
+        for (group, params, grads, exp_avgs, exp_avg_sqs, steps), skip in zip(members, flags, strict=True):
+            if params:
+                beta1, beta2 = group["betas"]
+                torch._fused_adam_(
+                    params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                    beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                    grad_scale=None, found_inf=skip,
+                )
+        torch._foreach_sub_(all_steps, [skip for (*_, steps), skip in zip(members, flags) for _ in steps])
         return loss
 
 
