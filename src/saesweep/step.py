@@ -76,7 +76,7 @@ def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> St
     terms (torch.compile makes one graph for each value of `with_l0`)."""
     step = sae.training_loss(x, dead)
     loss = torch.stack(list(step.losses.values())).sum()
-    mse = (step.x_hat.detach() - x).pow(2).sum(dim=-1).mean()
+    mse = step.losses["mse"].detach()  # not recomputed: a pass over the batch per step
     l0 = (step.feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
     fired = step.feature_acts.detach().amax(dim=0) > 0
     return StepLosses(loss, {name: term.detach() for name, term in step.losses.items()}, mse, l0, fired)

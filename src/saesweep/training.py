@@ -152,9 +152,8 @@ class SaeTrainingModule(L.LightningModule):
             skip[self._member_index[key]] = ~finite
         self.optimizers(use_pl_optimizer=False).skip = skip
         step_tokens = batch.shape[0] * self.trainer.world_size
-        # per SAE: skipped; last: the batch held NaN/Inf
-        flags = torch.cat([skip, ~torch.isfinite(batch).all().reshape(1)])
-        self._step_flags.put((self.global_step, members, step_tokens), flags)
+        # the batch travels with the flags: whether it held the NaN/Inf is asked only of a step that skipped
+        self._step_flags.put((self.global_step, members, step_tokens, batch), skip)
         self.tokens_seen += step_tokens * finite.any()
         self._tokens_seen += step_tokens  # the host's count; a step found skipped is taken back
         self.skipped_steps += ~finite.all()
@@ -227,7 +226,7 @@ class SaeTrainingModule(L.LightningModule):
     def _read_step_flags(self, wait: bool) -> None:
         """Act on the flags of earlier steps that reached the host (on all of them when `wait`):
         count bad steps in a row, warn, drop a member after train.max_bad_steps of them."""
-        for (step, members, step_tokens), host_flags in self._step_flags.ready(wait):
+        for (step, members, step_tokens, batch), host_flags in self._step_flags.ready(wait):
             flags = host_flags.tolist()
             bad = [i for i in members if flags[i]]
             for i in members:
@@ -235,8 +234,8 @@ class SaeTrainingModule(L.LightningModule):
                     self._bad_in_a_row[i] = 0
             if len(bad) == len(members):
                 self._tokens_seen -= step_tokens
-            if bad:
-                self._skip_bad_members(bad, "activations" if flags[-1] else "loss", step)
+            if bad:  # rare: the one place a step's own data is read back at once
+                self._skip_bad_members(bad, "loss" if torch.isfinite(batch).all() else "activations", step)
 
     def coefficients_changed(self) -> None:
         """An SAE's coefficient hyperparameter was changed (sae.target_l0's controller): batched steps

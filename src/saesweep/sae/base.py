@@ -57,7 +57,9 @@ class SaeOutput(NamedTuple):
 
 
 class TrainStep(NamedTuple):
-    losses: dict[str, torch.Tensor]  # named scalar terms (mse, l1, aux_k, l0 ...): their sum is the loss
+    # named scalar terms (mse, l1, aux_k, l0 ...): their sum is the loss; every architecture has "mse",
+    # mean over the batch of ‖x − x̂‖², unweighted (what train/mse logs)
+    losses: dict[str, torch.Tensor]
     x_hat: torch.Tensor
     feature_acts: torch.Tensor
 
