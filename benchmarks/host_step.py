@@ -36,6 +36,7 @@ from saesweep.dispatch import SYNC_OPS, OpCounter
 from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae
 from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
+from saesweep.train import ThrottledProgressBar
 from saesweep.training import SaeTrainingModule
 
 LOG_EVERY = 50  # Lightning's default log_every_n_steps: the counted step is not a logging step
@@ -69,8 +70,8 @@ class StepProbe(L.Callback):
 
 def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted: int, batched: bool = True) -> StepProbe:
     """A Lightning fit of `n_saes` ReLU dictionaries (l1_coef 2, 2.25, 2.5, ...) through saesweep's
-    training module, batches drawn from the resident buffer, with the progress bar and logging a user
-    gets; `batched`: members of one shape in one batched step, or one by one."""
+    training module, batches drawn from the resident buffer, with the progress bar (train.py's) and logging
+    a user gets; `batched`: members of one shape in one batched step, or one by one."""
     stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True)
     module = SaeTrainingModule(
         [ReluSae(d_in, d_sae, l1_coef=2.0 + 0.25 * i) for i in range(n_saes)], metric_prefixes=[f"d{i}/" for i in range(n_saes)] if n_saes > 1 else [""],
@@ -81,7 +82,7 @@ def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted:
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tempfile.mkdtemp()),
         enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[probe], log_every_n_steps=LOG_EVERY,
+        limit_val_batches=0, callbacks=[probe, ThrottledProgressBar()], log_every_n_steps=LOG_EVERY,
     )
     trainer.fit(module, train_dataloaders=ResumableLoader(stream))
     return probe

@@ -316,3 +316,17 @@ def test_a_periodic_evaluation_on_the_last_step_is_not_repeated(tmp_path, tiny_m
     steps.clear()
     train(tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "eval.every_n_steps=10"), tmp_path / "b")
     assert steps == [10, 20, 30, 32]
+
+
+def test_the_progress_bar_is_redrawn_at_most_every_interval_and_on_the_last_batch(tmp_path, tiny_model_dir, corpus_path, monkeypatch):
+    """A run with the progress bar on: train.py's bar draws the first batch, then waits min_interval_s, and
+    always draws an epoch's last batch (so the bar ends full)."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from saesweep import train as train_module
+
+    drawn = []
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda self, t, m, o, b, batch_idx: drawn.append(batch_idx))
+    monkeypatch.setattr(train_module.ThrottledProgressBar, "min_interval_s", 3600.0)
+    train(tiny_cfg(tiny_model_dir, corpus_path, tmp_path / "store", "logger=none", "trainer.enable_progress_bar=true"), tmp_path)
+    assert drawn == [0, 31]  # 32 batches: ceil(8000 / 256)
