@@ -56,15 +56,15 @@ class MemberAdam(torch.optim.Adam):
 
 class StepLosses(NamedTuple):
     loss: torch.Tensor  # what the optimizer minimises: the sum of the terms
-    terms: dict[str, torch.Tensor]  # the architecture's named loss terms
-    mse: torch.Tensor  # ‖x − x̂‖², batch mean (in the training's normalised units)
+    # the architecture's named loss terms; "mse" is ‖x − x̂‖², batch mean (in the training's normalised units)
+    terms: dict[str, torch.Tensor]
     l0: torch.Tensor | None  # only when asked for (logged steps)
     fired: torch.Tensor  # [d_sae] bool: the feature fired on some token of the batch
 
     def map(self, fn) -> StepLosses:
         """`fn` applied to every tensor."""
         terms = {name: fn(term) for name, term in self.terms.items()}
-        return StepLosses(fn(self.loss), terms, fn(self.mse), None if self.l0 is None else fn(self.l0), fn(self.fired))
+        return StepLosses(fn(self.loss), terms, None if self.l0 is None else fn(self.l0), fn(self.fired))
 
     def member(self, j: int) -> StepLosses:
         """Member j's losses, of a group's (whose every tensor has a leading member dimension)."""
@@ -76,10 +76,9 @@ def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> St
     terms (torch.compile makes one graph for each value of `with_l0`)."""
     step = sae.training_loss(x, dead)
     loss = torch.stack(list(step.losses.values())).sum()
-    mse = step.losses["mse"].detach()  # not recomputed: a pass over the batch per step
     l0 = (step.feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
     fired = step.feature_acts.detach().amax(dim=0) > 0
-    return StepLosses(loss, {name: term.detach() for name, term in step.losses.items()}, mse, l0, fired)
+    return StepLosses(loss, {name: term.detach() for name, term in step.losses.items()}, l0, fired)
 
 
 @torch.no_grad()
@@ -129,7 +128,7 @@ def batched_sae_step(
     def member_step(params, buffers, dead, coefficients):
         return torch.func.functional_call(stepper, (params, buffers), (x, dead, with_l0, coefficients))
 
-    out_dims = StepLosses(0, 0, 0, 0 if with_l0 else None, 0)  # l0: None unless asked for
+    out_dims = StepLosses(0, 0, 0 if with_l0 else None, 0)  # l0: None unless asked for
     step = torch.func.vmap(member_step, out_dims=out_dims)(params, buffers, dead, coefficients)
     for name, stacked in buffers.items():
         for sae, value in zip(saes, stacked.unbind()):

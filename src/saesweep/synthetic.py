@@ -250,7 +250,8 @@ def _draw(
     # the block (token n) sort to the end and are cut there.
     shift = max(len(features.parent) - 1, 1).bit_length()
     packed = (token << shift) | feature
-    packed = torch.sort(packed.int() if (n + 1) << shift < 2**31 else packed).values[: int((token < n).sum())].long()
+    packed = torch.sort(packed.int() if (n + 1) << shift < 2**31 else packed).values
+    packed = packed[: int(torch.searchsorted(packed, n << shift))].long()
     token, feature = packed >> shift, packed & ((1 << shift) - 1)
     magnitude = (spec.magnitude_mean + spec.magnitude_std * torch.randn(len(token), generator=generator)).clamp_min(0)
     per_token = torch.bincount(token, minlength=n)
@@ -266,8 +267,8 @@ def _bernoulli_events(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit, token) of every event when unit u fires on each of n tokens with probability[u], and some
     events at token n, past the block (the caller drops them): per unit, the partial sums of Geometric(p)
-    gaps, drawn a little past the expected count (n·p plus one standard deviation); the units (about one in six) whose
-    draws end before token n draw on from where they stopped."""
+    gaps, drawn a little past the expected count (n·p plus one standard deviation); the units (about one in
+    six) whose draws end before token n draw on from where they stopped."""
     units = torch.arange(len(probability))
     per_draw = 1 / torch.log1p(-probability)  # p = 1: −0, so every gap is 1
     start = torch.full((len(probability),), -1, dtype=torch.long)  # each unit's last event so far

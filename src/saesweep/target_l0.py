@@ -71,11 +71,12 @@ class TargetL0(L.Callback):
         for i, l0 in zip(live, l0s):
             key, target = self.controlled[i]
             log_l0 = math.log(max(l0, 1e-2))
+            slope = self.slopes.get(i, 0.0)
             if i in self.log_l0s:
-                slope = (log_l0 - self.log_l0s[i]) / self.every
-                self.slopes[i] = self.slopes.get(i, 0.0) + self.slope_smoothing * (slope - self.slopes.get(i, 0.0))
+                slope += self.slope_smoothing * ((log_l0 - self.log_l0s[i]) / self.every - slope)
+                self.slopes[i] = slope
             self.log_l0s[i] = log_l0
-            change = self.gain * (log_l0 - math.log(target) + self.horizon * self.slopes.get(i, 0.0))
+            change = self.gain * (log_l0 - math.log(target) + self.horizon * slope)
             self.log_coefficients[i] += max(-self.max_step, min(self.max_step, change))
             pl_module.saes[i].hparams[key] = math.exp(self.log_coefficients[i])
         pl_module.coefficients_changed()

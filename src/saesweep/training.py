@@ -199,7 +199,7 @@ class SaeTrainingModule(L.LightningModule):
                 f"{prefix}train/loss": step.loss,
                 **{f"{prefix}train/loss_{name}": term for name, term in step.terms.items()},
                 # reported in raw activation units, comparable with eval/mse and metrics.json
-                f"{prefix}train/mse": step.mse * self.act_scale**2,
+                f"{prefix}train/mse": step.terms["mse"] * self.act_scale**2,
                 f"{prefix}train/l0": step.l0,
                 f"{prefix}train/skipped_steps": self.skipped_steps,
                 f"{prefix}train/dead_fraction": self.dead_features([i]).float().mean(),
