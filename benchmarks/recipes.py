@@ -2,7 +2,10 @@
 per architecture and recipe, the mean over seeds (± half their spread) of L0, FVU, ce_recovered and silent
 latents on every held-out set, and the share of features found again by the other seed; of the recipes
 whose L0 is within ±10 % of the runs' target L0 (a matched comparison), the one with the lowest FVU averaged
-over the held-out sets is marked. Prints a table and a `RESULT` line.
+over the held-out sets is marked. With several sweeps, their runs form one grid; where one of them trained the
+plain recipe of Gao et al. (lr 2e-3, no warm-up, no decay, no clip, AuxK's dead window 200k tokens:
+`benchmarks/plain_topk.py` as a saesweep recipe), each architecture's own recipe (conf/sae/NAME.yaml) is
+compared with it on every held-out set. Prints the tables and a `RESULT` line.
 
 The grid of benchmarks/RESULTS.md ("Recipes per architecture"), about 85 minutes on 2 CPU cores:
     python train.py -m model.path=../shared/reference/model data=jsonl \\
@@ -12,6 +15,16 @@ The grid of benchmarks/RESULTS.md ("Recipes per architecture"), about 85 minutes
         eval_sets=other_sources eval.every_n_steps=100000 hydra.sweep.dir=multirun/recipes
     python evaluate.py sweep_dir=multirun/recipes
     python benchmarks/recipes.py multirun/recipes
+
+The plain recipe on every architecture (two seeds, about 25 minutes), then both grids together:
+    python train.py -m model.path=../shared/reference/model data=jsonl \\
+        data.path=../shared/reference/corpus/train.jsonl.gz \\
+        sae=relu_l1,topk,batchtopk,jumprelu,matryoshka_batchtopk,gated sae.target_l0=32 sae.recipe.lr=2e-3 \\
+        sae.recipe.lr_warmup_steps=0 sae.recipe.lr_decay_fraction=0 sae.recipe.grad_clip_norm=null \\
+        train.dead_window_tokens=200000 seed=0,1 train.ensemble=true eval_sets=other_sources \\
+        eval.every_n_steps=100000 hydra.sweep.dir=multirun/plain_recipe
+    python evaluate.py sweep_dir=multirun/plain_recipe
+    python benchmarks/recipes.py multirun/recipes multirun/plain_recipe
 """
 
 from __future__ import annotations
@@ -22,30 +35,46 @@ import json
 import statistics
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 METRICS = ("l0", "fvu", "ce_recovered", "dead_fraction")
 
 
-def recipe_label(recipe: dict) -> str:
+DEFAULT_DEAD_WINDOW = 1_000_000  # conf/config.yaml's train.dead_window_tokens
+PLAIN = {"lr": 2e-3, "lr_warmup_steps": 0, "lr_decay_fraction": 0, "grad_clip_norm": None}, 200_000
+CONF_SAE = Path(__file__).resolve().parents[1] / "conf" / "sae"
+
+
+def recipe_label(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW) -> str:
     clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
+    window = "" if dead_window == DEFAULT_DEAD_WINDOW else f", dead window {dead_window // 1000}k"
     return (f"lr {recipe['lr']:g}, warm-up {recipe['lr_warmup_steps']}, decay {recipe['lr_decay_fraction']:g}, "
-            f"clip {clip}")
+            f"clip {clip}{window}")
 
 
-def recipe_key(recipe: dict) -> str:
+def recipe_key(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW) -> str:
     clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
-    return f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}"
+    window = "" if dead_window == DEFAULT_DEAD_WINDOW else f"_dw{dead_window // 1000}k"
+    return f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}{window}"
 
 
-def read_grid(sweep: Path) -> tuple[dict, list[str]]:
+def read_grid(sweeps: list[Path]) -> tuple[dict, list[str]]:
     """(architecture, recipe key) → {"label", "seeds": [per-seed values]}, and the held-out sets."""
     grid: dict[tuple[str, str], dict] = {}
+    sets = ["corpus"]
+    for sweep in sweeps:
+        sets = _read_sweep(sweep, grid)
+    return grid, sets
+
+
+def _read_sweep(sweep: Path, grid: dict) -> list[str]:
     sets = ["corpus"]
     with (sweep / "evaluation" / "summary.csv").open() as f:
         for row in csv.DictReader(f):
             if row["status"] != "ok":
                 continue
             cfg = json.loads((sweep / row["run"] / "cfg.json").read_text())
-            recipe = cfg["sae"]["recipe"]
+            recipe, window = cfg["sae"]["recipe"], cfg["train"]["dead_window_tokens"]
             sets = ["corpus", *sorted({k.split("/")[0] for k in row if k.endswith("/fvu")})]
             values = {}
             for set_name in sets:
@@ -53,10 +82,35 @@ def read_grid(sweep: Path) -> tuple[dict, list[str]]:
                 values |= {f"{set_name}:{m}": float(row[prefix + m]) for m in METRICS}
             found = row.get("found_by_other_seed")
             values["found_by_other_seed"] = float(found) / cfg["d_sae"] if found else float("nan")
-            entry = grid.setdefault((row["architecture"], recipe_key(recipe)),
-                                    {"label": recipe_label(recipe), "target_l0": cfg["sae"].get("target_l0"), "seeds": []})
+            entry = grid.setdefault((row["architecture"], recipe_key(recipe, window)),
+                                    {"label": recipe_label(recipe, window), "target_l0": cfg["sae"].get("target_l0"),
+                                     "seeds": []})
             entry["seeds"].append(values)
-    return grid, sets
+    return sets
+
+
+def against_plain(grid: dict, sets: list[str], fields: list[str]) -> None:
+    """Each architecture's own recipe against the plain recipe, set by set: the differences of the seed
+    means, beside the larger seed spread of the two (a difference within it is not told apart)."""
+    plain_key = recipe_key(*PLAIN)
+    print("\neach architecture's own recipe (conf/sae/NAME.yaml) against the plain recipe (own − plain):")
+    for architecture in sorted({a for a, _ in grid}):
+        own = recipe_key(OmegaConf.to_container(OmegaConf.load(CONF_SAE / f"{architecture}.yaml").recipe))
+        if (architecture, own) not in grid or (architecture, plain_key) not in grid:
+            continue
+        cells = []
+        for set_name in sets:
+            for metric in ("fvu", "ce_recovered"):
+                name = f"{set_name}:{metric}"
+                (a, spread_a), (b, spread_b) = (mean_spread([s[name] for s in grid[architecture, key]["seeds"]])
+                                                for key in (own, plain_key))
+                cells.append(f"{set_name} {metric} {a - b:+.4f} (spread {max(spread_a, spread_b):.4f})")
+                fields.append(f"{architecture}_own_minus_plain_{set_name}_{metric}={a - b:.4f}")
+        l0s = [mean_spread([s["corpus:l0"] for s in grid[architecture, key]["seeds"]])[0] for key in (own, plain_key)]
+        target = grid[architecture, own]["target_l0"]
+        off = [f"{who} L0 {l0:.1f}" for who, l0 in zip(("own", "plain"), l0s) if target and abs(l0 / target - 1) > 0.1]
+        print(f"  {architecture:<22} {grid[architecture, own]['label']}: " + "; ".join(cells)
+              + (f"  (not matched: {', '.join(off)}, target {target})" if off else ""))
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -65,9 +119,9 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("sweep_dirs", type=Path, nargs="+", help="evaluated sweeps; their runs form one grid")
     args = parser.parse_args()
-    grid, sets = read_grid(args.sweep_dir)
+    grid, sets = read_grid(args.sweep_dirs)
     columns = [f"{s}:{m}" for s in sets for m in ("fvu", "ce_recovered", "dead_fraction")]
     print(f"{'architecture':<22} {'recipe':<44} {'seeds':>5} {'L0':>6} "
           + " ".join(f"{c:>24}" for c in columns) + f" {'found by other seed':>20}")
@@ -90,6 +144,7 @@ def main() -> None:
     for architecture, (key, fidelity) in sorted(best.items()):
         print(f"  {architecture:<22} {grid[architecture, key]['label']} (mean FVU {fidelity:.4f})")
         fields.append(f"best_{architecture}={key}")
+    against_plain(grid, sets, fields)
     print("RESULT " + " ".join(fields))
 
 
