@@ -9,7 +9,9 @@ Prints its figures and ends with one `RESULT key=value ...` line; asserts nothin
   batch 4096, so compute is negligible), activations resident; bare_step_ms: a plain PyTorch loop over
   the same tensor; saelens_step_ms: SAELens's trainer (when the `bench` extra is installed).
 - resident_draw_act_per_s: batches drawn from the resident buffer at d_in 512, batch 4096 (and the
-  streamed path's rate beside it).
+  streamed path's rate beside it); beside it the ceiling this machine's memory sets, in the same process:
+  `gather_act_per_s`, a bare index_select of the same shuffled rows, and `copy_act_per_s`, a copy of
+  batch-sized contiguous blocks (the same bytes read and written, no gather).
 - ops_per_step / host_syncs_per_step: aten operators dispatched in one steady-state step (no logging
   that step) of an 8-member ensemble of one shape (ReLU, l1_coef differing, d_in 64, d_sae 256, batch
   4096), counted with a TorchDispatchMode, with the batched step and with the per-member loop
@@ -101,6 +103,20 @@ def draw_rate(store, batch: int, device_buffer: bool) -> float:
     return rows / (time.perf_counter() - start)
 
 
+def ceiling_rates(rows: torch.Tensor, batch: int) -> tuple[float, float]:
+    """Activations/s of a bare index_select of shuffled rows into batches, and of copying the same
+    number of contiguous batch-sized blocks: what memory bandwidth allows a draw, with and without a gather."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).split(batch)
+    start = time.perf_counter()
+    for numbers in order:
+        rows.index_select(0, numbers)
+    gather = len(rows) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for block in rows.split(batch):
+        block.clone()
+    return gather, len(rows) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
@@ -130,7 +146,9 @@ def main() -> None:
         wide = torch.randn(args.draw_rows, 512)
         spec = StoreSpec("bench-draw", "0", "hook", {}, "train", 16, len(wide), "float32", TokenFilter())
         draw_store = write_store(Path(tmp) / "draw", spec, wide, shard_tokens=32768)
-        resident = draw_rate(draw_store, batch, True)
+        # the draw and its ceilings in turn, `repeats` times, each its fastest (as the step timings)
+        draws = [(draw_rate(draw_store, batch, True), *ceiling_rates(wide, batch)) for _ in range(args.repeats)]
+        resident, gather, copy = (max(rates) for rates in zip(*draws))
         streamed = draw_rate(draw_store, batch, False)
     print(f"host cost per step (d_in {d}, d_sae {d}, batch {batch}), fastest of {args.repeats}: saesweep {host_ms:.3f} ms "
           f"({', '.join(f'{t:.2f}' for t in host_times)}), bare loop {bare_ms:.3f} ms "
@@ -143,10 +161,12 @@ def main() -> None:
     print(f"8-member ensemble (d_in {d}, d_sae {4 * d}, batch {batch}) per step: batched {batched_ms:.2f} ms, "
           f"looped {looped_ms:.2f} ms ({batched_ms / looped_ms:.2f}×); operators {ops_ratio:.3f}× the loop's")
     print(f"batch draw at d_in 512, batch {batch}: resident {resident / 1e6:.2f}M activations/s, "
-          f"streamed {streamed / 1e6:.2f}M/s")
+          f"streamed {streamed / 1e6:.2f}M/s; this machine's ceiling: a bare gather {gather / 1e6:.2f}M/s, "
+          f"a contiguous copy {copy / 1e6:.2f}M/s")
     result = (
         f"RESULT host_step_ms={host_ms:.3f} bare_step_ms={bare_ms:.3f} host_vs_bare={host_ms / bare_ms:.3f} "
-        f"resident_draw_act_per_s={resident:.0f} streamed_draw_act_per_s={streamed:.0f} "
+        f"resident_draw_act_per_s={resident:.0f} streamed_draw_act_per_s={streamed:.0f} gather_act_per_s={gather:.0f} "
+        f"copy_act_per_s={copy:.0f} resident_draw_vs_gather={resident / gather:.3f} "
         f"ops_per_step_lone={sum(lone.counts.values())} ops_per_step_8_members={sum(ensemble.counts.values())} "
         f"ops_per_step_8_members_looped={sum(looped.counts.values())} ops_batched_vs_looped={ops_ratio:.3f} "
         f"host_syncs_per_step={sum(n for op, n in ensemble.counts.items() if op in SYNC_OPS)} "

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,6 +324,37 @@ def test_resident_rows_give_the_streamed_batches(tmp_path, dtype, buffer_tokens,
             a, b = list(streamed), list(resident)
             assert len(a) == len(b) == len(streamed) and all(x.dtype == torch.float32 for x in b)
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _huge_page_kib(tensor: torch.Tensor) -> int:
+    """KiB of this process's memory on 2 MiB pages in the mappings that hold `tensor` (madvise splits one)."""
+    first, kib, inside = tensor.data_ptr(), 0, False
+    last = first + tensor.numel() * tensor.element_size()
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            inside = start < last and first < end
+        elif inside and line.startswith("AnonHugePages:"):
+            kib += int(line.split()[1])
+    return kib
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="Linux with transparent huge pages")
+def test_resident_rows_on_the_cpu_lie_on_huge_pages(tmp_path):
+    """The resident buffer is asked to lie on 2 MiB pages (a random-row gather missed the TLB on every row of
+    4 KiB pages); an ordinary tensor of the same size, filled the same way, is not (under THP=madvise)."""
+    rows = torch.randn(8192, 512)  # 16 MiB: several whole 2 MiB pages whatever the alignment
+    spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, len(rows), "float32", TokenFilter())
+    store = write_store(tmp_path, spec, rows, shard_tokens=2048)
+    resident = StoreStream(store, 512, 2048, seed=0, device_buffer=True)._resident_rows()
+    assert torch.equal(resident, rows)
+    assert _huge_page_kib(resident) >= 8 * 1024
+    if "[madvise]" in THP.read_text():
+        ordinary = torch.empty_like(rows).copy_(rows)
+        assert _huge_page_kib(ordinary) == 0
 
 
 def test_device_buffer_decides_by_free_memory_and_true_that_cannot_fit_is_refused(tmp_path, monkeypatch):
