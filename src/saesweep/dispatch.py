@@ -12,14 +12,17 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_sel
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every aten operator dispatched while it is active, by name."""
+    """Counts every aten operator dispatched while it is active, by name. Operators of other namespaces
+    pass uncounted: the profiler's `record_function` markers (`profiler::_record_function_enter_new`,
+    two per optimizer call) reach the dispatcher too, but launch no work."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func._schema.name.removeprefix("aten::")] += 1
+        if func.namespace == "aten":
+            self.counts[func._schema.name.removeprefix("aten::")] += 1
         return func(*args, **(kwargs or {}))
 
     @property
