@@ -346,9 +346,11 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 def test_resident_rows_on_the_cpu_lie_on_huge_pages(tmp_path):
     """The resident buffer is asked to lie on 2 MiB pages (a random-row gather missed the TLB on every row of
     4 KiB pages); an ordinary tensor of the same size, filled the same way, is not (under THP=madvise)."""
-    rows = torch.randn(8192, 512)  # 16 MiB: several whole 2 MiB pages whatever the alignment
+    # 64 MiB: over glibc's largest mmap threshold (32 MiB), so a fresh mapping, never reused heap pages
+    # already on 4 KiB pages, as a real resident buffer is
+    rows = torch.randn(32768, 512)
     spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, len(rows), "float32", TokenFilter())
-    store = write_store(tmp_path, spec, rows, shard_tokens=2048)
+    store = write_store(tmp_path, spec, rows, shard_tokens=8192)
     resident = StoreStream(store, 512, 2048, seed=0, device_buffer=True)._resident_rows()
     assert torch.equal(resident, rows)
     assert _huge_page_kib(resident) >= 8 * 1024

@@ -221,8 +221,9 @@ def read_resident(
 def advise_huge_pages(tensor: torch.Tensor) -> bool:
     """Ask Linux to back a CPU tensor's memory (not yet written) with 2 MiB pages. A batch draw reads rows
     at random, each on its own 4 KiB page: every row missed the TLB, and the gather ran at a fifth of a plain
-    copy's speed; on 2 MiB pages it is 1.5× faster (benchmarks/RESULTS.md, host_step.py). Best effort:
-    False where the system does not take the advice (another OS, or transparent huge pages off)."""
+    copy's speed; on 2 MiB pages it is 1.5× faster (benchmarks/RESULTS.md, host_step.py). Pages already
+    touched stay small: it is for a fresh mapping, as a tensor over glibc's mmap threshold (≤ 32 MiB) is.
+    Best effort: False where the system does not take the advice (another OS, or transparent huge pages off)."""
     if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
         return False
     with contextlib.suppress(OSError, AttributeError):
