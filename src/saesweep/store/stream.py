@@ -196,8 +196,7 @@ def read_resident(
     starts = list(itertools.accumulate((s["rows"] for s in shards), initial=0))
     rows = torch.empty(starts[-1], d_in, dtype=dtype, device=device)
     on_gpu = device.type == "cuda"
-    if not on_gpu:
-        advise_huge_pages(rows)
+    advise_huge_pages(rows)
 
     def read_every_nth(first: int) -> None:
         if not on_gpu:
@@ -231,11 +230,8 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
         aligned = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # madvise wants a page-aligned start
         if start + size > aligned:
             madvise = ctypes.CDLL(None, use_errno=True).madvise
-            return madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(start + size - aligned), _MADV_HUGEPAGE) == 0
+            return madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(start + size - aligned), mmap.MADV_HUGEPAGE) == 0
     return False
-
-
-_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 
 
 def resident_rows(setting: bool | str, n_bytes: int, device: torch.device) -> bool:
