@@ -40,9 +40,9 @@ from omegaconf import OmegaConf
 METRICS = ("l0", "fvu", "ce_recovered", "dead_fraction")
 
 
-DEFAULT_DEAD_WINDOW = 1_000_000  # conf/config.yaml's train.dead_window_tokens
+CONF = Path(__file__).resolve().parents[1] / "conf"
+DEFAULT_DEAD_WINDOW = OmegaConf.load(CONF / "config.yaml").train.dead_window_tokens
 PLAIN = {"lr": 2e-3, "lr_warmup_steps": 0, "lr_decay_fraction": 0, "grad_clip_norm": None}, 200_000
-CONF_SAE = Path(__file__).resolve().parents[1] / "conf" / "sae"
 
 
 def recipe_label(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW) -> str:
@@ -95,7 +95,7 @@ def against_plain(grid: dict, sets: list[str], fields: list[str]) -> None:
     plain_key = recipe_key(*PLAIN)
     print("\neach architecture's own recipe (conf/sae/NAME.yaml) against the plain recipe (own − plain):")
     for architecture in sorted({a for a, _ in grid}):
-        own = recipe_key(OmegaConf.to_container(OmegaConf.load(CONF_SAE / f"{architecture}.yaml").recipe))
+        own = recipe_key(OmegaConf.to_container(OmegaConf.load(CONF / "sae" / f"{architecture}.yaml").recipe))
         if (architecture, own) not in grid or (architecture, plain_key) not in grid:
             continue
         cells = []
@@ -108,9 +108,14 @@ def against_plain(grid: dict, sets: list[str], fields: list[str]) -> None:
                 fields.append(f"{architecture}_own_minus_plain_{set_name}_{metric}={a - b:.4f}")
         l0s = [mean_spread([s["corpus:l0"] for s in grid[architecture, key]["seeds"]])[0] for key in (own, plain_key)]
         target = grid[architecture, own]["target_l0"]
-        off = [f"{who} L0 {l0:.1f}" for who, l0 in zip(("own", "plain"), l0s) if target and abs(l0 / target - 1) > 0.1]
+        off = [f"{who} L0 {l0:.1f}" for who, l0 in zip(("own", "plain"), l0s) if not on_target(l0, target)]
         print(f"  {architecture:<22} {grid[architecture, own]['label']}: " + "; ".join(cells)
               + (f"  (not matched: {', '.join(off)}, target {target})" if off else ""))
+
+
+def on_target(l0: float, target: float | None) -> bool:
+    """Whether an L0 is within ±10 % of the runs' target L0 (a matched comparison; no target: always)."""
+    return not target or abs(l0 / target - 1) <= 0.1
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -131,13 +136,13 @@ def main() -> None:
         stats = {name: mean_spread([s[name] for s in seeds]) for name in seeds[0]}
         fidelity = statistics.fmean(stats[f"{s}:fvu"][0] for s in sets)
         target = entry["target_l0"]
-        on_target = target is None or abs(stats["corpus:l0"][0] / target - 1) <= 0.1
-        if on_target and (architecture not in best or fidelity < best[architecture][1]):
+        matched = on_target(stats["corpus:l0"][0], target)
+        if matched and (architecture not in best or fidelity < best[architecture][1]):
             best[architecture] = (key, fidelity)
         cells = " ".join(f"{stats[c][0]:>15.4f} ± {stats[c][1]:.4f}" for c in columns)
         found = stats["found_by_other_seed"]
         print(f"{architecture:<22} {entry['label']:<44} {len(seeds):>5} {stats['corpus:l0'][0]:>6.1f} {cells} "
-              f"{found[0]:>12.3f} ± {found[1]:.3f}" + ("" if on_target else "  (L0 off its target: not compared)"))
+              f"{found[0]:>12.3f} ± {found[1]:.3f}" + ("" if matched else "  (L0 off its target: not compared)"))
         for c in (*columns, "found_by_other_seed"):
             fields.append(f"{architecture}_{key}_{c.replace(':', '_')}={stats[c][0]:.4f}")
     print("\nlowest FVU averaged over the held-out sets, at L0 within ±10 % of the target:")
