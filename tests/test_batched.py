@@ -22,7 +22,7 @@ MEMBERS = {
     "relu_l1": [{"l1_coef": c, "resample_every_tokens": 10 * BATCH} for c in (0.5, 1, 3)],
     "topk": [{"k": 4, "aux_k": 4, "aux_coef": c} for c in (1 / 32, 0.3, 1.0)],
     "batchtopk": [{"k": 4, "aux_coef": c} for c in (1 / 32, 0.3, 1.0)],
-    "matryoshka_batchtopk": [{"k": 4, "aux_coef": c} for c in (1 / 32, 0.3, 1.0)],
+    "matryoshka_batchtopk": [{"k": 4, "aux_coef": c, "resample_every_tokens": 10 * BATCH} for c in (1 / 32, 0.3, 1.0)],
     "jumprelu": [{"l0_coef": c, "bandwidth": b} for c, b in ((0.1, 0.05), (0.7, 0.1), (2.0, 0.05))],
     "gated": [{"l1_coef": c} for c in (0.5, 1, 3)],
 }
@@ -101,7 +101,7 @@ def test_the_batched_step_trains_every_member_as_the_per_member_loop_does(archit
         for name, buffer in a.named_buffers():  # BatchTopK's running threshold
             torch.testing.assert_close(buffer, b.get_buffer(name), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(batched.tokens_since_fired[i], looped.tokens_since_fired[i], rtol=0, atol=0)
-    if architecture == "relu_l1":  # the silenced latents were resampled (their encoder bias reset to 0)
+    if MEMBERS[architecture][0].get("resample_every_tokens"):  # the silenced latents were resampled (bias reset to 0)
         assert (batched.saes[0].b_enc[-D_SAE // 4:] > -1).all()
     elif "topk" in architecture:  # AuxK moved the encoders of latents that are still dead
         dead = batched.dead_features([0])[0]

@@ -239,9 +239,11 @@ def test_aux_k_is_zero_without_dead_latents_and_pulls_dead_ones_toward_the_resid
     assert sae.training_loss(x, dead=dead).losses["aux_k"] < step.losses["aux_k"]
 
 
-def test_resampling_revives_dead_features_and_resets_their_adam_moments():
+@pytest.mark.parametrize("architecture", ["relu_l1", "topk", "batchtopk", "matryoshka_batchtopk"])
+def test_resampling_revives_dead_features_and_resets_their_adam_moments(architecture):
     torch.manual_seed(0)
-    sae = ReluSae(8, 16, resample_every_tokens=100)
+    cls = ARCHITECTURES[architecture]
+    sae = cls(8, 16, resample_every_tokens=100, **({} if architecture == "relu_l1" else {"k": 4}))
     dead = torch.zeros(16, dtype=torch.bool)
     dead[:4] = True
     with torch.no_grad():
@@ -256,7 +258,7 @@ def test_resampling_revives_dead_features_and_resets_their_adam_moments():
         optimizer.state[sae.W_dec]["exp_avg"].fill_(1.0)
     # due only at a resampling boundary: the step that crossed 100 tokens
     assert [sae.revives_after(t, 10) for t in (90, 100, 110)] == [False, True, False]
-    assert not ReluSae(8, 16, resample_every_tokens=0).revives_after(100, 10)
+    assert not cls(8, 16, resample_every_tokens=None).revives_after(100, 10)
     assert sae.revive_dead(torch.zeros_like(dead), x, optimizer, tokens_seen=100, step_tokens=10) is None  # none dead
     revived = sae.revive_dead(dead, x, optimizer, tokens_seen=100, step_tokens=10)
     assert torch.equal(revived, dead)
@@ -264,4 +266,7 @@ def test_resampling_revives_dead_features_and_resets_their_adam_moments():
     assert (sae.b_enc[dead] == 0).all()
     assert (optimizer.state[sae.W_dec]["exp_avg"][dead] == 0).all()
     assert (optimizer.state[sae.W_dec]["exp_avg"][~dead] == 1).all()  # the live features' moments are kept
-    assert (sae(x).feature_acts[:, dead] > 0).any(dim=0).all()  # every revived feature fires again
+    # every revived feature fires again, in TopK's family too: there it reads its input as strongly as a live one
+    assert (sae(x).feature_acts[:, dead] > 0).any(dim=0).all()
+    torch.testing.assert_close(sae.W_enc[:, dead].norm(dim=0),
+                               sae.W_enc[:, ~dead].norm(dim=0).mean().expand(4) * cls.resampled_encoder_norm)

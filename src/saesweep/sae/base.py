@@ -228,6 +228,50 @@ class Sae(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters()}
 
 
+RESAMPLE_EVERY_TOKENS = Hyperparameter(
+    None, "re-initialise the features dead over train.dead_window_tokens each time this many training tokens "
+    "pass (null: never)", integer=True, lowest=1)
+
+
+class ResamplingSae(Sae):
+    """An SAE whose dead features can be resampled (Anthropic's "Towards Monosemanticity" recipe): an
+    architecture that offers it lists RESAMPLE_EVERY_TOKENS among its hyperparameters as
+    `resample_every_tokens` and says how strongly a revived feature starts reading its direction."""
+
+    # a revived feature's encoder column norm, as a multiple of the live columns' mean norm
+    resampled_encoder_norm: ClassVar[float]
+
+    def revives_after(self, tokens_seen: int, step_tokens: int) -> bool:
+        """Every resample_every_tokens training tokens (null: never)."""
+        every = self.hparams["resample_every_tokens"]
+        return bool(every) and tokens_seen // every != (tokens_seen - step_tokens) // every
+
+    @torch.no_grad()
+    def revive_dead(
+        self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, tokens_seen: int, step_tokens: int
+    ) -> torch.Tensor | None:
+        """Each dead feature gets the direction of a batch input drawn with probability ∝ its squared
+        reconstruction loss: its decoder row becomes that unit direction, its encoder column the direction
+        scaled to `resampled_encoder_norm` × the mean norm of the live columns, its bias 0, and the Adam
+        moments of all three are reset."""
+        if not dead.any():
+            return None
+        losses = (self(x).x_hat - x).pow(2).sum(dim=-1)
+        generator = torch.Generator(device=x.device).manual_seed(int(tokens_seen))
+        chosen = torch.multinomial(losses.pow(2) + 1e-12, int(dead.sum()), replacement=True, generator=generator)
+        directions = x[chosen] - self.b_dec
+        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive_norm = self.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else torch.tensor(1.0)
+        self.W_dec[dead] = directions
+        self.W_enc[:, dead] = directions.T * self.resampled_encoder_norm * alive_norm
+        self.b_enc[dead] = 0.0
+        for parameter, rows in ((self.W_dec, dead), (self.W_enc, (slice(None), dead)), (self.b_enc, dead)):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in optimizer.state.get(parameter, {}):
+                    optimizer.state[parameter][moment][rows] = 0.0
+        return dead.clone()
+
+
 @torch.no_grad()
 def normalize_decoders(saes: Sequence[Sae]) -> None:
     """Every decoder row of these SAEs (of one shape) scaled to unit norm."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Hyperparameter, Sae, SaeOutput, TrainStep, mse
+from .base import RESAMPLE_EVERY_TOKENS, Hyperparameter, ResamplingSae, SaeOutput, TrainStep, mse
 
 
-class TopKSae(Sae):
+class TopKSae(ResamplingSae):
     architecture = "topk"
     saelens_architecture = "topk"
     hyperparameters = {
@@ -16,8 +16,11 @@ class TopKSae(Sae):
         "aux_k": Hyperparameter(None, "dead latents that reconstruct the residual (null: d_in // 2, as SAELens)",
                                 integer=True, lowest=1),
         "aux_coef": Hyperparameter(1 / 32, "the AuxK term's weight (Gao et al.: 1/32)"),
+        "resample_every_tokens": RESAMPLE_EVERY_TOKENS,
     }
     per_member_hyperparameters = ("aux_coef",)
+    # as strong as a live feature: on the input it was drawn from it then wins a place among the k
+    resampled_encoder_norm = 1.0
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._sparse_forward(self.pre_acts(x))[1]
