@@ -23,7 +23,6 @@ Prints its figures and ends with one `RESULT key=value ...` line; asserts nothin
 from __future__ import annotations
 
 import argparse
-import collections
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from bench_train import bare_loop  # benchmarks/bench_train.py
 from machine import describe_machine  # benchmarks/machine.py
 
-from saesweep.dispatch import SYNC_OPS, OpCounter
+from saesweep.dispatch import OpCounter
 from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae
 from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
@@ -51,23 +50,24 @@ class StepProbe(L.Callback):
         self.warmup, self.counted = warmup, counted
         self.start = self.end = 0.0
         self.steps = 0
-        self.counter: OpCounter | None = None
-        self.counts: collections.Counter[str] = collections.Counter()
+        self.counter = OpCounter()  # the operators of step `counted`
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
             self.start = time.perf_counter()
         if batch_idx == self.counted:
-            self.counter = OpCounter()
             self.counter.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.counter is not None:
+        if batch_idx == self.counted:
             self.counter.__exit__(None, None, None)
-            self.counts, self.counter = self.counter.counts, None
         if batch_idx >= self.warmup:
             self.steps += 1
             self.end = time.perf_counter()
+
+    @property
+    def ops(self) -> int:
+        return sum(self.counter.counts.values())
 
 
 def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted: int, batched: bool = True) -> StepProbe:
@@ -154,9 +154,8 @@ def main() -> None:
           f"({', '.join(f'{t:.2f}' for t in host_times)}), bare loop {bare_ms:.3f} ms "
           f"({', '.join(f'{t:.2f}' for t in bare_times)}): {host_ms / bare_ms:.2f}×")
     for name, probe in (("lone", lone), ("8-member ensemble, batched", ensemble), ("8-member ensemble, looped", looped)):
-        syncs = {op: n for op, n in probe.counts.items() if op in SYNC_OPS}
-        print(f"{name}: {sum(probe.counts.values())} aten operators in one steady-state step, host syncs: {syncs or 0}")
-    ops_ratio = sum(ensemble.counts.values()) / sum(looped.counts.values())
+        print(f"{name}: {probe.ops} aten operators in one steady-state step, host syncs: {probe.counter.syncs or 0}")
+    ops_ratio = ensemble.ops / looped.ops
     batched_ms, looped_ms = (1000 * (p.end - p.start) / p.steps for p in (ensemble, looped))
     print(f"8-member ensemble (d_in {d}, d_sae {4 * d}, batch {batch}) per step: batched {batched_ms:.2f} ms, "
           f"looped {looped_ms:.2f} ms ({batched_ms / looped_ms:.2f}×); operators {ops_ratio:.3f}× the loop's")
@@ -167,9 +166,9 @@ def main() -> None:
         f"RESULT host_step_ms={host_ms:.3f} bare_step_ms={bare_ms:.3f} host_vs_bare={host_ms / bare_ms:.3f} "
         f"resident_draw_act_per_s={resident:.0f} streamed_draw_act_per_s={streamed:.0f} gather_act_per_s={gather:.0f} "
         f"copy_act_per_s={copy:.0f} resident_draw_vs_gather={resident / gather:.3f} "
-        f"ops_per_step_lone={sum(lone.counts.values())} ops_per_step_8_members={sum(ensemble.counts.values())} "
-        f"ops_per_step_8_members_looped={sum(looped.counts.values())} ops_batched_vs_looped={ops_ratio:.3f} "
-        f"host_syncs_per_step={sum(n for op, n in ensemble.counts.items() if op in SYNC_OPS)} "
+        f"ops_per_step_lone={lone.ops} ops_per_step_8_members={ensemble.ops} "
+        f"ops_per_step_8_members_looped={looped.ops} ops_batched_vs_looped={ops_ratio:.3f} "
+        f"host_syncs_per_step={sum(ensemble.counter.syncs.values())} "
         f"ensemble_step_ms_batched={batched_ms:.3f} ensemble_step_ms_looped={looped_ms:.3f} "
         f"ensemble_batched_vs_looped_time={batched_ms / looped_ms:.3f}"
     )

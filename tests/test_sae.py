@@ -256,9 +256,10 @@ def test_resampling_revives_dead_features_and_resets_their_adam_moments(architec
     assert (sae(x).feature_acts[:, dead] == 0).all()
     with torch.no_grad():
         optimizer.state[sae.W_dec]["exp_avg"].fill_(1.0)
-    # due only at a resampling boundary: the step that crossed 100 tokens
-    assert [sae.revives_after(t, 10) for t in (90, 100, 110)] == [False, True, False]
-    assert not cls(8, 16, resample_every_tokens=None).revives_after(100, 10)
+    # due only at a resampling boundary (the step that crossed 100 tokens), and not in the last interval
+    assert [sae.revives_after(t, 10, total_tokens=1000) for t in (90, 100, 110, 900)] == [False, True, False, True]
+    assert not sae.revives_after(1000, 10, total_tokens=1000) and not sae.revives_after(900, 10, total_tokens=999)
+    assert not cls(8, 16, resample_every_tokens=None).revives_after(100, 10, total_tokens=1000)
     assert sae.revive_dead(torch.zeros_like(dead), x, optimizer, tokens_seen=100, step_tokens=10) is None  # none dead
     revived = sae.revive_dead(dead, x, optimizer, tokens_seen=100, step_tokens=10)
     assert torch.equal(revived, dead)

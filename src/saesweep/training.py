@@ -300,11 +300,12 @@ class SaeTrainingModule(L.LightningModule):
         # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
         optimizer = self.optimizers(use_pl_optimizer=False)
         step_tokens = self._last_batch.shape[0] * self.trainer.world_size
+        total_tokens = self.total_steps * step_tokens
         for members in self._shape_groups(range(len(self.saes))):  # the dropped too, as before
             saes = [self.saes[i] for i in members]
             type(saes[0]).after_optimizer_step(saes)
         for members in self._live_groups():
-            due = [i for i in members if self.saes[i].revives_after(self._tokens_seen, step_tokens)]
+            due = [i for i in members if self.saes[i].revives_after(self._tokens_seen, step_tokens, total_tokens)]
             for i, dead in zip(due, self.dead_features(due).unbind() if due else ()):
                 revived = self.saes[i].revive_dead(dead, self._last_batch, optimizer, self._tokens_seen, step_tokens)
                 if revived is not None:

@@ -189,9 +189,9 @@ class Sae(nn.Module):
         normalize_decoders(saes)
 
     @torch.no_grad()
-    def revives_after(self, tokens_seen: int, step_tokens: int) -> bool:
-        """Whether `revive_dead` is due after the step that took the training to `tokens_seen` tokens
-        (asked after every optimizer step; the dead mask is worked out only when it is)."""
+    def revives_after(self, tokens_seen: int, step_tokens: int, total_tokens: int) -> bool:
+        """Whether `revive_dead` is due after the step that took the training to `tokens_seen` of its
+        `total_tokens` tokens (asked after every optimizer step; the dead mask is worked out only when it is)."""
         return False
 
     def revive_dead(
@@ -241,10 +241,12 @@ class ResamplingSae(Sae):
     # a revived feature's encoder column norm, as a multiple of the live columns' mean norm
     resampled_encoder_norm: ClassVar[float]
 
-    def revives_after(self, tokens_seen: int, step_tokens: int) -> bool:
-        """Every resample_every_tokens training tokens (null: never)."""
+    def revives_after(self, tokens_seen: int, step_tokens: int, total_tokens: int) -> bool:
+        """Every resample_every_tokens training tokens (null: never), but for the last interval: a revived
+        feature trains for a whole interval, or it would be judged as a fresh random direction."""
         every = self.hparams["resample_every_tokens"]
-        return bool(every) and tokens_seen // every != (tokens_seen - step_tokens) // every
+        return (bool(every) and tokens_seen // every != (tokens_seen - step_tokens) // every
+                and tokens_seen + every <= total_tokens)
 
     @torch.no_grad()
     def revive_dead(

@@ -142,8 +142,10 @@ class StoreStream(IterableDataset):
             return
         sizes = [len(b) for b in batches]
         # the epoch's row numbers go to the device in one copy; each batch is then one gather there
-        for numbers_of_batch in torch.cat(batches).to(self.device, non_blocking=True).split(sizes):
-            yield rows.index_select(0, numbers_of_batch).float()
+        numbers = torch.cat(batches).to(self.device, non_blocking=True).split(sizes)
+        gathered = (rows.index_select(0, numbers_of_batch).float() for numbers_of_batch in numbers)
+        # a GPU queues the gather behind the step; on the CPU a thread gathers the next batches meanwhile
+        yield from gathered if rows.is_cuda else _prefetched(gathered, _PREFETCH)
 
     def _resident_rows(self) -> torch.Tensor:
         """Every row of this rank's shards in one tensor on the device, in shard order (read once)."""
