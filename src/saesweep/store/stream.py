@@ -141,11 +141,11 @@ class StoreStream(IterableDataset):
         if not batches:
             return
         sizes = [len(b) for b in batches]
-        # the epoch's row numbers go to the device in one copy; each batch is then one gather there
-        numbers = torch.cat(batches).to(self.device, non_blocking=True).split(sizes)
-        gathered = (rows.index_select(0, numbers_of_batch).float() for numbers_of_batch in numbers)
-        # a GPU queues the gather behind the step; on the CPU a thread gathers the next batches meanwhile
-        yield from gathered if rows.is_cuda else _prefetched(gathered, _PREFETCH)
+        # the epoch's row numbers go to the device in one copy; each batch is then one gather there (on the
+        # CPU not in a prefetch thread: the handoff cost more than the gather, 5.6 against 3.3 ms a step at
+        # d_in 64 in benchmarks/host_step.py on 2 cores)
+        for numbers_of_batch in torch.cat(batches).to(self.device, non_blocking=True).split(sizes):
+            yield rows.index_select(0, numbers_of_batch).float()
 
     def _resident_rows(self) -> torch.Tensor:
         """Every row of this rank's shards in one tensor on the device, in shard order (read once)."""
