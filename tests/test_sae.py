@@ -18,6 +18,8 @@ def test_decoder_rows_start_unit_norm_and_encoder_is_their_scaled_transpose():
     for architecture in ("topk", "batchtopk", "jumprelu"):  # the others start at the plain transpose
         other = ARCHITECTURES[architecture](16, 64)
         torch.testing.assert_close(other.W_enc, other.W_dec.T)
+    scaled = ARCHITECTURES["matryoshka_batchtopk"](16, 64, encoder_init_norm=3.0)  # the TopK family's is a key too
+    torch.testing.assert_close(scaled.W_enc, 3.0 * scaled.W_dec.T)
 
 
 def test_gradient_clipping_is_per_dictionary():

@@ -46,6 +46,11 @@ class Hyperparameter:
         return None
 
 
+def encoder_init_norm(default: float) -> Hyperparameter:
+    """The `encoder_init_norm` key of an architecture that offers it, with its default."""
+    return Hyperparameter(default, "each encoder column starts as its decoder row times this", inclusive=False)
+
+
 # every architecture by its name: a subclass of Sae that sets `architecture` in its own body registers
 # itself there when it is defined (saesweep.sae.ARCHITECTURES is this dict)
 REGISTRY: dict[str, type[Sae]] = {}
@@ -129,10 +134,10 @@ class Sae(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Random unit-norm decoder rows, encoder = decoder transpose (a good start: each feature
-        first reads the direction it writes)."""
+        first reads the direction it writes), scaled by the architecture's `encoder_init_norm` if it has one."""
         self.W_dec.normal_(generator=generator)
         self.normalize_decoder()
-        self.W_enc.copy_(self.W_dec.T)
+        self.W_enc.copy_(self.W_dec.T * self.hparams.get("encoder_init_norm", 1.0))
         self.b_enc.zero_()
         self.b_dec.zero_()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import RESAMPLE_EVERY_TOKENS, Hyperparameter, ResamplingSae, TrainStep, mse
+from .base import RESAMPLE_EVERY_TOKENS, Hyperparameter, ResamplingSae, TrainStep, encoder_init_norm, mse
 
 
 class ReluSae(ResamplingSae):
@@ -16,16 +16,10 @@ class ReluSae(ResamplingSae):
         "l1_coef": Hyperparameter(2.0, "the L1 penalty's weight, on activations normalised to E‖x‖² = d_in"),
         "resample_every_tokens": RESAMPLE_EVERY_TOKENS,
         # Anthropic's April 2024 update, SAELens's decoder_init_norm: small first activations, fewer features killed early
-        "encoder_init_norm": Hyperparameter(0.1, "each encoder column starts as its decoder row times this",
-                                            inclusive=False),
+        "encoder_init_norm": encoder_init_norm(0.1),
     }
     per_member_hyperparameters = ("l1_coef", "encoder_init_norm")
     resampled_encoder_norm = 0.2  # Anthropic's: a revived feature starts weak and grows only where it helps
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        super().reset_parameters(generator)
-        self.W_enc.mul_(self.hparams["encoder_init_norm"])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_acts(x))

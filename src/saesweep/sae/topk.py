@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import RESAMPLE_EVERY_TOKENS, Hyperparameter, ResamplingSae, SaeOutput, TrainStep, mse
+from .base import (
+    RESAMPLE_EVERY_TOKENS,
+    Hyperparameter,
+    ResamplingSae,
+    SaeOutput,
+    TrainStep,
+    encoder_init_norm,
+    mse,
+)
 
 
 class TopKSae(ResamplingSae):
@@ -17,8 +25,9 @@ class TopKSae(ResamplingSae):
                                 integer=True, lowest=1),
         "aux_coef": Hyperparameter(1 / 32, "the AuxK term's weight (Gao et al.: 1/32)"),
         "resample_every_tokens": RESAMPLE_EVERY_TOKENS,
+        "encoder_init_norm": encoder_init_norm(1.0),
     }
-    per_member_hyperparameters = ("aux_coef",)
+    per_member_hyperparameters = ("aux_coef", "encoder_init_norm")
     # as strong as a live feature: on the input it was drawn from it then wins a place among the k
     resampled_encoder_norm = 1.0
 
