@@ -138,4 +138,5 @@ def test_a_hyperparameter_names_what_it_allows():
     assert [sizes.problem(v) for v in (None, [4, 4], [4, 0], "4")] == [
         None, None, "must be a list of positive integers summing to d_sae, or null",
         "must be a list of positive integers summing to d_sae, or null"]
-    assert issubclass(ARCHITECTURES["topk"], Sae) and set(ARCHITECTURES["topk"].defaults()) == {"k", "aux_k", "aux_coef"}
+    assert issubclass(ARCHITECTURES["topk"], Sae) and set(ARCHITECTURES["topk"].defaults()) == {
+        "k", "aux_k", "aux_coef", "resample_every_tokens", "encoder_init_norm"}
