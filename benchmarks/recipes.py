@@ -45,17 +45,25 @@ DEFAULT_DEAD_WINDOW = OmegaConf.load(CONF / "config.yaml").train.dead_window_tok
 PLAIN = {"lr": 2e-3, "lr_warmup_steps": 0, "lr_decay_fraction": 0, "grad_clip_norm": None}, 200_000
 
 
-def recipe_label(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW) -> str:
+def recipe_label(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: float | None = None) -> str:
+    """`init`: the encoder's initial norm where it is not the architecture's default."""
     clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
     window = "" if dead_window == DEFAULT_DEAD_WINDOW else f", dead window {dead_window // 1000}k"
+    init_note = "" if init is None else f", encoder init {init:g}"
     return (f"lr {recipe['lr']:g}, warm-up {recipe['lr_warmup_steps']}, decay {recipe['lr_decay_fraction']:g}, "
-            f"clip {clip}{window}")
+            f"clip {clip}{window}{init_note}")
 
 
-def recipe_key(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW) -> str:
+def recipe_key(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: float | None = None) -> str:
     clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
     window = "" if dead_window == DEFAULT_DEAD_WINDOW else f"_dw{dead_window // 1000}k"
-    return f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}{window}"
+    init_note = "" if init is None else f"_init{init:g}"
+    return f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}{window}{init_note}"
+
+
+def architecture_defaults(architecture: str) -> dict:
+    """The architecture's keys as conf/sae/NAME.yaml sets them, its recipe among them."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / "sae" / f"{architecture}.yaml"))
 
 
 def read_grid(sweeps: list[Path]) -> tuple[dict, list[str]]:
@@ -75,6 +83,8 @@ def _read_sweep(sweep: Path, grid: dict) -> list[str]:
                 continue
             cfg = json.loads((sweep / row["run"] / "cfg.json").read_text())
             recipe, window = cfg["sae"]["recipe"], cfg["train"]["dead_window_tokens"]
+            init = cfg["sae"].get("encoder_init_norm")
+            init = None if init == architecture_defaults(row["architecture"]).get("encoder_init_norm") else init
             sets = ["corpus", *sorted({k.split("/")[0] for k in row if k.endswith("/fvu")})]
             values = {}
             for set_name in sets:
@@ -82,8 +92,8 @@ def _read_sweep(sweep: Path, grid: dict) -> list[str]:
                 values |= {f"{set_name}:{m}": float(row[prefix + m]) for m in METRICS}
             found = row.get("found_by_other_seed")
             values["found_by_other_seed"] = float(found) / cfg["d_sae"] if found else float("nan")
-            entry = grid.setdefault((row["architecture"], recipe_key(recipe, window)),
-                                    {"label": recipe_label(recipe, window), "target_l0": cfg["sae"].get("target_l0"),
+            entry = grid.setdefault((row["architecture"], recipe_key(recipe, window, init)),
+                                    {"label": recipe_label(recipe, window, init), "target_l0": cfg["sae"].get("target_l0"),
                                      "seeds": []})
             entry["seeds"].append(values)
     return sets
@@ -95,7 +105,7 @@ def against_plain(grid: dict, sets: list[str], fields: list[str]) -> None:
     plain_key = recipe_key(*PLAIN)
     print("\neach architecture's own recipe (conf/sae/NAME.yaml) against the plain recipe (own − plain):")
     for architecture in sorted({a for a, _ in grid}):
-        own = recipe_key(OmegaConf.to_container(OmegaConf.load(CONF / "sae" / f"{architecture}.yaml").recipe))
+        own = recipe_key(architecture_defaults(architecture)["recipe"])
         if (architecture, own) not in grid or (architecture, plain_key) not in grid:
             continue
         cells = []
