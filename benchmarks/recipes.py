@@ -45,20 +45,26 @@ DEFAULT_DEAD_WINDOW = OmegaConf.load(CONF / "config.yaml").train.dead_window_tok
 PLAIN = {"lr": 2e-3, "lr_warmup_steps": 0, "lr_decay_fraction": 0, "grad_clip_norm": None}, 200_000
 
 
-def recipe_label(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: float | None = None) -> str:
-    """`init`: the encoder's initial norm where it is not the architecture's default."""
+def recipe_label(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: float | None = None,
+                 resample: int | None = None) -> str:
+    """`init`: the encoder's initial norm where it is not the architecture's default; `resample`: the
+    resampling interval in tokens, if any."""
     clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
     window = "" if dead_window == DEFAULT_DEAD_WINDOW else f", dead window {dead_window // 1000}k"
     init_note = "" if init is None else f", encoder init {init:g}"
+    resample_note = f", resampled every {resample // 1000}k" if resample else ""
     return (f"lr {recipe['lr']:g}, warm-up {recipe['lr_warmup_steps']}, decay {recipe['lr_decay_fraction']:g}, "
-            f"clip {clip}{window}{init_note}")
+            f"clip {clip}{window}{init_note}{resample_note}")
 
 
-def recipe_key(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: float | None = None) -> str:
+def recipe_key(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: float | None = None,
+               resample: int | None = None) -> str:
     clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
     window = "" if dead_window == DEFAULT_DEAD_WINDOW else f"_dw{dead_window // 1000}k"
     init_note = "" if init is None else f"_init{init:g}"
-    return f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}{window}{init_note}"
+    resample_note = f"_rs{resample // 1000}k" if resample else ""
+    return (f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}{window}"
+            f"{init_note}{resample_note}")
 
 
 def architecture_defaults(architecture: str) -> dict:
@@ -92,8 +98,10 @@ def _read_sweep(sweep: Path, grid: dict) -> list[str]:
                 values |= {f"{set_name}:{m}": float(row[prefix + m]) for m in METRICS}
             found = row.get("found_by_other_seed")
             values["found_by_other_seed"] = float(found) / cfg["d_sae"] if found else float("nan")
-            entry = grid.setdefault((row["architecture"], recipe_key(recipe, window, init)),
-                                    {"label": recipe_label(recipe, window, init), "target_l0": cfg["sae"].get("target_l0"),
+            resample = cfg["sae"].get("resample_every_tokens")
+            entry = grid.setdefault((row["architecture"], recipe_key(recipe, window, init, resample)),
+                                    {"label": recipe_label(recipe, window, init, resample),
+                                     "target_l0": cfg["sae"].get("target_l0"),
                                      "seeds": []})
             entry["seeds"].append(values)
     return sets
