@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -49,24 +50,31 @@ def recipe_label(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: flo
                  resample: int | None = None) -> str:
     """`init`: the encoder's initial norm where it is not the architecture's default; `resample`: the
     resampling interval in tokens, if any."""
-    clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
-    window = "" if dead_window == DEFAULT_DEAD_WINDOW else f", dead window {dead_window // 1000}k"
-    init_note = "" if init is None else f", encoder init {init:g}"
-    resample_note = f", resampled every {resample // 1000}k" if resample else ""
-    return (f"lr {recipe['lr']:g}, warm-up {recipe['lr_warmup_steps']}, decay {recipe['lr_decay_fraction']:g}, "
-            f"clip {clip}{window}{init_note}{resample_note}")
+    return ", ".join(label for label, _ in _recipe_parts(recipe, dead_window, init, resample))
 
 
 def recipe_key(recipe: dict, dead_window: int = DEFAULT_DEAD_WINDOW, init: float | None = None,
                resample: int | None = None) -> str:
+    return "_".join(key for _, key in _recipe_parts(recipe, dead_window, init, resample))
+
+
+def _recipe_parts(recipe: dict, dead_window: int, init: float | None, resample: int | None) -> list[tuple[str, str]]:
+    """Each knob of a recipe as (its words in a label, its part of a key); the last three only where set."""
     clip = "none" if recipe["grad_clip_norm"] is None else f"{recipe['grad_clip_norm']:g}"
-    window = "" if dead_window == DEFAULT_DEAD_WINDOW else f"_dw{dead_window // 1000}k"
-    init_note = "" if init is None else f"_init{init:g}"
-    resample_note = f"_rs{resample // 1000}k" if resample else ""
-    return (f"lr{recipe['lr']:g}_w{recipe['lr_warmup_steps']}_d{recipe['lr_decay_fraction']:g}_clip{clip}{window}"
-            f"{init_note}{resample_note}")
+    parts = [(f"lr {recipe['lr']:g}", f"lr{recipe['lr']:g}"),
+             (f"warm-up {recipe['lr_warmup_steps']}", f"w{recipe['lr_warmup_steps']}"),
+             (f"decay {recipe['lr_decay_fraction']:g}", f"d{recipe['lr_decay_fraction']:g}"),
+             (f"clip {clip}", f"clip{clip}")]
+    if dead_window != DEFAULT_DEAD_WINDOW:
+        parts.append((f"dead window {dead_window // 1000}k", f"dw{dead_window // 1000}k"))
+    if init is not None:
+        parts.append((f"encoder init {init:g}", f"init{init:g}"))
+    if resample:
+        parts.append((f"resampled every {resample // 1000}k", f"rs{resample // 1000}k"))
+    return parts
 
 
+@functools.cache
 def architecture_defaults(architecture: str) -> dict:
     """The architecture's keys as conf/sae/NAME.yaml sets them, its recipe among them."""
     return OmegaConf.to_container(OmegaConf.load(CONF / "sae" / f"{architecture}.yaml"))
