@@ -80,6 +80,13 @@ def architecture_defaults(architecture: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF / "sae" / f"{architecture}.yaml"))
 
 
+def own_recipe_key(architecture: str) -> str:
+    """The key of the recipe conf/sae/NAME.yaml gives the architecture, its dead-latent handling included."""
+    defaults = architecture_defaults(architecture)
+    window = defaults["recipe"].get("dead_window_tokens") or DEFAULT_DEAD_WINDOW
+    return recipe_key(defaults["recipe"], window, resample=defaults.get("resample_every_tokens"))
+
+
 def read_grid(sweeps: list[Path]) -> tuple[dict, list[str]]:
     """(architecture, recipe key) → {"label", "seeds": [per-seed values]}, and the held-out sets."""
     grid: dict[tuple[str, str], dict] = {}
@@ -96,7 +103,8 @@ def _read_sweep(sweep: Path, grid: dict) -> list[str]:
             if row["status"] != "ok":
                 continue
             cfg = json.loads((sweep / row["run"] / "cfg.json").read_text())
-            recipe, window = cfg["sae"]["recipe"], cfg["train"]["dead_window_tokens"]
+            recipe = cfg["sae"]["recipe"]
+            window = recipe.get("dead_window_tokens") or cfg["train"]["dead_window_tokens"]
             init = cfg["sae"].get("encoder_init_norm")
             init = None if init == architecture_defaults(row["architecture"]).get("encoder_init_norm") else init
             sets = ["corpus", *sorted({k.split("/")[0] for k in row if k.endswith("/fvu")})]
@@ -121,7 +129,7 @@ def against_plain(grid: dict, sets: list[str], fields: list[str]) -> None:
     plain_key = recipe_key(*PLAIN)
     print("\neach architecture's own recipe (conf/sae/NAME.yaml) against the plain recipe (own − plain):")
     for architecture in sorted({a for a, _ in grid}):
-        own = recipe_key(architecture_defaults(architecture)["recipe"])
+        own = own_recipe_key(architecture)
         if (architecture, own) not in grid or (architecture, plain_key) not in grid:
             continue
         cells = []

@@ -255,6 +255,38 @@ def test_train_dead_fraction_counts_features_silent_over_the_window(tmp_path):
     assert dead_fractions(10**9) == pytest.approx([1 / 3] * 5)  # the whole run: feature 1 fired once, alive
 
 
+def test_each_member_counts_dead_features_over_its_recipes_window():
+    """sae.recipe.dead_window_tokens sets a member's own window; a recipe without one takes the shared
+    train.dead_window_tokens. Both members' features went 0, 5, 50 and 500 tokens without firing."""
+    from saesweep.sae import ReluSae
+    from saesweep.training import SaeTrainingModule
+
+    module = SaeTrainingModule(
+        [ReluSae(2, 4), ReluSae(2, 4)], metric_prefixes=["a/", "b/"], act_scale=1.0,
+        recipes=[Recipe(1e-3, 0, 0.0, None, dead_window_tokens=40), Recipe(1e-3, 0, 0.0, None)],
+        adam_betas=(0.9, 0.999), total_steps=5, max_bad_steps=1, model=None, hook_point="h",
+        resume_key={}, dead_window_tokens=400,
+    )
+    module.tokens_seen.fill_(1000)
+    module.tokens_since_fired = [torch.tensor([0, 5, 50, 500])] * 2
+    assert module.dead_features([0, 1]).tolist() == [[False, False, True, True], [False, False, False, True]]
+    assert module.dead_features([1]).tolist() == [[False, False, False, True]]
+    module.tokens_seen.fill_(30)  # fewer tokens seen than either window: silent on all of them is dead
+    assert module.dead_features([0, 1]).tolist() == [[False, False, True, True]] * 2
+
+
+def test_a_recipes_dead_window_must_be_a_positive_integer_or_null():
+    from saesweep.recipe import recipe_problem
+
+    recipe = {"lr": 1e-3, "lr_warmup_steps": 0, "lr_decay_fraction": 0.0, "grad_clip_norm": None}
+    assert recipe_problem(recipe) is None and Recipe.from_config(recipe).dead_window_tokens is None  # absent: train's
+    assert recipe_problem({**recipe, "dead_window_tokens": 200_000}) is None
+    assert recipe_problem({**recipe, "dead_window_tokens": 0.5}) == (
+        "sae.recipe.dead_window_tokens=0.5 is not allowed: a latent is dead once silent for this many training "
+        "tokens, for AuxK, resampling and train/dead_fraction (integer > 0), or null (or absent) for "
+        "train.dead_window_tokens")
+
+
 @pytest.mark.parametrize(
     "architecture, extra",
     [("relu_l1", []), ("topk", ["sae.k=8"]), ("batchtopk", ["sae.k=8"]), ("jumprelu", []),
@@ -271,7 +303,8 @@ def test_every_architecture_trains_saves_and_reloads(tmp_path, tiny_model_dir, c
     assert cfg_json["sae"]["architecture"] == architecture
     assert cfg_json["sae"].keys() - {"architecture", "recipe"} == ARCHITECTURES[architecture].hyperparameters.keys()
     assert cfg_json["sae"]["recipe"] == OmegaConf.to_container(cfg.sae.recipe)  # the architecture's own recipe
-    assert set(cfg_json["sae"]["recipe"]) == {"lr", "lr_warmup_steps", "lr_decay_fraction", "grad_clip_norm"}
+    assert set(cfg_json["sae"]["recipe"]) == {"lr", "lr_warmup_steps", "lr_decay_fraction", "grad_clip_norm",
+                                              "dead_window_tokens"}
     saved_as = "jumprelu" if "batchtopk" in architecture else architecture
     # cfg.json's "architecture" is SAELens's name of what the weights hold
     assert cfg_json["architecture"] == {"relu_l1": "standard"}.get(saved_as, saved_as)

@@ -1,4 +1,5 @@
-"""How one dictionary is trained: its learning rate, the schedule around it and its gradient clip.
+"""How one dictionary is trained: its learning rate, the schedule around it, its gradient clip and when a latent
+counts as dead.
 
 Each architecture's config carries its own recipe (`sae.recipe` in conf/sae/*.yaml), chosen by measurement
 (benchmarks/RESULTS.md, "Recipes per architecture") rather than shared: the step sizes that suit ReLU/L1
@@ -17,7 +18,10 @@ RECIPE_DOCS = {
     "lr_warmup_steps": "linear warm-up steps (integer ≥ 0; at most train.lr_warmup_max_fraction of the run)",
     "lr_decay_fraction": "share of the steps at the end over which the learning rate decays linearly to 0 ([0, 1])",
     "grad_clip_norm": "the dictionary's gradient clipped to this norm before Adam (> 0), or null for none",
+    "dead_window_tokens": "a latent is dead once silent for this many training tokens, for AuxK, resampling and "
+                          "train/dead_fraction (integer > 0), or null (or absent) for train.dead_window_tokens",
 }
+OPTIONAL_KEYS = {"dead_window_tokens"}  # absent means null: recipes written before the key existed still load
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,14 @@ class Recipe:
     lr_warmup_steps: int
     lr_decay_fraction: float
     grad_clip_norm: float | None
+    dead_window_tokens: int | None = None  # None: train.dead_window_tokens
 
     @classmethod
     def from_config(cls, recipe: Mapping) -> Recipe:
         """The recipe of a `sae.recipe` mapping, checked (a ValueError names the bad key and value)."""
         if problem := recipe_problem(recipe):
             raise ValueError(problem)
-        return cls(**{f.name: recipe[f.name] for f in fields(cls)})
+        return cls(**{f.name: recipe.get(f.name) for f in fields(cls)})
 
     def warmup_steps(self, total_steps: int, max_fraction: float) -> int:
         """The steps of the linear warm-up: lr_warmup_steps, but at most max_fraction of the run, so a short
@@ -61,7 +66,7 @@ def recipe_problem(recipe: object) -> str | None:
     allowed = "; ".join(f"{k}: {doc}" for k, doc in RECIPE_DOCS.items())
     if not isinstance(recipe, Mapping):
         return f"sae.recipe={recipe!r} must be a mapping of {', '.join(RECIPE_DOCS)}"
-    if missing := [k for k in RECIPE_DOCS if k not in recipe]:
+    if missing := [k for k in RECIPE_DOCS if k not in recipe and k not in OPTIONAL_KEYS]:
         return f"sae.recipe lacks {', '.join(missing)}; its keys: {allowed}"
     if unknown := sorted(set(recipe) - set(RECIPE_DOCS)):
         return f"sae.recipe has unknown keys {unknown}; its keys: {allowed}"
@@ -70,12 +75,13 @@ def recipe_problem(recipe: object) -> str | None:
         kinds = (int,) if integer else (int, float)
         return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
 
-    lr, warmup, decay, clip = (recipe[k] for k in RECIPE_DOCS)
+    lr, warmup, decay, clip, window = (recipe.get(k) for k in RECIPE_DOCS)
     checks = {
         "lr": number(lr) and lr > 0,
         "lr_warmup_steps": number(warmup, integer=True) and warmup >= 0,
         "lr_decay_fraction": number(decay) and 0 <= decay <= 1,
         "grad_clip_norm": clip is None or (number(clip) and clip > 0),
+        "dead_window_tokens": window is None or (number(window, integer=True) and window > 0),
     }
     for key, ok in checks.items():
         if not ok:

@@ -55,6 +55,8 @@ class SaeTrainingModule(L.LightningModule):
     batched computation replaces many small kernel launches; on the CPU compute dominates and the
     stacked copies cost more than they save: 136 against 87 ms a step for 8 members at d_sae 256,
     benchmarks/host_step.py); each keeps its own parameters, optimizer state, constraints and metrics.
+    Each counts a feature dead after its recipe's `dead_window_tokens` silent training tokens, or after
+    `dead_window_tokens` (train.dead_window_tokens) when its recipe names none.
     """
 
     def __init__(
@@ -95,7 +97,10 @@ class SaeTrainingModule(L.LightningModule):
         self._step_metrics = DeviceReadback()
         # per SAE and feature: training tokens since it last fired (checkpointed, cut per member in an ensemble)
         self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
-        self.dead_window_tokens = dead_window_tokens
+        # per SAE: the training tokens a feature must stay silent for to count as dead (its recipe's, or the
+        # shared default); from the config, so not checkpointed
+        windows = [recipe.dead_window_tokens or dead_window_tokens for recipe in recipes]
+        self.register_buffer("dead_window_tokens", torch.tensor(windows, dtype=torch.long), persistent=False)
         self._bad_in_a_row = [0] * len(saes)
         # SAEs that diverged, with why: they train no more, their jobs fail, the others go on
         self.dropped: dict[int, str] = {}
@@ -109,7 +114,7 @@ class SaeTrainingModule(L.LightningModule):
         self._shape_keys = [shape_key(sae) for sae in saes]
         # per group of members stepped together: their hyperparameters that differ, one tensor each
         self._coefficients: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-        self._member_index: dict[tuple[int, ...], torch.Tensor] = {}  # the live members, on the device
+        self._member_index: dict[tuple[int, ...], torch.Tensor] = {}  # groups of members, on the device
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_evals: list[EvalResult] = []
@@ -144,12 +149,9 @@ class SaeTrainingModule(L.LightningModule):
             finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
         if len(members) == len(self.saes):
             skip = ~finite
-        else:  # the dropped skip every step; a list index would be copied to the device, and waited for
+        else:  # the dropped skip every step
             skip = torch.ones(len(self.saes), dtype=torch.bool, device=x.device)
-            key = tuple(members)
-            if key not in self._member_index:
-                self._member_index[key] = torch.tensor(members, device=x.device)
-            skip[self._member_index[key]] = ~finite
+            skip[self._device_index(members)] = ~finite
         self.optimizers(use_pl_optimizer=False).skip = skip
         step_tokens = batch.shape[0] * self.trainer.world_size
         # the batch travels with the flags: whether it held the NaN/Inf is asked only of a step that skipped
@@ -244,9 +246,17 @@ class SaeTrainingModule(L.LightningModule):
 
     def dead_features(self, members: Sequence[int]) -> torch.Tensor:
         """[len(members), d_sae] bool: the features of these SAEs (of one d_sae) that did not fire on the
-        last dead_window_tokens training tokens (on all of them while fewer were seen)."""
-        window = torch.clamp(self.tokens_seen, min=1, max=self.dead_window_tokens)
-        return self._since_fired(members) >= window
+        last dead_window_tokens training tokens of each (on all of them while fewer were seen)."""
+        window = torch.minimum(self.dead_window_tokens[self._device_index(members)], self.tokens_seen.clamp(min=1))
+        return self._since_fired(members) >= window[:, None]
+
+    def _device_index(self, members: Sequence[int]) -> torch.Tensor:
+        """These members' indices as a tensor on the device, made once: a list index would be copied to the
+        device at each use, and waited for."""
+        key = tuple(members)
+        if key not in self._member_index:
+            self._member_index[key] = torch.tensor(key, device=self.tokens_seen.device)
+        return self._member_index[key]
 
     def _since_fired(self, members: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.tokens_since_fired[i] for i in members]).to(self.tokens_seen.device)

@@ -234,8 +234,8 @@ class Sae(nn.Module):
 
 
 RESAMPLE_EVERY_TOKENS = Hyperparameter(
-    None, "re-initialise the features dead over train.dead_window_tokens each time this many training tokens "
-    "pass (null: never)", integer=True, lowest=1)
+    None, "re-initialise the features dead over the dead window (sae.recipe.dead_window_tokens) each time this "
+    "many training tokens pass (null: never)", integer=True, lowest=1)
 
 
 class ResamplingSae(Sae):
