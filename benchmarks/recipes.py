@@ -118,6 +118,8 @@ def _read_sweep(sweep: Path, grid: dict) -> list[str]:
             entry = grid.setdefault((row["architecture"], recipe_key(recipe, window, init, resample)),
                                     {"label": recipe_label(recipe, window, init, resample),
                                      "target_l0": cfg["sae"].get("target_l0"),
+                                     # the plain recipe, whatever the architecture's encoder start at the time
+                                     "plain": recipe_key(recipe, window) == recipe_key(*PLAIN) and not resample,
                                      "seeds": []})
             entry["seeds"].append(values)
     return sets
@@ -126,11 +128,11 @@ def _read_sweep(sweep: Path, grid: dict) -> list[str]:
 def against_plain(grid: dict, sets: list[str], fields: list[str]) -> None:
     """Each architecture's own recipe against the plain recipe, set by set: the differences of the seed
     means, beside the larger seed spread of the two (a difference within it is not told apart)."""
-    plain_key = recipe_key(*PLAIN)
     print("\neach architecture's own recipe (conf/sae/NAME.yaml) against the plain recipe (own − plain):")
     for architecture in sorted({a for a, _ in grid}):
         own = own_recipe_key(architecture)
-        if (architecture, own) not in grid or (architecture, plain_key) not in grid:
+        plain_key = min((key for (a, key), entry in grid.items() if a == architecture and entry["plain"]), default=None)
+        if (architecture, own) not in grid or plain_key is None:
             continue
         cells = []
         for set_name in sets:
