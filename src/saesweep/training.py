@@ -280,8 +280,8 @@ class SaeTrainingModule(L.LightningModule):
         when it is alone, and leaves the ensemble (its job fails, the others go on) when it is not."""
         for i in members:
             self._bad_in_a_row[i] += 1
-            whose = f" for {self.metric_prefixes[i].rstrip('/')}" if len(self.saes) > 1 else ""
-            log.warning("step %d skipped%s: NaN/Inf in the %s (%d in a row)", step, whose, what, self._bad_in_a_row[i])
+            log.warning("step %d skipped%s: NaN/Inf in the %s (%d in a row)", step, self._whose(i, "for"), what,
+                        self._bad_in_a_row[i])
             if self._bad_in_a_row[i] < self.max_bad_steps:
                 continue
             checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
@@ -294,6 +294,10 @@ class SaeTrainingModule(L.LightningModule):
             if len(self.dropped) == len(self.saes):
                 raise error
             log.error("%s leaves the ensemble: %s", self.metric_prefixes[i].rstrip("/"), error)
+
+    def _whose(self, i: int, preposition: str) -> str:
+        """" for dict3" naming SAE i in a log line of an ensemble; "" for a lone SAE."""
+        return f" {preposition} {self.metric_prefixes[i].rstrip('/')}" if len(self.saes) > 1 else ""
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for members in self._shape_groups(range(len(self.saes))):
@@ -321,7 +325,8 @@ class SaeTrainingModule(L.LightningModule):
                 if revived is not None:
                     since = self.tokens_since_fired[i]
                     self.tokens_since_fired[i] = torch.where(revived.to(since.device), 0, since)
-                    log.info("step %d: %s%d dead features resampled", self.global_step, self.metric_prefixes[i], int(revived.sum()))
+                    log.info("step %d: %d dead features%s resampled", self.global_step, int(revived.sum()),
+                             self._whose(i, "of"))
 
     def on_train_end(self) -> None:
         self._read_step_flags(wait=True)
