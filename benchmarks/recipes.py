@@ -38,6 +38,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from saesweep.recipe import Recipe
+
 METRICS = ("l0", "fvu", "ce_recovered", "dead_fraction")
 
 
@@ -83,7 +85,7 @@ def architecture_defaults(architecture: str) -> dict:
 def own_recipe_key(architecture: str) -> str:
     """The key of the recipe conf/sae/NAME.yaml gives the architecture, its dead-latent handling included."""
     defaults = architecture_defaults(architecture)
-    window = defaults["recipe"].get("dead_window_tokens") or DEFAULT_DEAD_WINDOW
+    window = Recipe.from_config(defaults["recipe"]).dead_window(DEFAULT_DEAD_WINDOW)
     return recipe_key(defaults["recipe"], window, resample=defaults.get("resample_every_tokens"))
 
 
@@ -104,7 +106,7 @@ def _read_sweep(sweep: Path, grid: dict) -> list[str]:
                 continue
             cfg = json.loads((sweep / row["run"] / "cfg.json").read_text())
             recipe = cfg["sae"]["recipe"]
-            window = recipe.get("dead_window_tokens") or cfg["train"]["dead_window_tokens"]
+            window = Recipe.from_config(recipe).dead_window(cfg["train"]["dead_window_tokens"])
             init = cfg["sae"].get("encoder_init_norm")
             init = None if init == architecture_defaults(row["architecture"]).get("encoder_init_norm") else init
             sets = ["corpus", *sorted({k.split("/")[0] for k in row if k.endswith("/fvu")})]

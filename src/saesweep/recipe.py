@@ -39,6 +39,11 @@ class Recipe:
             raise ValueError(problem)
         return cls(**{f.name: recipe.get(f.name) for f in fields(cls)})
 
+    def dead_window(self, shared: int) -> int:
+        """The training tokens a latent must stay silent for to count as dead: this recipe's window, or the
+        `shared` one (train.dead_window_tokens) when it names none."""
+        return self.dead_window_tokens or shared
+
     def warmup_steps(self, total_steps: int, max_fraction: float) -> int:
         """The steps of the linear warm-up: lr_warmup_steps, but at most max_fraction of the run, so a short
         run still trains at its full learning rate (0 steps: full rate from the first)."""

@@ -99,7 +99,7 @@ class SaeTrainingModule(L.LightningModule):
         self.tokens_since_fired = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes]
         # per SAE: the training tokens a feature must stay silent for to count as dead (its recipe's, or the
         # shared default); from the config, so not checkpointed
-        windows = [recipe.dead_window_tokens or dead_window_tokens for recipe in recipes]
+        windows = [recipe.dead_window(dead_window_tokens) for recipe in recipes]
         self.register_buffer("dead_window_tokens", torch.tensor(windows, dtype=torch.long), persistent=False)
         self._bad_in_a_row = [0] * len(saes)
         # SAEs that diverged, with why: they train no more, their jobs fail, the others go on
