@@ -78,6 +78,7 @@ class SaeTrainingModule(L.LightningModule):
         eval_set_names: Sequence[str] = (HEADLINE_SET,),
     ):
         super().__init__()
+        self.automatic_optimization = False  # training_step steps the optimizer itself
         if not len(saes) == len(metric_prefixes) == len(recipes):
             raise ValueError(f"{len(saes)} SAEs, {len(metric_prefixes)} metric prefixes and {len(recipes)} recipes")
         self.saes = nn.ModuleList(saes)
@@ -127,7 +128,7 @@ class SaeTrainingModule(L.LightningModule):
         """The SAEs in raw activation units and their inference form (what is saved and evaluated)."""
         return [sae.rescaled(float(self.act_scale)).inference_form() for sae in self.saes]
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._read_step_flags(wait=False)  # what earlier steps' flags told, once they reached the host
         self._emit_step_metrics(wait=False)
         x = batch / self.act_scale
@@ -152,7 +153,8 @@ class SaeTrainingModule(L.LightningModule):
         else:  # the dropped skip every step
             skip = torch.ones(len(self.saes), dtype=torch.bool, device=x.device)
             skip[self._device_index(members)] = ~finite
-        self.optimizers(use_pl_optimizer=False).skip = skip
+        optimizer = self.optimizers()
+        optimizer.optimizer.skip = skip
         step_tokens = batch.shape[0] * self.trainer.world_size
         # the batch travels with the flags: whether it held the NaN/Inf is asked only of a step that skipped
         self._step_flags.put((self.global_step, members, step_tokens, batch), skip)
@@ -163,7 +165,16 @@ class SaeTrainingModule(L.LightningModule):
         if log_now:
             self._log_step({i: step.member(j) for group, step in zip(groups, steps) for j, i in enumerate(group)}, distributed)
         # a skipped member's loss is masked to 0; the NaN gradients it leaves are never applied
-        return torch.where(finite, losses, 0.0).sum()
+        loss = torch.where(finite, losses, 0.0).sum()
+        # Optimized by hand: Lightning's automatic loop (its closure, hooks and output checks) cost 0.15–0.3 ms
+        # a step on the host, where the GPU then waits (benchmarks/host_step.py). The step goes through
+        # Lightning's optimizer all the same, which counts global_step, unscales 16-bit gradients and calls
+        # on_before_optimizer_step (the clip) first.
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.optimizer.zero_grad()
+        self.lr_schedulers().step()
+        self._after_optimizer_step(optimizer.optimizer, step_tokens)
 
     def _live_groups(self) -> list[list[int]]:
         """The members not dropped, by shape: each group steps as one computation."""
@@ -308,12 +319,10 @@ class SaeTrainingModule(L.LightningModule):
             if clipped:
                 clip_grad_norms([self.saes[i] for i in clipped], [self.recipes[i].grad_clip_norm for i in clipped])
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # Here and not in on_train_batch_end: callbacks (the periodic checkpoint) run before the
-        # module's on_train_batch_end, and a checkpoint must hold the renormalised decoder.
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        step_tokens = self._last_batch.shape[0] * self.trainer.world_size
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, step_tokens: int) -> None:
+        """The constraints after each update (unit decoder rows), and resampling where it is due. In the
+        step and not in on_train_batch_end: callbacks (the periodic checkpoint) run before the module's
+        on_train_batch_end, and a checkpoint must hold the renormalised decoder."""
         total_tokens = self.total_steps * step_tokens
         for members in self._shape_groups(range(len(self.saes))):  # the dropped too, as before
             saes = [self.saes[i] for i in members]
