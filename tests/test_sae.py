@@ -258,6 +258,7 @@ def test_resampling_revives_dead_features_and_resets_their_adam_moments(architec
     assert (sae(x).feature_acts[:, dead] == 0).all()
     with torch.no_grad():
         optimizer.state[sae.W_dec]["exp_avg"].fill_(1.0)
+        optimizer.state[sae.W_enc]["exp_avg_sq"][:, ~dead] = torch.arange(8.0)[:, None] * torch.linspace(1, 3, 12)
     # due only at a resampling boundary (the step that crossed 100 tokens), and not in the last interval
     assert [sae.revives_after(t, 10, total_tokens=1000) for t in (90, 100, 110, 900)] == [False, True, False, True]
     assert not sae.revives_after(1000, 10, total_tokens=1000) and not sae.revives_after(900, 10, total_tokens=999)
@@ -269,6 +270,9 @@ def test_resampling_revives_dead_features_and_resets_their_adam_moments(architec
     assert (sae.b_enc[dead] == 0).all()
     assert (optimizer.state[sae.W_dec]["exp_avg"][dead] == 0).all()
     assert (optimizer.state[sae.W_dec]["exp_avg"][~dead] == 1).all()  # the live features' moments are kept
+    # a revived feature's second moment is the live ones' mean, input by input: its first updates are no larger
+    torch.testing.assert_close(optimizer.state[sae.W_enc]["exp_avg_sq"][:, dead], 2 * torch.arange(8.0)[:, None].expand(8, 4))
+    assert (optimizer.state[sae.b_enc]["exp_avg_sq"][dead] == optimizer.state[sae.b_enc]["exp_avg_sq"][~dead].mean()).all()
     # every revived feature fires again, in TopK's family too: there it reads its input as strongly as a live one
     assert (sae(x).feature_acts[:, dead] > 0).any(dim=0).all()
     torch.testing.assert_close(sae.W_enc[:, dead].norm(dim=0),

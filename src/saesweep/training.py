@@ -304,11 +304,14 @@ class SaeTrainingModule(L.LightningModule):
             self.dropped[i] = str(error)
             if len(self.dropped) == len(self.saes):
                 raise error
-            log.error("%s leaves the ensemble: %s", self.metric_prefixes[i].rstrip("/"), error)
+            log.error("%s leaves the ensemble: %s", self._run_name(i), error)
 
     def _whose(self, i: int, preposition: str) -> str:
-        """" for dict3" naming SAE i in a log line of an ensemble; "" for a lone SAE."""
-        return f" {preposition} {self.metric_prefixes[i].rstrip('/')}" if len(self.saes) > 1 else ""
+        """" for run 3" naming SAE i by its run directory in a log line of an ensemble; "" for a lone SAE."""
+        return f" {preposition} {self._run_name(i)}" if len(self.saes) > 1 else ""
+
+    def _run_name(self, i: int) -> str:
+        return f"run {self.metric_prefixes[i].rstrip('/')}"
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for members in self._shape_groups(range(len(self.saes))):
@@ -334,8 +337,8 @@ class SaeTrainingModule(L.LightningModule):
                 if revived is not None:
                     since = self.tokens_since_fired[i]
                     self.tokens_since_fired[i] = torch.where(revived.to(since.device), 0, since)
-                    log.info("step %d: %d dead features%s resampled", self.global_step, int(revived.sum()),
-                             self._whose(i, "of"))
+                    log.info("step %d: %d dead features resampled%s", self.global_step, int(revived.sum()),
+                             self._whose(i, "in"))
 
     def on_train_end(self) -> None:
         self._read_step_flags(wait=True)

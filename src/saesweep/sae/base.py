@@ -259,8 +259,10 @@ class ResamplingSae(Sae):
     ) -> torch.Tensor | None:
         """Each dead feature gets the direction of a batch input drawn with probability ∝ its squared
         reconstruction loss: its decoder row becomes that unit direction, its encoder column the direction
-        scaled to `resampled_encoder_norm` × the mean norm of the live columns, its bias 0, and the Adam
-        moments of all three are reset."""
+        scaled to `resampled_encoder_norm` × the mean norm of the live columns, its bias 0. Of the Adam
+        moments of all three, the first is reset to 0 and the second set to the live features' mean: reset to
+        0 as well, under a step count that is not reset, it made a revived feature's first hundred updates
+        3–6× the learning rate (m/√v of a steady gradient), a scatter that killed most of them again."""
         if not dead.any():
             return None
         losses = (self(x).x_hat - x).pow(2).sum(dim=-1)
@@ -272,10 +274,13 @@ class ResamplingSae(Sae):
         self.W_dec[dead] = directions
         self.W_enc[:, dead] = directions.T * self.resampled_encoder_norm * alive_norm
         self.b_enc[dead] = 0.0
-        for parameter, rows in ((self.W_dec, dead), (self.W_enc, (slice(None), dead)), (self.b_enc, dead)):
-            for moment in ("exp_avg", "exp_avg_sq"):
-                if moment in optimizer.state.get(parameter, {}):
-                    optimizer.state[parameter][moment][rows] = 0.0
+        for parameter, feature_dim in ((self.W_dec, 0), (self.W_enc, 1), (self.b_enc, 0)):
+            state = optimizer.state.get(parameter, {})
+            if "exp_avg" in state:
+                state["exp_avg"].index_fill_(feature_dim, dead.nonzero().squeeze(1), 0.0)
+            if "exp_avg_sq" in state:
+                second = state["exp_avg_sq"].movedim(feature_dim, 0)  # a view: features first
+                second[dead] = second[~dead].mean(dim=0) if (~dead).any() else 0.0
         return dead.clone()
 
 
