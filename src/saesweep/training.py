@@ -166,8 +166,8 @@ class SaeTrainingModule(L.LightningModule):
             self._log_step({i: step.member(j) for group, step in zip(groups, steps) for j, i in enumerate(group)}, distributed)
         # a skipped member's loss is masked to 0; the NaN gradients it leaves are never applied
         loss = torch.where(finite, losses, 0.0).sum()
-        # Optimized by hand: Lightning's automatic loop (its closure, hooks and output checks) cost 0.15–0.3 ms
-        # a step on the host, where the GPU then waits (benchmarks/host_step.py). The step goes through
+        # Optimized by hand: Lightning's automatic loop (its closure, hooks and output checks) cost about 0.1 ms
+        # a step more on the host, where the GPU then waits (benchmarks/host_step.py). The step goes through
         # Lightning's optimizer all the same, which counts global_step, unscales 16-bit gradients and calls
         # on_before_optimizer_step (the clip) first.
         self.manual_backward(loss)

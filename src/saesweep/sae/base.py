@@ -277,9 +277,9 @@ class ResamplingSae(Sae):
         for parameter, feature_dim in ((self.W_dec, 0), (self.W_enc, 1), (self.b_enc, 0)):
             state = optimizer.state.get(parameter, {})
             if "exp_avg" in state:
-                state["exp_avg"].index_fill_(feature_dim, dead.nonzero().squeeze(1), 0.0)
+                state["exp_avg"].movedim(feature_dim, 0)[dead] = 0.0  # a view: features first
             if "exp_avg_sq" in state:
-                second = state["exp_avg_sq"].movedim(feature_dim, 0)  # a view: features first
+                second = state["exp_avg_sq"].movedim(feature_dim, 0)
                 second[dead] = second[~dead].mean(dim=0) if (~dead).any() else 0.0
         return dead.clone()
 
