@@ -4,10 +4,11 @@ every run and saying nothing about this one, is filtered out; `SAESWEEP_VERBOSE=
 
 Filtered: Lightning's litlogger/litmodels tips, its "TPU available" line and "`Trainer.fit` stopped"
 line, its pytree deprecation and IterableDataset `__len__` warnings (the activation stream has a length
-on purpose and is read in the main process), its "`weights_only` was not set" line, torch.load's
-`weights_only` FutureWarning, and wandb's console output (run banners and history tables:
-`WANDB_SILENT=true` unless set; the runs are written as before, `wandb sync` uploads them). wandb's
-"anonymous setting has no effect" warning is avoided where it starts (train.make_logger).
+on purpose and is read in the main process), its "`weights_only` was not set" line, its "ModelCheckpoint
+with manual optimization" warning at every periodic checkpoint (saesweep's checkpoint holds the state after
+the step, as resuming needs), torch.load's `weights_only` FutureWarning, and wandb's console output (run
+banners and history tables: `WANDB_SILENT=true` unless set; the runs are written as before, `wandb sync`
+uploads them). wandb's "anonymous setting has no effect" warning is avoided where it starts (train.make_logger).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ NOISY_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Your `IterableDataset` has `__len__` defined",
     r"You are using `torch.load` with `weights_only=False`",
+    # each periodic checkpoint under manual optimization; saesweep's hold the state after the step on purpose
+    r"Using ModelCheckpoint with manual optimization",
 )
 NOISY_LINES = (
     "💡 Tip:",
