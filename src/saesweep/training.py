@@ -124,6 +124,14 @@ class SaeTrainingModule(L.LightningModule):
         self._accumulators: list[MetricAccumulator] = []
         self._eval_saes: list[Sae] = []
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning names the running hook here some 20 times a step; nn.Module's __setattr__ looks for a
+        # parameter, buffer or module of that name each time, about 4 µs on the host (benchmarks/host_step.py)
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def raw_saes(self) -> list[Sae]:
         """The SAEs in raw activation units and their inference form (what is saved and evaluated)."""
         return [sae.rescaled(float(self.act_scale)).inference_form() for sae in self.saes]
@@ -144,7 +152,7 @@ class SaeTrainingModule(L.LightningModule):
         # a member whose loss is not finite gets no Adam step (MemberAdam.skip) and its counters stand
         # still; the host reads the flags a step or more later. Under DDP every rank skips the same
         # members (a min-all-reduce), or their gradient all-reduces would fall out of step.
-        losses = torch.cat([step.loss for step in steps])
+        losses = steps[0].loss if len(steps) == 1 else torch.cat([step.loss for step in steps])
         finite = torch.isfinite(losses)
         if distributed:
             finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
@@ -164,13 +172,12 @@ class SaeTrainingModule(L.LightningModule):
         self._count_firing(groups, [step.fired for step in steps], finite, step_tokens, distributed)
         if log_now:
             self._log_step({i: step.member(j) for group, step in zip(groups, steps) for j, i in enumerate(group)}, distributed)
-        # a skipped member's loss is masked to 0; the NaN gradients it leaves are never applied
-        loss = torch.where(finite, losses, 0.0).sum()
         # Optimized by hand: Lightning's automatic loop (its closure, hooks and output checks) cost about 0.1 ms
         # a step more on the host, where the GPU then waits (benchmarks/host_step.py). The step goes through
         # Lightning's optimizer all the same, which counts global_step, unscales 16-bit gradients and calls
         # on_before_optimizer_step (the clip) first.
-        self.manual_backward(loss)
+        # A skipped member's NaN gradients stay in its own parameters (members share none) and are never applied.
+        self.manual_backward(losses.sum())
         optimizer.step()
         optimizer.optimizer.zero_grad()
         self.lr_schedulers().step()
