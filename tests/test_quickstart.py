@@ -127,16 +127,16 @@ def test_the_table_says_whether_found_again_and_fidelity_rise_with_size():
 
 def test_the_quick_start_on_a_small_reference_folder_prints_the_readme_table(tmp_path, tiny_model_dir, corpus_path):
     """The whole quick start, small: train.py, evaluate.py, then the table whose shape the README shows;
-    the console carries none of the known third-party noise (periodic checkpoints included); the W&B runs are named after their setting
-    and log the learning rate."""
+    the console carries none of the known third-party noise (periodic checkpoints included); the W&B runs
+    are named after their setting and log the learning rate."""
     from test_docs import readme_quickstart_block
 
     ref = reference_folder(tmp_path / "ref", tiny_model_dir, corpus_path)
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "saesweep.quickstart", "--reference", str(ref), "layer=1", "ctx_len=16",
                "n_tokens=8000", "eval.n_tokens=800", "train.batch_size=256", "trainer.max_epochs=2", "dict_ratio=1,2,4",
-               "trainer.enable_progress_bar=false", "train.checkpoint_every_n_steps=20", f"store.dir={tmp_path / 'store'}", "store.shard_tokens=1000",
-               f"hydra.sweep.dir={sweep}"]
+               "trainer.enable_progress_bar=false", "train.checkpoint_every_n_steps=20", f"store.dir={tmp_path / 'store'}",
+               "store.shard_tokens=1000", f"hydra.sweep.dir={sweep}"]
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "HYDRA_FULL_ERROR", "SAESWEEP_VERBOSE")}
     done = subprocess.run(command, cwd=REPO, env=env | {"PYTHONPATH": str(REPO / "src")}, capture_output=True,
                           text=True, timeout=600)
