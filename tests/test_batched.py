@@ -38,11 +38,11 @@ def make_saes(architecture: str) -> list:
     return saes
 
 
-def ensemble(saes: list, batched: bool) -> SaeTrainingModule:
+def ensemble(saes: list, batched: bool, act_scale: float = 1.0, batch_scale: float | None = None) -> SaeTrainingModule:
     return SaeTrainingModule(
-        saes, metric_prefixes=[f"m{i}/" for i in range(len(saes))], act_scale=1.0,
+        saes, metric_prefixes=[f"m{i}/" for i in range(len(saes))], act_scale=act_scale,
         recipes=[Recipe(3e-3, 5, 0.2, 1.0)] * len(saes), adam_betas=(0.9, 0.999), total_steps=STEPS, max_bad_steps=3, model=None, hook_point="h",
-        resume_key={}, dead_window_tokens=2 * BATCH, batched=batched,
+        resume_key={}, dead_window_tokens=2 * BATCH, batched=batched, batch_scale=batch_scale,
     )
 
 
@@ -107,6 +107,23 @@ def test_the_batched_step_trains_every_member_as_the_per_member_loop_does(archit
         dead = batched.dead_features([0])[0]
         moved = (batched.saes[0].W_enc - make_saes(architecture)[0].W_enc).abs().amax(dim=0) > 0
         assert (dead & moved).any()
+
+
+def test_batches_divided_by_the_stream_train_as_batches_the_step_divides(tmp_path):
+    """batch_scale=1 (a stream that divides each batch by the activation scale, as train.py's does) trains
+    the very weights that raw batches divided in the step do."""
+    raw = torch.randn(STEPS, BATCH, D_IN, generator=torch.Generator().manual_seed(0)) * 7.0
+    modules = []
+    for batches, batch_scale in ((raw, None), (raw / 7.0, 1.0)):
+        module = ensemble(make_saes("topk")[:1], batched=False, act_scale=7.0, batch_scale=batch_scale)
+        trainer = L.Trainer(max_epochs=1, logger=False, limit_val_batches=0, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        modules.append(module)
+    assert modules[0].batch_scale == 7.0 and modules[1].batch_scale == 1.0
+    for p, q in zip(modules[0].saes[0].parameters(), modules[1].saes[0].parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(modules[0].saes[0].W_enc, make_saes("topk")[0].W_enc)  # it trained
 
 
 def test_members_form_one_group_per_shape():

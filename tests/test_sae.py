@@ -277,3 +277,16 @@ def test_resampling_revives_dead_features_and_resets_their_adam_moments(architec
     assert (sae(x).feature_acts[:, dead] > 0).any(dim=0).all()
     torch.testing.assert_close(sae.W_enc[:, dead].norm(dim=0),
                                sae.W_enc[:, ~dead].norm(dim=0).mean().expand(4) * cls.resampled_encoder_norm)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_an_architecture_says_whether_its_loss_reads_the_dead_mask(architecture):
+    """The training module hands architectures that do not read it an all-false mask instead of working one
+    out at every step: `reads_dead_mask` must be true exactly where the mask changes the loss."""
+    sae = small(architecture)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for dead in (torch.zeros(32, dtype=torch.bool), torch.ones(32, dtype=torch.bool)):
+        step = sae.training_loss(x, dead)
+        losses.append(torch.stack(list(step.losses.values())).sum().item())
+    assert (losses[0] != losses[1]) == sae.reads_dead_mask

@@ -324,6 +324,15 @@ def test_resident_rows_give_the_streamed_batches(tmp_path, dtype, buffer_tokens,
             a, b = list(streamed), list(resident)
             assert len(a) == len(b) == len(streamed) and all(x.dtype == torch.float32 for x in b)
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # divided by the training's scale: each batch is its raw self / scale, bit for bit, on either path, and the
+    # store's files stay raw
+    for buffer in (False, True):
+        raw = StoreStream(store, 128, buffer_tokens, seed=5, device_buffer=False)
+        scaled = StoreStream(store, 128, buffer_tokens, seed=5, device_buffer=buffer, scale=2.5)
+        for _ in range(2):  # a resident buffer is divided once, not at every epoch
+            assert torch.equal(torch.cat(list(scaled)), torch.cat(list(raw)) / 2.5)
+    unscaled = StoreStream(store, 128, buffer_tokens, seed=5, device_buffer=True)
+    assert torch.equal(torch.cat(list(unscaled)), torch.cat(list(StoreStream(store, 128, buffer_tokens, seed=5))))
 
 
 def _huge_page_kib(tensor: torch.Tensor) -> int:

@@ -193,7 +193,7 @@ def training_plan(
     trainer = make_trainer(cfg, run_dirs[0], trainer_logger, checkpoint_dir, [stop_on_signal, *filter(None, [controller])])
     stream = StoreStream(
         data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size,
-        device_buffer=cfg.store.device_buffer, device=trainer.strategy.root_device,
+        device_buffer=cfg.store.device_buffer, device=trainer.strategy.root_device, scale=data.scale,
     )
     steps = total_steps(cfg.trainer, len(stream))
     shared_key = {
@@ -265,6 +265,7 @@ def training_module(plan: TrainingPlan, saes: Sequence[Sae], data: TrainingData)
         saes,
         metric_prefixes=[member.metric_prefix for member in plan.members],
         act_scale=data.scale,
+        batch_scale=data.scale / plan.stream.scale,  # 1: the stream divides the batches
         recipes=[Recipe.from_config(member.cfg.sae.recipe) for member in plan.members],
         adam_betas=tuple(cfg.train.adam_betas),
         lr_warmup_max_fraction=cfg.train.lr_warmup_max_fraction,

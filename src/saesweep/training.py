@@ -76,6 +76,7 @@ class SaeTrainingModule(L.LightningModule):
         lr_warmup_max_fraction: float = 0.25,
         batched: bool | None = None,
         eval_set_names: Sequence[str] = (HEADLINE_SET,),
+        batch_scale: float | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False  # training_step steps the optimizer itself
@@ -83,6 +84,10 @@ class SaeTrainingModule(L.LightningModule):
             raise ValueError(f"{len(saes)} SAEs, {len(metric_prefixes)} metric prefixes and {len(recipes)} recipes")
         self.saes = nn.ModuleList(saes)
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
+        # what each training batch is divided by before the SAEs see it: act_scale (None) for batches of raw
+        # activations, 1 for a stream that divides them already (StoreStream's scale), which saves an
+        # operator over the whole batch at every step
+        self.batch_scale = float(act_scale if batch_scale is None else batch_scale)
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.metric_prefixes = list(metric_prefixes)
         self.recipes = list(recipes)  # SAE i's learning rate, schedule and gradient clip
@@ -116,6 +121,7 @@ class SaeTrainingModule(L.LightningModule):
         # per group of members stepped together: their hyperparameters that differ, one tensor each
         self._coefficients: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         self._member_index: dict[tuple[int, ...], torch.Tensor] = {}  # groups of members, on the device
+        self._none_dead_masks: dict[tuple[int, ...], torch.Tensor] = {}  # per group, for architectures without AuxK
         # Kept outside the module tree on purpose: the LM must not enter checkpoints or the optimizer.
         object.__setattr__(self, "lm", model)
         self.last_evals: list[EvalResult] = []
@@ -139,7 +145,7 @@ class SaeTrainingModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._read_step_flags(wait=False)  # what earlier steps' flags told, once they reached the host
         self._emit_step_metrics(wait=False)
-        x = batch / self.act_scale
+        x = batch if self.batch_scale == 1.0 else batch / self.batch_scale
         self._last_batch = x  # for the architectures that revive dead features after the step
         # Lightning's own test for "this step's metrics reach the loggers": L0 (a pass over the whole
         # batch × d_sae activations, ~6 % of a CPU step) is computed only then
@@ -200,7 +206,7 @@ class SaeTrainingModule(L.LightningModule):
     def _group_step(self, members: list[int], x: torch.Tensor, log_now: bool) -> StepLosses:
         """The step of a group of members of one shape: every field with a leading member dimension."""
         saes = [self.saes[i] for i in members]
-        dead = self.dead_features(members)
+        dead = self.dead_features(members) if saes[0].reads_dead_mask else self._none_dead(members, saes[0].d_sae)
         if len(members) == 1:
             return self._step(saes[0], x, dead[0], log_now).map(lambda t: t[None])
         key = tuple(members)
@@ -275,6 +281,13 @@ class SaeTrainingModule(L.LightningModule):
         if key not in self._member_index:
             self._member_index[key] = torch.tensor(key, device=self.tokens_seen.device)
         return self._member_index[key]
+
+    def _none_dead(self, members: Sequence[int], d_sae: int) -> torch.Tensor:
+        """An all-false dead mask for these members, made once."""
+        key = tuple(members)
+        if key not in self._none_dead_masks:
+            self._none_dead_masks[key] = torch.zeros(len(members), d_sae, dtype=torch.bool, device=self.tokens_seen.device)
+        return self._none_dead_masks[key]
 
     def _since_fired(self, members: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.tokens_since_fired[i] for i in members]).to(self.tokens_seen.device)

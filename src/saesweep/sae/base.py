@@ -86,6 +86,9 @@ class Sae(nn.Module):
     # the hyperparameters that SAEs of one shape may differ in and still share one batched ensemble
     # step: those its training step reads only as numbers (a coefficient), not those that set a shape (k)
     per_member_hyperparameters: ClassVar[tuple[str, ...]] = ()
+    # whether training_loss reads its `dead` mask (AuxK); when not, the step is given no dead feature and the
+    # mask is not worked out from the counters at every step
+    reads_dead_mask: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any):
         """Registers an architecture under the name its own body gives (`architecture`). Names are not

@@ -28,6 +28,7 @@ class TopKSae(ResamplingSae):
         "encoder_init_norm": encoder_init_norm(1.0),
     }
     per_member_hyperparameters = ("aux_coef", "encoder_init_norm")
+    reads_dead_mask = True  # AuxK
     # as strong as a live feature: on the input it was drawn from it then wins a place among the k
     resampled_encoder_norm = 1.0
 

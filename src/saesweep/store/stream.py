@@ -55,6 +55,9 @@ class StoreStream(IterableDataset):
     Under data parallelism (`world_size` processes) rank r reads only the shards r, r + world_size, …
     in batches of batch_size / world_size rows, so the ranks' batches together make one batch of
     batch_size; every rank stops after the same number of batches (the smallest part's), as DDP needs.
+
+    Every batch comes divided by `scale` (the training's activation scale, 1: raw activations): a resident
+    float32 buffer is divided once, streamed shards in the reader thread, so no training step divides a batch.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class StoreStream(IterableDataset):
         world_size: int = 1,
         device_buffer: bool | str = False,
         device: torch.device | str = "cpu",
+        scale: float = 1.0,
     ):
         manifest = store.manifest()
         if not (manifest and manifest["complete"]):
@@ -88,6 +92,7 @@ class StoreStream(IterableDataset):
         self.batch_size = batch_size // world_size
         self.buffer_tokens = max(buffer_tokens // world_size, self.batch_size)
         self.seed = seed
+        self.scale = float(scale)
         # the part with the fewest rows sets every rank's batch count
         self._n_batches = min(
             math.ceil(sum(s["rows"] for s in manifest["shards"][r::world_size]) / self.batch_size)
@@ -126,7 +131,7 @@ class StoreStream(IterableDataset):
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.shards), generator=generator).tolist()
         # the next shard is read and checked in another thread while this one is shuffled
-        shards = _prefetched((self.store.read_shard(self.shards[i]).float() for i in order), depth=1)
+        shards = _prefetched((self._scaled(self.store.read_shard(self.shards[i]).float()) for i in order), depth=1)
         batches = itertools.islice(self._shuffled(shards, generator), len(self))
         yield from itertools.islice(_prefetched(batches, _PREFETCH), skip, None)
 
@@ -144,15 +149,23 @@ class StoreStream(IterableDataset):
         # the epoch's row numbers go to the device in one copy; each batch is then one gather there (on the
         # CPU not in a prefetch thread: the handoff cost more than the gather, 5.6 against 3.3 ms a step at
         # d_in 64 in benchmarks/host_step.py on 2 cores)
+        scaled = rows.dtype == torch.float32  # divided once when read; other dtypes after the cast to float32
         for numbers_of_batch in torch.cat(batches).to(self.device, non_blocking=True).split(sizes):
-            yield rows.index_select(0, numbers_of_batch).float()
+            batch = rows.index_select(0, numbers_of_batch)
+            yield batch if scaled else self._scaled(batch.float())
 
     def _resident_rows(self) -> torch.Tensor:
         """Every row of this rank's shards in one tensor on the device, in shard order (read once)."""
         if self._rows is None:
             dtype = STORE_DTYPES[self.store.spec.dtype]
             self._rows = read_resident(self.store, self.shards, self.d_in, dtype, self.device)
+            if dtype == torch.float32:
+                self._scaled(self._rows)
         return self._rows
+
+    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (float32, this stream's own) divided by the scale, in place."""
+        return rows if self.scale == 1.0 else rows.div_(self.scale)
 
     def _shuffled(self, chunks: Iterator[torch.Tensor], generator: torch.Generator) -> Iterator[torch.Tensor]:
         """The chunks' rows (activations [n, d_in], or row numbers [n]) mixed through the shuffle buffer
