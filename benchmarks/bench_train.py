@@ -26,7 +26,7 @@ from machine import describe_machine  # benchmarks/machine.py
 from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae, Sae, TopKSae
 from saesweep.store import ActivationStore, StoreSpec, StoreStream, TokenFilter, write_store
-from saesweep.training import SaeTrainingModule
+from saesweep.training import SaeTrainingModule, activation_scale
 
 # where Lightning's accelerator="auto" trains: the peak and the bare loop are measured there too
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,6 +98,14 @@ class _StepTimer(L.Callback):
             self.end = time.perf_counter()
 
 
+def normalised_stream(store: ActivationStore, batch: int, device_buffer: bool, device) -> tuple[StoreStream, float]:
+    """The training stream as train.py makes it, batches divided by the activation scale (here the store's
+    first shard's), and that scale: a module given it as act_scale takes the batches with batch_scale=1."""
+    scale = activation_scale(store.read_shard(store.manifest()["shards"][0]))
+    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=device_buffer, device=device, scale=scale)
+    return stream, scale
+
+
 def saesweep_lightning(
     store: ActivationStore, d_in: int, d_sae: int, batch: int, precision: str, compile: bool = False,
     saes: list[Sae] | None = None, device_buffer: bool = False,
@@ -105,11 +113,11 @@ def saesweep_lightning(
     """Activations/s of saesweep's training module under Lightning, fed from the store (streamed from
     disk, or `device_buffer`: resident on the device): in the steady state (after 3 warm-up steps), and
     over the whole `fit` (start-up included). Default SAE: ReLU/L1; `saes`: an ensemble of them."""
-    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=device_buffer, device=DEVICE)
+    stream, scale = normalised_stream(store, batch, device_buffer, DEVICE)
     saes = saes or [ReluSae(d_in, d_sae, l1_coef=2.0)]
     module = SaeTrainingModule(
-        saes, metric_prefixes=[""] if len(saes) == 1 else [f"d{i}/" for i in range(len(saes))], act_scale=1.0,
-        recipes=[Recipe(1e-3, 1, 0.0, None)] * len(saes), adam_betas=(0.9, 0.999), total_steps=len(stream),
+        saes, metric_prefixes=[""] if len(saes) == 1 else [f"d{i}/" for i in range(len(saes))], act_scale=scale,
+        batch_scale=1.0, recipes=[Recipe(1e-3, 1, 0.0, None)] * len(saes), adam_betas=(0.9, 0.999), total_steps=len(stream),
         max_bad_steps=10, model=None, hook_point="", resume_key={}, compile=compile,
     )
     timer = _StepTimer(warmup=3)

@@ -30,7 +30,7 @@ from pathlib import Path
 import lightning as L
 import saelens_contender  # benchmarks/saelens_contender.py
 import torch
-from bench_train import bare_loop  # benchmarks/bench_train.py
+from bench_train import bare_loop, normalised_stream  # benchmarks/bench_train.py
 from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.dispatch import OpCounter
@@ -38,7 +38,7 @@ from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae
 from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
 from saesweep.train import ThrottledProgressBar
-from saesweep.training import SaeTrainingModule, activation_scale
+from saesweep.training import SaeTrainingModule
 
 LOG_EVERY = 50  # Lightning's default log_every_n_steps: the counted step is not a logging step
 
@@ -75,8 +75,7 @@ def saesweep_fit(store, n_saes: int, d_in: int, d_sae: int, batch: int, counted:
     training module, batches drawn from the resident buffer and divided by the activation scale there (as
     train.py has them), with the progress bar (train.py's) and logging a user gets; `batched`: members of one
     shape in one batched step, or one by one."""
-    scale = activation_scale(store.read_shard(store.manifest()["shards"][0]))
-    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True, scale=scale)
+    stream, scale = normalised_stream(store, batch, device_buffer=True, device="cpu")
     module = SaeTrainingModule(
         [ReluSae(d_in, d_sae, l1_coef=2.0 + 0.25 * i) for i in range(n_saes)], metric_prefixes=[f"d{i}/" for i in range(n_saes)] if n_saes > 1 else [""],
         act_scale=scale, batch_scale=1.0, recipes=[Recipe(1e-3, 1, 0.0, None)] * n_saes, adam_betas=(0.9, 0.999),

@@ -22,12 +22,18 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from bench_train import DEVICE, _sync, bare_loop, saesweep_lightning  # benchmarks/bench_train.py
+from bench_train import (  # benchmarks/bench_train.py
+    DEVICE,
+    _sync,
+    bare_loop,
+    normalised_stream,
+    saesweep_lightning,
+)
 from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae
-from saesweep.store import StoreSpec, StoreStream, TokenFilter, write_store
+from saesweep.store import StoreSpec, TokenFilter, write_store
 from saesweep.store.stream import read_resident
 from saesweep.training import SaeTrainingModule
 
@@ -104,9 +110,9 @@ class Timeline(L.Callback):
 
 def fit(store, d_in: int, d_sae: int, batch: int, probe: L.Callback) -> float:
     """One ReLU dictionary's fit from the resident buffer with `probe` as its callback; its seconds."""
-    stream = StoreStream(store, batch, buffer_tokens=4 * batch, seed=0, device_buffer=True, device=DEVICE)
+    stream, scale = normalised_stream(store, batch, device_buffer=True, device=DEVICE)
     module = SaeTrainingModule(
-        [ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=1.0,
+        [ReluSae(d_in, d_sae, l1_coef=2.0)], metric_prefixes=[""], act_scale=scale, batch_scale=1.0,
         recipes=[Recipe(1e-3, 1, 0.0, None)], adam_betas=(0.9, 0.999), total_steps=len(stream), max_bad_steps=10, model=None,
         hook_point="", resume_key={},
     )
