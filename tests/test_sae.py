@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from saesweep.recipe import Recipe
 from saesweep.sae import (
@@ -8,6 +9,7 @@ from saesweep.sae import (
     ReluSae,
     geometric_median,
 )
+from saesweep.step import sae_step
 
 
 def test_decoder_rows_start_unit_norm_and_encoder_is_their_scaled_transpose():
@@ -290,3 +292,65 @@ def test_an_architecture_says_whether_its_loss_reads_the_dead_mask(architecture)
         step = sae.training_loss(x, dead)
         losses.append(torch.stack(list(step.losses.values())).sum().item())
     assert (losses[0] != losses[1]) == sae.reads_dead_mask
+
+
+class _MatmulShapes(TorchDispatchMode):
+    """The output shapes of the matrix products dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name.removeprefix("aten::") in ("mm", "addmm", "bmm", "baddbmm"):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("architecture", ["relu_l1", "gated"])
+def test_encoder_is_the_centred_affine_map_without_a_batch_sized_matmul_for_the_decoder_bias(architecture):
+    sae = small(architecture)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    bias = sae.b_enc if architecture == "relu_l1" else sae.b_gate
+    plain = (x - sae.b_dec) @ sae.W_enc + bias
+    expected = torch.autograd.grad(plain.pow(2).sum(), (sae.W_enc, bias, sae.b_dec))
+    with _MatmulShapes() as matmuls:
+        pre = sae.pre_acts(x)
+        got = torch.autograd.grad(pre.pow(2).sum(), (sae.W_enc, bias, sae.b_dec))
+    torch.testing.assert_close(pre, plain)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    # b_dec's gradient comes from the batch sum: no [batch, d_in] product in the backward
+    assert (64, 8) not in matmuls.shapes and (64, 32) in matmuls.shapes
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_topk_training_step_equals_the_dense_top_k_with_auxk_in_loss_gradients_and_firing(architecture):
+    """The training step gathers the chosen latents and decodes sparsely; the reference here builds the
+    dense activations and masks the live latents out of AuxK's top-k."""
+    sae = small(architecture, aux_k=6, aux_coef=0.5)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[0, 3, 7, 11, 20]] = True  # fewer than aux_k: live latents stand in and add nothing
+    params = list(sae.parameters())
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if architecture == "topk":
+        values, indices = pre.topk(4, dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    else:
+        acts = sae.batch_topk(pre)
+    x_hat = acts @ sae.W_dec + sae.b_dec
+    aux_values, aux_indices = pre.masked_fill(~dead, -torch.inf).topk(6, dim=-1)
+    aux_recon = torch.zeros_like(pre).scatter(-1, aux_indices, torch.relu(aux_values)) @ sae.W_dec
+    aux = (aux_recon - (x - x_hat).detach()).pow(2).sum(-1).mean() * 5 / 6
+    expected_loss = (x_hat - x).pow(2).sum(-1).mean() + 0.5 * aux
+    expected_grads = torch.autograd.grad(expected_loss, params)
+
+    step = sae_step(sae, x, dead, with_l0=True)
+    torch.testing.assert_close(step.terms["aux_k"], 0.5 * aux.detach())
+    for got, expected in zip(torch.autograd.grad(step.loss, params), expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(step.fired, (acts > 0).any(dim=0)) and 0 < int(step.fired.sum()) < 32
+    assert step.l0 == (acts > 0).sum(-1).float().mean()

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from saesweep.sae import Sae
+from saesweep.sae import Sae, TrainStep
 
 
 class MemberAdam(torch.optim.Adam):
@@ -79,8 +79,17 @@ def sae_step(sae: Sae, x: torch.Tensor, dead: torch.Tensor, with_l0: bool) -> St
     step = sae.training_loss(x, dead)
     loss = functools.reduce(operator.add, step.losses.values())  # n - 1 operators; a stack and sum take two more
     l0 = (step.feature_acts > 0).sum(dim=-1).float().mean() if with_l0 else None
-    fired = step.feature_acts.detach().amax(dim=0) > 0
+    fired = _fired(step, sae.d_sae)
     return StepLosses(loss, {name: term.detach() for name, term in step.losses.items()}, l0, fired)
+
+
+@torch.no_grad()
+def _fired(step: TrainStep, d_sae: int) -> torch.Tensor:
+    """[d_sae] bool: the features active on some token of the step's batch."""
+    if step.indices is None:
+        return step.feature_acts.amax(dim=0) > 0
+    active = (step.feature_acts > 0).to(step.feature_acts.dtype).flatten()
+    return torch.zeros(d_sae, dtype=active.dtype, device=active.device).index_add(0, step.indices.flatten(), active) > 0
 
 
 @torch.no_grad()

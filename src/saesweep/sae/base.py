@@ -66,7 +66,10 @@ class TrainStep(NamedTuple):
     # mean over the batch of ‖x − x̂‖², unweighted (what train/mse logs)
     losses: dict[str, torch.Tensor]
     x_hat: torch.Tensor
+    # [batch, d_sae]; or, from an architecture that keeps a few latents per token, [batch, k], the
+    # activations of the latents `indices` names (the dense form would cost a pass of its own)
     feature_acts: torch.Tensor
+    indices: torch.Tensor | None = None
 
 
 class Sae(nn.Module):
@@ -146,7 +149,7 @@ class Sae(nn.Module):
 
     # -- the forward pass -------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return encoder_affine(x, self.b_dec, self.W_enc, self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -297,6 +300,16 @@ def normalize_decoders(saes: Sequence[Sae]) -> None:
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The tensors (of one shape) stacked; one alone is viewed, not copied."""
     return tensors[0][None] if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def encoder_affine(x: torch.Tensor, b_dec: torch.Tensor, W: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(x − b_dec) @ W + bias. Autograd would give b_dec its gradient through a [batch, d_in] matmul
+    and then sum it over the batch; here the batch sum comes first and the rest is a vector–matrix
+    product, −(Σ_batch ∂out) @ Wᵀ, through a term whose value is exactly zero: one of the training
+    step's big matmuls fewer (of three in a TopK step, six in a dense one). The bias rides in the matmul."""
+    zero = b_dec - b_dec.detach()
+    out = torch.addmm(bias - zero @ W.detach(), (x - b_dec.detach()).reshape(-1, x.shape[-1]), W)
+    return out.reshape(*x.shape[:-1], W.shape[-1])
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,9 @@ class BatchTopKSae(TopKSae):
         self._update_threshold(feature_acts)
         x_hat = self.decode(feature_acts)
         losses = self.reconstruction_losses(feature_acts, x_hat, x)
-        losses["aux_k"] = self.hparams["aux_coef"] * self.aux_k_loss(pre, x - x_hat, dead)
+        aux = self.aux_latents(pre, dead)
+        aux_k = self.aux_k_loss(pre.gather(-1, aux.indices), aux, x - x_hat, dead)
+        losses["aux_k"] = self.hparams["aux_coef"] * aux_k
         return TrainStep(losses, x_hat, feature_acts)
 
     def reconstruction_losses(self, feature_acts: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Hyperparameter, Sae, TrainStep, mse
+from .base import Hyperparameter, Sae, TrainStep, encoder_affine, mse
 
 
 class GatedSae(Sae):
@@ -39,9 +39,8 @@ class GatedSae(Sae):
                 getattr(self, name).zero_()
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        centred = x - self.b_dec
-        gate = centred @ self.W_enc + self.b_gate
-        magnitude = torch.relu(centred @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+        gate = encoder_affine(x, self.b_dec, self.W_enc, self.b_gate)
+        magnitude = torch.relu(encoder_affine(x, self.b_dec, self.W_enc * self.r_mag.exp(), self.b_mag))
         return gate, magnitude
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:

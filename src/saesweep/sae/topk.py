@@ -48,19 +48,33 @@ class TopKSae(ResamplingSae):
 
     def training_loss(self, x: torch.Tensor, dead: torch.Tensor) -> TrainStep:
         pre = self.pre_acts(x)
-        x_hat, feature_acts = self._sparse_forward(pre)
-        losses = {"mse": mse(x_hat, x), "aux_k": self.hparams["aux_coef"] * self.aux_k_loss(pre, x - x_hat, dead)}
-        return TrainStep(losses, x_hat, feature_acts)
+        k = self.hparams["k"]
+        with torch.no_grad():  # chosen without autograd: the values are gathered from `pre` after
+            top = pre.topk(k, dim=-1, sorted=False)
+            aux = self.aux_latents(pre, dead)
+        # one gather for both choices: its backward is the step's one [batch, d_sae] pass before the encoder's
+        picked = pre.gather(-1, torch.cat([top.indices, aux.indices], dim=-1))
+        values = torch.relu(picked[..., :k])
+        x_hat = sparse_decode(values, top.indices, self.W_dec) + self.b_dec
+        aux_k = self.aux_k_loss(picked[..., k:], aux, x - x_hat, dead)
+        return TrainStep({"mse": mse(x_hat, x), "aux_k": self.hparams["aux_coef"] * aux_k}, x_hat, values, top.indices)
 
-    def aux_k_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK: the top aux_k dead latents of each token reconstruct the part of x the live ones missed
-        (no decoder bias), scaled by the share of dead latents up to 1 (as SAELens). Zero when none is dead.
-        The live latents are masked out of a top-k over all of them: no host sync for the dead count."""
+    @torch.no_grad()
+    def aux_latents(self, pre: torch.Tensor, dead: torch.Tensor):
+        """Per token, its `aux_k` largest pre-activations among the dead latents (values, indices). Where
+        fewer are dead a live latent stands in, at −inf: the top-k is over all latents, so that the
+        dead count needs no host sync."""
         aux_k = min(self.hparams["aux_k"] or self.d_in // 2, self.d_sae)
-        values, indices = pre.masked_fill(~dead, -torch.inf).topk(aux_k, dim=-1, sorted=False)
-        aux_recon = sparse_decode(torch.relu(values), indices, self.W_dec)  # relu(-inf) = 0: a live latent adds nothing
-        aux = (aux_recon - residual.detach()).pow(2).sum(dim=-1).mean()
-        return aux * (dead.sum() / (self.hparams["aux_k"] or self.d_in // 2)).clamp(max=1.0)
+        return torch.where(dead, pre, -torch.inf).topk(aux_k, dim=-1, sorted=False)
+
+    def aux_k_loss(self, aux_pre: torch.Tensor, aux, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK: the top aux_k dead latents of each token (`aux`, from `aux_latents`; `aux_pre` their
+        pre-activations, with gradient) reconstruct the part of x the live ones missed (no decoder
+        bias), scaled by the share of dead latents up to 1 (as SAELens). Zero when none is dead."""
+        aux_values = torch.relu(aux_pre) * (aux.values > -torch.inf)  # a stand-in live latent adds nothing
+        aux_recon = sparse_decode(aux_values, aux.indices, self.W_dec)
+        aux_error = (aux_recon - residual.detach()).pow(2).sum(dim=-1).mean()
+        return aux_error * (dead.sum() / (self.hparams["aux_k"] or self.d_in // 2)).clamp(max=1.0)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
