@@ -38,6 +38,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def step_matmul_flops(d_in: int, d_sae: int, dense_decoder: bool = True) -> int:
+    """The matmul FLOPs of a training step per activation row, which the utilisations divide by the peak:
+    the encoder's forward and weight gradient (b_dec's gradient through it is a vector product, see
+    `encoder_affine`), and a dense decoder's forward, weight and input gradients; a TopK decoder gathers k rows."""
+    return (10 if dense_decoder else 4) * d_in * d_sae
+
+
 def matmul_peak_flops(repeats: int = 10, dtype: torch.dtype = torch.float32, n: int = PEAK_N) -> float:
     """Matmul FLOP/s on DEVICE in `dtype` (float32 at default precision: on a GPU, no TF32, as saesweep trains)."""
     a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
@@ -149,7 +156,7 @@ def main() -> None:
     if args.only_topk:
         print("RESULT" + topk_rows(args, matmul_peak_flops()))
         return
-    flops_per_row = 12 * args.d_in * args.d_sae
+    flops_per_row = step_matmul_flops(args.d_in, args.d_sae)
     peak = matmul_peak_flops()
     print(f"float32 matmul peak on {DEVICE.type} ({PEAK_N}², measured): {peak / 1e9:.1f} GFLOP/s")
 

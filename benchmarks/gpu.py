@@ -9,8 +9,10 @@ line; asserts nothing. About 3–5 minutes on an H200; without a GPU it refuses 
 
     python benchmarks/gpu.py [--steps 200] [--d-in 512] [--batch 4096]
 
-FLOPs per activation: a dense SAE step costs 12·d_in·d_sae (encoder and decoder matmuls, forward and
-backward); TopK's decoder reads k rows, so its step is counted as 6·d_in·d_sae (the encoder alone).
+FLOPs per activation: the matmuls saesweep's step does (bench_train's `step_matmul_flops`), 10·d_in·d_sae
+for a dense SAE (the encoder's forward and weight gradient, the decoder's forward, weight and input
+gradients) and 4·d_in·d_sae for TopK (the encoder alone: its decoder reads k rows). Before 2026-12-05
+(stop 43) the step also took b_dec's gradient through a [batch, d_in] matmul: 12 and 6 then.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import saelens_contender  # benchmarks/saelens_contender.py
 import torch
-from bench_train import matmul_peak_flops, saesweep_lightning  # benchmarks/bench_train.py
+from bench_train import matmul_peak_flops, saesweep_lightning, step_matmul_flops  # benchmarks/bench_train.py
 from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.sae import ReluSae, TopKSae
@@ -68,9 +70,9 @@ def main() -> None:
         store = write_store(Path(tmp), spec, x, shard_tokens=32 * batch)
         warm_up(Path(tmp), d_in, args.k)
         rows = (
-            ("relu_2048", lambda: ReluSae(d_in, 2048), None, 12 * d_in * 2048),
-            ("relu_16384", lambda: ReluSae(d_in, 16384), None, 12 * d_in * 16384),
-            ("topk_16384", lambda: TopKSae(d_in, 16384, k=args.k), args.k, 6 * d_in * 16384),
+            ("relu_2048", lambda: ReluSae(d_in, 2048), None, step_matmul_flops(d_in, 2048)),
+            ("relu_16384", lambda: ReluSae(d_in, 16384), None, step_matmul_flops(d_in, 16384)),
+            ("topk_16384", lambda: TopKSae(d_in, 16384, k=args.k), args.k, step_matmul_flops(d_in, 16384, dense_decoder=False)),
         )
         for name, make, k, flops_per_row in rows:
             d_sae = make().d_sae

@@ -307,9 +307,11 @@ def encoder_affine(x: torch.Tensor, b_dec: torch.Tensor, W: torch.Tensor, bias: 
     and then sum it over the batch; here the batch sum comes first and the rest is a vector–matrix
     product, −(Σ_batch ∂out) @ Wᵀ, through a term whose value is exactly zero: one of the training
     step's big matmuls fewer (of three in a TopK step, six in a dense one). The bias rides in the matmul."""
-    zero = b_dec - b_dec.detach()
-    out = torch.addmm(bias - zero @ W.detach(), (x - b_dec.detach()).reshape(-1, x.shape[-1]), W)
-    return out.reshape(*x.shape[:-1], W.shape[-1])
+    constant = b_dec.detach()
+    bias = bias - (b_dec - constant) @ W.detach()
+    if x.dim() == 2:
+        return torch.addmm(bias, x - constant, W)
+    return torch.addmm(bias, (x - constant).reshape(-1, x.shape[-1]), W).reshape(*x.shape[:-1], W.shape[-1])
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
