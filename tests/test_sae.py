@@ -354,3 +354,27 @@ def test_topk_training_step_equals_the_dense_top_k_with_auxk_in_loss_gradients_a
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(step.fired, (acts > 0).any(dim=0)) and 0 < int(step.fired.sum()) < 32
     assert step.l0 == (acts > 0).sum(-1).float().mean()
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_training_step_compiles_as_one_graph(architecture):
+    """train.compile=true fuses the whole step: no graph break (TopK's sparse decode once broke it at the
+    autograd.grad in its backward, 7 times a step)."""
+    sae = small(architecture)
+    explained = torch._dynamo.explain(sae_step)(sae, torch.randn(64, 8), torch.zeros(32, dtype=torch.bool), False)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_training_step_runs_under_bf16_autocast_close_to_float32(architecture):
+    """trainer.precision=bf16-mixed: the matmuls round to bf16, the loss and its terms stay float32."""
+    sae = small(architecture)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:4] = True
+    exact = sae_step(sae, x, dead, with_l0=False).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sae_step(sae, x, dead, with_l0=False)
+    mixed.loss.backward()
+    assert mixed.loss.dtype == torch.float32 and all(p.grad is not None for p in sae.parameters() if p.requires_grad)
+    assert mixed.loss.item() == pytest.approx(exact.item(), rel=0.05)

@@ -306,12 +306,13 @@ def encoder_affine(x: torch.Tensor, b_dec: torch.Tensor, W: torch.Tensor, bias: 
     """(x − b_dec) @ W + bias. Autograd would give b_dec its gradient through a [batch, d_in] matmul
     and then sum it over the batch; here the batch sum comes first and the rest is a vector–matrix
     product, −(Σ_batch ∂out) @ Wᵀ, through a term whose value is exactly zero: one of the training
-    step's big matmuls fewer (of three in a TopK step, six in a dense one). The bias rides in the matmul."""
+    step's big matmuls fewer (of three in a TopK step, six in a dense one)."""
     constant = b_dec.detach()
     bias = bias - (b_dec - constant) @ W.detach()
-    if x.dim() == 2:
-        return torch.addmm(bias, x - constant, W)
-    return torch.addmm(bias, (x - constant).reshape(-1, x.shape[-1]), W).reshape(*x.shape[:-1], W.shape[-1])
+    if torch.is_autocast_enabled(x.device.type) or x.dim() != 2:
+        # autocast would run addmm, bias and all, in bf16: the sum stays float32 this way, as the step expects
+        return (x - constant) @ W + bias
+    return torch.addmm(bias, x - constant, W)  # one pass over the [batch, d_sae] output fewer
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

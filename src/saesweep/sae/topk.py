@@ -80,21 +80,26 @@ class TopKSae(ResamplingSae):
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """Σ_j values[..., j] · W_dec[indices[..., j]]: a gather of the k active decoder rows per token
     instead of a dense matmul over all d_sae (sparsify decodes the same way)."""
-    return _SparseDecode.apply(values, indices, W_dec)
+    return _SparseDecode.apply(values, indices, W_dec)[0]
 
 
-def _embedding_bag(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    k = indices.shape[-1]
-    out = torch.nn.functional.embedding_bag(
-        indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k), mode="sum"
-    )
-    return out.reshape(*indices.shape[:-1], W_dec.shape[1])
+def _embedding_bag(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Σ_j values[..., j] · W_dec[indices[..., j]], and what embedding_bag's backward needs of its forward
+    (offsets, offset2bag, bag_size, max_indices)."""
+    flat = indices.reshape(-1)
+    offsets = torch.arange(0, flat.numel(), indices.shape[-1], device=flat.device)
+    out, *saved = torch.ops.aten._embedding_bag(W_dec, flat, offsets, False, _SUM, False, values.reshape(-1))
+    return out.reshape(*indices.shape[:-1], W_dec.shape[-1]), offsets, *saved
+
+
+_SUM = 0  # embedding_bag's mode
 
 
 class _SparseDecode(torch.autograd.Function):
-    """`_embedding_bag` with a batching rule for torch.func.vmap (the batched ensemble step), which has
-    none of its own: the members' decoders [n, d_sae, d_in] become one table of n·d_sae rows, member
-    m's indices offset by m·d_sae, and one embedding_bag decodes every member."""
+    """`_embedding_bag`, with its backward written out in the aten operators autograd itself calls for it
+    (so that torch.compile traces the step whole), and a batching rule for torch.func.vmap (the batched
+    ensemble step), which embedding_bag has none of: the members' decoders [n, d_sae, d_in] become one
+    table of n·d_sae rows, member m's indices offset by m·d_sae, and one embedding_bag decodes every member."""
 
     @staticmethod
     def forward(values, indices, W_dec):
@@ -102,15 +107,18 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
-    def backward(ctx, grad):
-        values, indices, W_dec = ctx.saved_tensors
-        with torch.enable_grad():  # embedding_bag's own backward, on the forward computed again
-            values, W_dec = values.detach().requires_grad_(), W_dec.detach().requires_grad_()
-            grad_values, grad_W_dec = torch.autograd.grad(_embedding_bag(values, indices, W_dec), (values, W_dec), grad)
-        return grad_values, None, grad_W_dec
+    def backward(ctx, grad, *_):
+        values, indices, W_dec, offsets, offset2bag, bag_size, max_indices = ctx.saved_tensors
+        flat, grad = indices.reshape(-1), grad.reshape(-1, W_dec.shape[1])
+        grad_W_dec = torch.ops.aten._embedding_bag_backward(
+            grad, flat, offsets, offset2bag, bag_size, max_indices, W_dec.shape[0], False, _SUM, False, values.reshape(-1)
+        )
+        grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, W_dec, flat, offsets, offset2bag, _SUM)
+        return grad_values.reshape(values.shape), None, grad_W_dec
 
     @staticmethod
     def vmap(info, in_dims, values, indices, W_dec):
@@ -120,5 +128,7 @@ class _SparseDecode(torch.autograd.Function):
         )
         d_sae = W_dec.shape[1]
         offsets = torch.arange(0, n * d_sae, d_sae, device=indices.device).reshape(n, *[1] * (indices.dim() - 1))
-        # autograd records embedding_bag itself here: its backward is the native one
-        return _embedding_bag(values, indices + offsets, W_dec.reshape(n * d_sae, -1)), 0
+        # autograd records embedding_bag itself here: its backward is the native one; what the backward of the
+        # unbatched function would keep is not per member, and nothing reads it
+        out = _embedding_bag(values, indices + offsets, W_dec.reshape(n * d_sae, -1))
+        return out, (0, *[None] * (len(out) - 1))
