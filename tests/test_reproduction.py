@@ -3,6 +3,7 @@ figures are copied beside it, and a sweep that was not evaluated is one clear er
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import REPO
 from saesweep import reproduction
 from saesweep.evaluate import evaluate_sweep
-from saesweep.reproduction import by_size, read_evaluation, targets, write_reproduction
+from saesweep.reproduction import by_size, read_evaluation, setup_lines, targets, write_reproduction
 from test_evaluate import NO_WANDB, seed_size_sweep
 
 
@@ -38,6 +39,22 @@ def test_reproduction_holds_the_evaluations_numbers_and_figures(tmp_path, monkey
     assert "## What it would take" not in text
     monkeypatch.setattr(reproduction, "targets", lambda sizes: [("a target", "measured", False)])
     assert "## What it would take" in write_reproduction(sweep, tmp_path / "MISSED.md", "make reproduce").read_text()
+
+
+def test_the_setup_names_the_recipes_schedule(tmp_path):
+    """The learning rate and its schedule live in the architecture's recipe (sae.recipe), not under train."""
+    sweep = tmp_path / "sweep"
+    seed_size_sweep(sweep)
+    evaluate_sweep(sweep, wandb_settings=NO_WANDB)
+    _, runs = read_evaluation(sweep)
+    cfg_path = sweep / runs[0].name / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    recipe = {"lr": 0.003, "lr_warmup_steps": 500, "lr_decay_fraction": 0.2, "grad_clip_norm": 1.0, "dead_window_tokens": None}
+    cfg["sae"] = {"architecture": "relu_l1", "l1_coef": 2.0, "recipe": recipe}
+    cfg_path.write_text(json.dumps(cfg))
+    _, architecture, training, _ = setup_lines(sweep, runs)
+    assert architecture == "- architecture: `relu_l1` `l1_coef=2.0`"
+    assert "lr 0.003, 500 warm-up steps, decay over the last 20% of steps, gradient norm clipped at 1.0;" in training
 
 
 def test_an_unevaluated_sweep_is_one_clear_error(tmp_path):

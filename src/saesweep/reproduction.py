@@ -197,7 +197,13 @@ def by_frequency(sweep_dir: Path, runs: list[RunRow], threshold: float) -> list[
 def setup_lines(sweep_dir: Path, runs: list[RunRow]) -> list[str]:
     cfg = load_run_config(sweep_dir / runs[0].name)
     train = cfg.get("train") or {}
-    sae = {k: v for k, v in (cfg.get("sae") or {}).items() if k != "architecture"}
+    sae = {k: v for k, v in (cfg.get("sae") or {}).items() if k not in ("architecture", "recipe")}
+    recipe = (cfg.get("sae") or {}).get("recipe") or {}
+    schedule = (
+        f"lr {recipe.get('lr', train.get('lr'))}, {recipe.get('lr_warmup_steps')} warm-up steps, decay over the last "
+        f"{recipe.get('lr_decay_fraction'):.0%} of steps, gradient norm clipped at {recipe.get('grad_clip_norm')}"
+        if recipe else f"lr {train.get('lr')}"
+    )
     return [
         f"- model: `{cfg.get('model_name') or '/'.join(Path(str(cfg.get('model_path'))).parts[-2:])}`, "
         f"hook `{cfg.get('hook_point')}`, "
@@ -205,7 +211,7 @@ def setup_lines(sweep_dir: Path, runs: list[RunRow]) -> list[str]:
         f"- architecture: `{(cfg.get('sae') or {}).get('architecture', cfg.get('architecture'))}` "
         + ", ".join(f"`{k}={v}`" for k, v in sae.items()),
         f"- training: {_thousands(cfg.get('n_tokens'))} tokens × {cfg.get('epochs', 1)} epoch(s), batch {train.get('batch_size')}, "
-        f"lr {train.get('lr')}; seeds {sorted({r.seed for r in runs})}; dict_ratio "
+        f"{schedule}; seeds {sorted({r.seed for r in runs})}; dict_ratio "
         f"{sorted({r.dict_ratio for r in runs})}",
         f"- judged on {_thousands(runs[0].number('n_eval_tokens'))} held-out tokens (documents never trained on)",
     ]
