@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from saesweep.dispatch import OpCounter
 from saesweep.recipe import Recipe
 from saesweep.sae import ARCHITECTURES, GatedSae, ReluSae, TopKSae
+from saesweep.step import batched_sae_step, per_member_coefficients
 from saesweep.training import SaeTrainingModule
 
 STEPS, BATCH, D_IN, D_SAE = 50, 64, 8, 32
@@ -161,3 +162,30 @@ def test_member_adam_steps_each_member_as_adam_does_and_leaves_a_skipped_one_unt
             assert optimizer.state[p]["step"] == references[i].state[q]["step"] == 3
     assert all(torch.equal(p, q) for p, q in zip(members[1], untouched))
     assert all(optimizer.state[p]["step"] == 0 for p in members[1])
+
+
+@pytest.mark.slow  # compiles six steps, about 45 s
+@pytest.mark.parametrize("architecture", sorted(MEMBERS))
+def test_the_batched_step_compiles_to_the_eager_step_and_runs_under_bf16_autocast(architecture):
+    """train.compile=true and trainer.precision=bf16-mixed with the batched step (torch.func.vmap over members)."""
+    saes = make_saes(architecture)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(len(saes), D_SAE, dtype=torch.bool)
+    dead[:, -D_SAE // 4:] = True
+    coefficients = per_member_coefficients(saes, x.device)
+    params = [p for sae in saes for p in sae.parameters()]
+
+    def loss_and_grads(step):
+        losses = step(saes, x, dead, False, coefficients).loss
+        return losses.detach(), torch.autograd.grad(losses.sum(), params, allow_unused=True)
+
+    eager_loss, eager_grads = loss_and_grads(batched_sae_step)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(batched_sae_step))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        if eager is not None:
+            torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_loss, _ = loss_and_grads(batched_sae_step)
+    assert mixed_loss.dtype == torch.float32
+    torch.testing.assert_close(mixed_loss, eager_loss, rtol=0.05, atol=0)
