@@ -311,6 +311,7 @@ def encoder_affine(x: torch.Tensor, b_dec: torch.Tensor, W: torch.Tensor, bias: 
     bias = bias - (b_dec - constant) @ W.detach()
     if torch.is_autocast_enabled(x.device.type) or x.dim() != 2:
         # autocast would run addmm, bias and all, in bf16: the sum stays float32 this way, as the step expects
+        # (and addmm takes a 2-D input only)
         return (x - constant) @ W + bias
     return torch.addmm(bias, x - constant, W)  # one pass over the [batch, d_sae] output fewer
 

@@ -64,7 +64,7 @@ class TopKSae(ResamplingSae):
         """Per token, its `aux_k` largest pre-activations among the dead latents (values, indices). Where
         fewer are dead a live latent stands in, at −inf: the top-k is over all latents, so that the
         dead count needs no host sync."""
-        aux_k = min(self.hparams["aux_k"] or self.d_in // 2, self.d_sae)
+        aux_k = min(self.aux_k, self.d_sae)
         return torch.where(dead, pre, -torch.inf).topk(aux_k, dim=-1, sorted=False)
 
     def aux_k_loss(self, aux_pre: torch.Tensor, aux, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,12 @@ class TopKSae(ResamplingSae):
         aux_values = torch.relu(aux_pre) * (aux.values > -torch.inf)  # a stand-in live latent adds nothing
         aux_recon = sparse_decode(aux_values, aux.indices, self.W_dec)
         aux_error = (aux_recon - residual.detach()).pow(2).sum(dim=-1).mean()
-        return aux_error * (dead.sum() / (self.hparams["aux_k"] or self.d_in // 2)).clamp(max=1.0)
+        return aux_error * (dead.sum() / self.aux_k).clamp(max=1.0)
+
+    @property
+    def aux_k(self) -> int:
+        """The dead latents AuxK reconstructs with, per token: sae.aux_k, or d_in // 2 when null (as SAELens)."""
+        return self.hparams["aux_k"] or self.d_in // 2
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
