@@ -1,6 +1,8 @@
 """saesweep against SAELens on one GPU, ready to run in one call (`make bench-gpu`): per dictionary (ReLU/L1 at
 d_sae 2048 and 16384, TopK k=32 at d_sae 16384) and a 4-ratio ensemble against four SAELens fits, with the
-FLOP/s achieved against the matmul peak measured in the same run, in fp32 and bf16.
+FLOP/s achieved against the matmul peak measured in the same run, in fp32 and bf16; and the seconds to the
+resident buffer after the store is written, read back or kept on the GPU by the harvest (host_step.py's
+resident_fill).
 
 Needs the project and the `bench` extra (SAELens); no network: the activations are random, written to an
 activation store in a temporary folder, and saesweep trains from its device-resident buffer (SAELens's
@@ -25,6 +27,7 @@ from pathlib import Path
 import saelens_contender  # benchmarks/saelens_contender.py
 import torch
 from bench_train import matmul_peak_flops, saesweep_lightning, step_matmul_flops  # benchmarks/bench_train.py
+from host_step import resident_fill  # benchmarks/host_step.py
 from machine import describe_machine  # benchmarks/machine.py
 
 from saesweep.sae import ReluSae, TopKSae
@@ -67,7 +70,10 @@ def main() -> None:
     fields: dict[str, float] = {"peak_fp32_tflops": peak["fp32"] / 1e12, "peak_bf16_tflops": peak["bf16"] / 1e12}
     with tempfile.TemporaryDirectory() as tmp:
         spec = StoreSpec("bench-gpu", "0", "hook", {}, "train", 16, len(x), "float32", TokenFilter())
-        store = write_store(Path(tmp), spec, x, shard_tokens=32 * batch)
+        store, read_back_s, kept_s = resident_fill(Path(tmp), spec, x, 32 * batch, torch.device("cuda"))
+        print(f"resident buffer of {len(x)} rows ({x.numel() * 4 / 1e9:.2f} GB) after the store is written: read back "
+              f"{read_back_s:.3f} s, kept on the GPU as the harvest writes it {kept_s:.3f} s")
+        fields |= {"resident_read_back_s": read_back_s, "resident_kept_s": kept_s}
         warm_up(Path(tmp), d_in, args.k)
         rows = (
             ("relu_2048", lambda: ReluSae(d_in, 2048), None, step_matmul_flops(d_in, 2048)),

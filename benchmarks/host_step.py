@@ -12,6 +12,9 @@ Prints its figures and ends with one `RESULT key=value ...` line; asserts nothin
   streamed path's rate beside it); beside it the ceiling this machine's memory sets, in the same process:
   `gather_act_per_s`, a bare index_select of the same shuffled rows, and `copy_act_per_s`, a copy of
   batch-sized contiguous blocks (the same bytes read and written, no gather).
+- resident_read_back_s / resident_kept_s: seconds a fit takes to have its resident buffer (those rows, at
+  d_in 512) after the harvest wrote the store: read back from it, or kept on the device as it was written
+  (store.HarvestedRows: the copies during the write plus the hand-over).
 - ops_per_step / host_syncs_per_step: aten operators dispatched in one steady-state step (no logging
   that step) of an 8-member ensemble of one shape (ReLU, l1_coef differing, d_in 64, d_sae 256, batch
   4096), counted with a TorchDispatchMode, with the batched step and with the per-member loop
@@ -36,7 +39,15 @@ from machine import describe_machine  # benchmarks/machine.py
 from saesweep.dispatch import OpCounter
 from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae
-from saesweep.store import ResumableLoader, StoreSpec, StoreStream, TokenFilter, write_store
+from saesweep.store import (
+    ActivationStore,
+    HarvestedRows,
+    ResumableLoader,
+    StoreSpec,
+    StoreStream,
+    TokenFilter,
+    write_store,
+)
 from saesweep.train import ThrottledProgressBar
 from saesweep.training import SaeTrainingModule
 
@@ -104,6 +115,36 @@ def draw_rate(store, batch: int, device_buffer: bool) -> float:
     return rows / (time.perf_counter() - start)
 
 
+def resident_fill(
+    root: Path, spec: StoreSpec, rows: torch.Tensor, shard_tokens: int, device: torch.device
+) -> tuple[ActivationStore, float, float]:
+    """The store of `rows`, written as a harvest writes it while keeping its rows on `device`
+    (HarvestedRows), and the seconds a fit then takes to have its resident buffer: read back from the
+    store, and kept (the copies made while the store was written, plus the hand-over)."""
+    kept, copying = HarvestedRows(len(rows), rows.shape[1], rows.dtype, device), 0.0
+
+    def keep(*shard) -> None:
+        nonlocal copying
+        start = time.perf_counter()
+        kept(*shard)
+        synchronize(device)
+        copying += time.perf_counter() - start
+
+    store = write_store(root, spec, rows, shard_tokens, on_shard=keep)
+    seconds = []
+    for harvested in (None, kept):
+        start = time.perf_counter()
+        StoreStream(store, 4096, 16 * 4096, seed=0, device_buffer=True, device=device, harvested=harvested)._resident_rows()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return store, seconds[0], copying + seconds[1]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def ceiling_rates(rows: torch.Tensor, batch: int) -> tuple[float, float]:
     """Activations/s of a bare index_select of shuffled rows into batches, and of copying the same
     number of contiguous batch-sized blocks: what memory bandwidth allows a draw, with and without a gather."""
@@ -146,7 +187,9 @@ def main() -> None:
         looped = saesweep_fit(store, 8, d, 4 * d, batch, counted=LOG_EVERY + 10, batched=False)
         wide = torch.randn(args.draw_rows, 512)
         spec = StoreSpec("bench-draw", "0", "hook", {}, "train", 16, len(wide), "float32", TokenFilter())
-        draw_store = write_store(Path(tmp) / "draw", spec, wide, shard_tokens=32768)
+        fills = [resident_fill(Path(tmp) / f"draw-{i}", spec, wide, 32768, torch.device("cpu")) for i in range(args.repeats)]
+        draw_store = fills[0][0]
+        read_back_s, kept_s = (min(seconds) for seconds in list(zip(*fills))[1:])
         # the draw and its ceilings in turn, `repeats` times, each its fastest (as the step timings)
         draws = [(draw_rate(draw_store, batch, True), *ceiling_rates(wide, batch)) for _ in range(args.repeats)]
         resident, gather, copy = (max(rates) for rates in zip(*draws))
@@ -163,10 +206,13 @@ def main() -> None:
     print(f"batch draw at d_in 512, batch {batch}: resident {resident / 1e6:.2f}M activations/s, "
           f"streamed {streamed / 1e6:.2f}M/s; this machine's ceiling: a bare gather {gather / 1e6:.2f}M/s, "
           f"a contiguous copy {copy / 1e6:.2f}M/s")
+    print(f"resident buffer of {len(wide)} rows at d_in 512 after the store is written: read back {read_back_s:.3f} s, "
+          f"kept as the harvest writes it {kept_s:.3f} s")
     result = (
         f"RESULT host_step_ms={host_ms:.3f} bare_step_ms={bare_ms:.3f} host_vs_bare={host_ms / bare_ms:.3f} "
         f"resident_draw_act_per_s={resident:.0f} streamed_draw_act_per_s={streamed:.0f} gather_act_per_s={gather:.0f} "
         f"copy_act_per_s={copy:.0f} resident_draw_vs_gather={resident / gather:.3f} "
+        f"resident_read_back_s={read_back_s:.3f} resident_kept_s={kept_s:.3f} "
         f"ops_per_step_lone={lone.ops} ops_per_step_8_members={ensemble.ops} "
         f"ops_per_step_8_members_looped={looped.ops} ops_batched_vs_looped={ops_ratio:.3f} "
         f"host_syncs_per_step={sum(ensemble.counter.syncs.values())} "

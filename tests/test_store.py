@@ -20,7 +20,9 @@ from saesweep.data import ContextSource
 from saesweep.errors import ConfigError
 from saesweep.store import (
     MANIFEST,
+    STORE_DTYPES,
     ActivationStore,
+    HarvestedRows,
     StoreCorruptError,
     StoreSpec,
     StoreStream,
@@ -333,6 +335,64 @@ def test_resident_rows_give_the_streamed_batches(tmp_path, dtype, buffer_tokens,
             assert torch.equal(torch.cat(list(scaled)), torch.cat(list(raw)) / 2.5)
     unscaled = StoreStream(store, 128, buffer_tokens, seed=5, device_buffer=True)
     assert torch.equal(torch.cat(list(unscaled)), torch.cat(list(StoreStream(store, 128, buffer_tokens, seed=5))))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_kept_by_the_harvest_give_the_read_back_batches_without_reading_a_shard(tmp_path, tiny_model, monkeypatch, dtype):
+    """A fit right after its harvest draws from the rows the harvest kept (HarvestedRows): the batches of a
+    stream that reads the store back, bit for bit, with no shard read. After a resumed harvest only the
+    shards written before are read; a stream of part of the store (one rank of two) reads its shards."""
+    spec, cpu = spec_for(tiny_model, dtype=dtype), torch.device("cpu")
+    store = ActivationStore(tmp_path, spec, 500)
+
+    def harvest_keeping_rows() -> HarvestedRows:
+        kept = HarvestedRows.for_fit("auto", spec.n_tokens, 32, STORE_DTYPES[dtype], cpu)
+        store.ensure(tiny_model, train_batches(tiny_model), 8, on_shard=kept)
+        return kept
+
+    kept = harvest_keeping_rows()
+    read = []
+    read_shard = ActivationStore.read_shard
+    monkeypatch.setattr(ActivationStore, "read_shard", lambda self, entry, *a: read.append(entry["file"]) or read_shard(self, entry, *a))
+    # the kept rows are already in memory: counted as free, so auto keeps them where it would not read them in
+    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 3000 * 32 * STORE_DTYPES[dtype].itemsize)
+    from_harvest = StoreStream(store, 128, 1000, seed=0, device_buffer="auto", scale=2.5, harvested=kept)
+    assert from_harvest.resident and kept.rows is None  # handed over once
+    epochs = [list(from_harvest), list(from_harvest)]
+    assert read == []
+    monkeypatch.undo()
+    read_back = StoreStream(store, 128, 1000, seed=0, device_buffer=True, scale=2.5)
+    for batches in epochs:
+        expected = list(read_back)
+        assert len(batches) == len(expected) == 24 and all(torch.equal(a, b) for a, b in zip(batches, expected))
+
+    manifest = store.manifest()
+    for entry in (manifest["shards"][2], manifest["shards"][4]):  # found corrupt: the next harvest writes them again
+        store.invalidate(entry)
+    kept = harvest_keeping_rows()
+    assert sorted(kept.placed) == ["shard_00002.safetensors", "shard_00004.safetensors"]
+    monkeypatch.setattr(ActivationStore, "read_shard", lambda self, entry, *a: read.append(entry["file"]) or read_shard(self, entry, *a))
+    resumed = StoreStream(store, 128, 1000, seed=0, device_buffer=True, scale=2.5, harvested=kept)
+    assert torch.equal(torch.cat(list(resumed)), torch.cat(epochs[0]))
+    assert sorted(read) == [s["file"] for i, s in enumerate(store.manifest()["shards"]) if i not in (2, 4)]
+
+    read.clear()
+    kept = harvest_keeping_rows()  # the store is complete: nothing written, nothing kept
+    assert kept.rows is None
+    store.invalidate(manifest["shards"][0])
+    kept = harvest_keeping_rows()
+    rank_0 = torch.cat(list(StoreStream(store, 128, 1000, seed=0, rank=0, world_size=2, device_buffer=True, harvested=kept)))
+    assert sorted(read) == [s["file"] for s in manifest["shards"][0::2]]
+    assert torch.equal(rank_0, torch.cat(list(StoreStream(store, 128, 1000, seed=0, rank=0, world_size=2, device_buffer=True))))
+
+
+def test_a_harvest_keeps_its_rows_only_where_the_setting_and_free_memory_allow(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 80_000)
+    assert HarvestedRows.for_fit("auto", 1000, 10, torch.float32, cpu) is not None  # 40,000 bytes: at most half
+    assert HarvestedRows.for_fit(True, 1000, 10, torch.float32, cpu) is not None
+    assert HarvestedRows.for_fit(False, 1000, 10, torch.float32, cpu) is None
+    assert HarvestedRows.for_fit("auto", 1001, 10, torch.float32, cpu) is None
 
 
 def _huge_page_kib(tensor: torch.Tensor) -> int:

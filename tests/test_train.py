@@ -1,6 +1,7 @@
 """End to end: the Hydra config, a real LM forward pass, Lightning training, the run directory."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -89,10 +90,14 @@ def test_speed_options_train_as_well_as_the_plain_step(tmp_path, tiny_model_dir,
     assert load_sae(tmp_path / "fast").W_dec.dtype == torch.float32  # weights stay float32 either way
 
 
-def test_resident_and_streamed_activations_train_the_same_dictionary(tmp_path, tiny_model_dir, corpus_path):
+def test_resident_and_streamed_activations_train_the_same_dictionary(tmp_path, tiny_model_dir, corpus_path, caplog):
+    """The resident run harvests the store and trains from the rows its harvest kept, reading none back; the
+    streamed run reads the store: the same dictionary."""
     store = tmp_path / "store"
     for buffer in ("true", "false"):
-        train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", f"store.device_buffer={buffer}"), tmp_path / buffer)
+        with caplog.at_level(logging.INFO, logger="saesweep.store"):
+            train(tiny_cfg(tiny_model_dir, corpus_path, store, "logger=none", f"store.device_buffer={buffer}"), tmp_path / buffer)
+    assert "8000 rows (0.98 MiB), 9 shards kept from the harvest, 0 read from the store" in caplog.text
     resident, streamed = (load_file(tmp_path / buffer / "sae_weights.safetensors") for buffer in ("true", "false"))
     assert all(torch.equal(resident[name], streamed[name]) for name in resident)
 

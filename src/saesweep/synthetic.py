@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from saesweep.errors import ConfigError
 from saesweep.io import atomic_write_bytes
 from saesweep.metrics import HeldOutSet
-from saesweep.store import ActivationStore, StoreSpec, TokenFilter
+from saesweep.store import ActivationStore, ShardSink, StoreSpec, TokenFilter
 
 TRUE_FEATURES_FILE = "true_features.safetensors"
 _TRAIN_STREAM, _HELD_OUT_STREAM = "train", "held_out"  # the token streams, seeded apart from the features
@@ -337,10 +337,11 @@ class SyntheticData:
     held_out: HeldOutSet
 
 
-def synthetic_data(cfg, store_root: Path) -> SyntheticData:
+def synthetic_data(cfg, store_root: Path, on_shard: ShardSink | None = None) -> SyntheticData:
     """The activation store of `cfg.data` (a synthetic source), generated once under the store's lock
     like a harvest, with the true features saved beside the shards (TRUE_FEATURES_FILE), and its
-    held-out set: eval.n_tokens held-out tokens in contexts of ctx_len (the units of the standard errors)."""
+    held-out set: eval.n_tokens held-out tokens in contexts of ctx_len (the units of the standard errors).
+    `on_shard` is told of each shard generated now (ActivationStore.ensure_rows)."""
     spec = SyntheticSpec.from_config(cfg.data)
     features = make_features(spec)
     key = StoreSpec(
@@ -351,7 +352,7 @@ def synthetic_data(cfg, store_root: Path) -> SyntheticData:
     )
     store = ActivationStore(store_root, key, shard_tokens=cfg.store.shard_tokens)
     store.check_room(spec.d_in)
-    manifest = store.ensure_rows(lambda: activation_chunks(spec, features, cfg.n_tokens))
+    manifest = store.ensure_rows(lambda: activation_chunks(spec, features, cfg.n_tokens), on_shard)
     if not (store.path / TRUE_FEATURES_FILE).is_file():
         features.save(store.path / TRUE_FEATURES_FILE)
     n_contexts = -(-cfg.eval.n_tokens // cfg.ctx_len)

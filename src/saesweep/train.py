@@ -194,6 +194,7 @@ def training_plan(
     stream = StoreStream(
         data.store, cfg.train.batch_size, cfg.store.buffer_tokens, cfg.seed, trainer.global_rank, trainer.world_size,
         device_buffer=cfg.store.device_buffer, device=trainer.strategy.root_device, scale=data.scale,
+        harvested=data.harvested,
     )
     steps = total_steps(cfg.trainer, len(stream))
     shared_key = {

@@ -19,8 +19,16 @@ from saesweep.config import check_with_model
 from saesweep.data import ContextSource, context_source, dataset_description, eval_set_description
 from saesweep.lm import hook_point_for, load_model, resolve_device, validate_hook_point
 from saesweep.metrics import HEADLINE_SET, HeldOutSet
-from saesweep.store import ActivationStore, StoreSpec, TokenFilter, default_store_dir, model_fingerprint
-from saesweep.synthetic import SYNTHETIC, is_synthetic, synthetic_data
+from saesweep.store import (
+    STORE_DTYPES,
+    ActivationStore,
+    HarvestedRows,
+    StoreSpec,
+    TokenFilter,
+    default_store_dir,
+    model_fingerprint,
+)
+from saesweep.synthetic import SYNTHETIC, SyntheticSpec, is_synthetic, synthetic_data
 from saesweep.training import activation_scale
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ class TrainingData:
     eval_sets: dict[str, HeldOutSet]  # name → held-out set, the headline (HEADLINE_SET) first, then eval.sets
     sample: torch.Tensor
     scale: float
+    harvested: HarvestedRows | None = None  # the rows this process's harvest kept on the device for the fit
 
     @property
     def held_out(self) -> HeldOutSet:
@@ -73,24 +82,36 @@ def training_data(cfgs: Sequence[DictConfig]) -> TrainingData:
     contexts = context_source(cfg.data, model.tokenizer, cfg.ctx_len)
     store = ActivationStore(store_root(cfg), store_spec(cfg, model, hook_point), shard_tokens=cfg.store.shard_tokens)
     store.check_room(d_in)
-    manifest = store.ensure(model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts)
+    harvested = kept_rows(cfg, d_in, device)
+    manifest = store.ensure(
+        model, contexts.train_batches(cfg.harvest_batch_contexts), cfg.harvest_batch_contexts, on_shard=harvested
+    )
     eval_sets = {HEADLINE_SET: held_out_set(cfg, model, hook_point, store, lambda: contexts, cfg.eval.n_tokens)}
     for name in cfg.eval.get("sets") or {}:
         eval_sets[name] = extra_held_out_set(cfg, name, model, hook_point, store)
     sample = first_rows(store, manifest)
-    return TrainingData(model, device, hook_point, d_in, d_saes, store, manifest, eval_sets, sample, activation_scale(sample))
+    return TrainingData(
+        model, device, hook_point, d_in, d_saes, store, manifest, eval_sets, sample, activation_scale(sample), harvested
+    )
 
 
 def synthetic_training_data(cfgs: Sequence[DictConfig], device: torch.device) -> TrainingData:
     """The same from synthetic activations (data=synthetic): no language model, the generator's width."""
     cfg = cfgs[0]
-    synthetic = synthetic_data(cfg, store_root(cfg))
-    d_in = synthetic.spec.d_in
+    d_in = SyntheticSpec.from_config(cfg.data).d_in
+    harvested = kept_rows(cfg, d_in, device)
+    synthetic = synthetic_data(cfg, store_root(cfg), on_shard=harvested)
     d_saes = [check_with_model(c, cfg.ctx_len, d_in) for c in cfgs]  # no model: no context length to exceed
     log.info("data=synthetic: no language model; ce_* and ppl_* are not measured (NaN)")
     sample = first_rows(synthetic.store, synthetic.manifest)
     return TrainingData(None, device, SYNTHETIC, d_in, d_saes, synthetic.store, synthetic.manifest,
-                        {HEADLINE_SET: synthetic.held_out}, sample, activation_scale(sample))
+                        {HEADLINE_SET: synthetic.held_out}, sample, activation_scale(sample), harvested)
+
+
+def kept_rows(cfg: DictConfig, d_in: int, device: torch.device) -> HarvestedRows | None:
+    """Where a harvest in this process keeps the rows it writes, for the fit that follows (None: the fit
+    reads the store back, as it does a store it finds complete)."""
+    return HarvestedRows.for_fit(cfg.store.device_buffer, cfg.n_tokens, d_in, STORE_DTYPES[cfg.store.dtype], device)
 
 
 def first_rows(store: ActivationStore, manifest: dict) -> torch.Tensor:

@@ -15,7 +15,7 @@ Modules: `key` (what decides a store and names it), `files` (the checked, atomic
 `activation_store` (harvest under a lock, held-out sets), `stream` (training batches).
 """
 
-from saesweep.store.activation_store import ActivationStore, write_store
+from saesweep.store.activation_store import ActivationStore, ShardSink, write_store
 from saesweep.store.files import (
     MANIFEST,
     StoreCorruptError,
@@ -25,10 +25,10 @@ from saesweep.store.files import (
     verify_store,
 )
 from saesweep.store.key import STORE_DTYPES, StoreSpec, TokenFilter, default_store_dir, model_fingerprint
-from saesweep.store.stream import ResumableLoader, StoreStream, free_memory, resident_rows
+from saesweep.store.stream import HarvestedRows, ResumableLoader, StoreStream, free_memory, resident_rows
 
 __all__ = [
-    "MANIFEST", "STORE_DTYPES", "ActivationStore", "ResumableLoader", "StoreCorruptError", "StoreSpec", "StoreStream",
-    "TokenFilter", "default_store_dir", "free_memory", "list_stores", "model_fingerprint", "read_shard",
-    "remove_store", "resident_rows", "verify_store", "write_store",
+    "MANIFEST", "STORE_DTYPES", "ActivationStore", "HarvestedRows", "ResumableLoader", "ShardSink", "StoreCorruptError",
+    "StoreSpec", "StoreStream", "TokenFilter", "default_store_dir", "free_memory", "list_stores", "model_fingerprint",
+    "read_shard", "remove_store", "resident_rows", "verify_store", "write_store",
 ]

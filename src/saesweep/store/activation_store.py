@@ -34,6 +34,10 @@ from saesweep.store.key import STORE_DTYPES, StoreSpec
 
 log = logging.getLogger(__name__)
 
+# Told of each shard as it is written: its file, its first row in the store's shard order, its rows (in the
+# store's dtype). StoreStream's HarvestedRows keeps them for the fit that follows the harvest.
+ShardSink = Callable[[str, int, torch.Tensor], None]
+
 
 class ActivationStore:
     """One store on disk: harvest it (once, resumably, under a lock) and read its shards back."""
@@ -97,18 +101,20 @@ class ActivationStore:
                 "store.dtype=bfloat16 (half the bytes)"
             )
 
-    def ensure(self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int) -> dict:
+    def ensure(
+        self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int, on_shard: ShardSink | None = None
+    ) -> dict:
         """Harvest the store unless it is complete; concurrent callers wait for the harvester.
 
         `context_batches` yields training contexts in their fixed order; it is only consumed when
-        something is left to harvest. Returns the manifest.
+        something is left to harvest. `on_shard` is told of each shard this call writes. Returns the manifest.
         """
-        return self._ensure("harvested", lambda: self._harvest(model, context_batches, batch_contexts))
+        return self._ensure("harvested", lambda: self._harvest(model, context_batches, batch_contexts, on_shard))
 
-    def ensure_rows(self, rows: Callable[[], Iterable[torch.Tensor]]) -> dict:
+    def ensure_rows(self, rows: Callable[[], Iterable[torch.Tensor]], on_shard: ShardSink | None = None) -> dict:
         """Write the store from rows made without a model (`rows()`: chunks [n, d_in], e.g. synthetic
         activations) unless it is complete, under the same lock as a harvest. Returns the manifest."""
-        return self._ensure("generated", lambda: self._write_rows(rows()))
+        return self._ensure("generated", lambda: self._write_rows(rows(), on_shard))
 
     def _ensure(self, work: str, fill: Callable[[], None]) -> dict:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -123,12 +129,12 @@ class ActivationStore:
             self._log(work)
             return self.manifest()
 
-    def _write_rows(self, rows: Iterable[torch.Tensor]) -> None:
+    def _write_rows(self, rows: Iterable[torch.Tensor], on_shard: ShardSink | None = None) -> None:
         """The whole store from row chunks, re-cut into shards; shards record no training contexts."""
         manifest = {"key": self.spec.key(), "dtype": self.spec.dtype, "d_in": None, "shards": [], "n_rows": 0,
                     "complete": False, "saesweep_version": saesweep.__version__}
         for index, shard in enumerate(_regroup(iter(rows), self.shard_tokens)):
-            self._write_shard(manifest, index, shard.to(STORE_DTYPES[self.spec.dtype]), n_contexts=0)
+            self._write_shard(manifest, index, shard.to(STORE_DTYPES[self.spec.dtype]), 0, on_shard)
         manifest["complete"] = True
         atomic_write_json(self.path / MANIFEST, manifest)
 
@@ -153,7 +159,9 @@ class ActivationStore:
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
-    def _harvest(self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int) -> None:
+    def _harvest(
+        self, model, context_batches: Iterator[torch.Tensor], batch_contexts: int, on_shard: ShardSink | None
+    ) -> None:
         manifest = self.manifest() or {
             "key": self.spec.key(),
             "dtype": self.spec.dtype,
@@ -187,7 +195,7 @@ class ActivationStore:
             acts = harvest(model, shard_contexts, self.spec.hook_point, batch_contexts)
             kept_rows = self.spec.token_filter.apply(shard_contexts, acts, special)
             shard = kept_rows[: target - manifest["n_rows"]].to(STORE_DTYPES[self.spec.dtype])
-            self._write_shard(manifest, shard_index, shard, n_contexts=len(shard_contexts))
+            self._write_shard(manifest, shard_index, shard, len(shard_contexts), on_shard)
             progress.update(len(shard))
         progress.close()
         if manifest["n_rows"] < target:
@@ -200,7 +208,9 @@ class ActivationStore:
         rate = (manifest["n_rows"] - start_rows) / max(time.monotonic() - start_time, 1e-9)
         log.info("harvest: %.0f tokens/s", rate)
 
-    def _write_shard(self, manifest: dict, index: int, shard: torch.Tensor, n_contexts: int) -> None:
+    def _write_shard(
+        self, manifest: dict, index: int, shard: torch.Tensor, n_contexts: int, on_shard: ShardSink | None
+    ) -> None:
         entry = write_file(self.path, shard_file(index), {"activations": shard})
         # training contexts read for it: held-out reports skip exactly these
         manifest["shards"].append({**entry, "rows": len(shard), "contexts": n_contexts})
@@ -208,6 +218,9 @@ class ActivationStore:
         manifest["n_rows"] += len(shard)
         manifest["d_in"] = shard.shape[1]
         atomic_write_json(self.path / MANIFEST, manifest)
+        if on_shard is not None:
+            first_row = sum(s["rows"] for s in manifest["shards"] if s["file"] < entry["file"])
+            on_shard(entry["file"], first_row, shard)
 
     def held_out(
         self, n_contexts: int, build: Callable[[], dict[str, torch.Tensor]], set_key: str | None = None
@@ -284,10 +297,12 @@ def _regroup(batches: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tenso
         yield torch.cat(pending)
 
 
-def write_store(root: Path, spec: StoreSpec, activations: torch.Tensor, shard_tokens: int) -> ActivationStore:
+def write_store(
+    root: Path, spec: StoreSpec, activations: torch.Tensor, shard_tokens: int, on_shard: ShardSink | None = None
+) -> ActivationStore:
     """A complete store of activations already in memory [n, d_in] (computed elsewhere, or made up
-    for tests and benchmarks), written whatever is there."""
+    for tests and benchmarks), written whatever is there; `on_shard` is told of each shard."""
     store = ActivationStore(root, spec, shard_tokens)
     store.path.mkdir(parents=True, exist_ok=True)
-    store._write_rows(activations.split(shard_tokens))
+    store._write_rows(activations.split(shard_tokens), on_shard)
     return store
