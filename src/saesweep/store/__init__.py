@@ -12,7 +12,8 @@ any point leaves only complete, recorded shards; the rerun keeps them and harves
 always holds the activations of the same training contexts, so resuming needs no other state.
 
 Modules: `key` (what decides a store and names it), `files` (the checked, atomic files),
-`activation_store` (harvest under a lock, held-out sets), `stream` (training batches).
+`activation_store` (harvest under a lock, held-out sets), `stream` (training batches, and the rows a harvest
+keeps on the training device for them).
 """
 
 from saesweep.store.activation_store import ActivationStore, ShardSink, write_store

@@ -297,6 +297,7 @@ class HarvestedRows:
         """These rows, handed over once (the stream divides them in place), when they are `shards` (every
         shard of the store: one process) in their places, in `dtype` on `device`; None otherwise."""
         starts = itertools.accumulate((s["rows"] for s in shards), initial=0)
+        device = torch.empty(0, device=device).device  # with its index: "cuda" is "cuda:0" here
         fits = (
             self.rows is not None and (self.rows.dtype, self.rows.device) == (dtype, device)
             and len(self.rows) == sum(s["rows"] for s in shards)
