@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import REPO, synthetic_documents
 from saesweep.activations import harvest
@@ -30,6 +31,7 @@ from saesweep.store import (
     model_fingerprint,
     write_store,
 )
+from saesweep.training_data import kept_rows
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 16
@@ -386,13 +388,18 @@ def test_rows_kept_by_the_harvest_give_the_read_back_batches_without_reading_a_s
     assert torch.equal(rank_0, torch.cat(list(StoreStream(store, 128, 1000, seed=0, rank=0, world_size=2, device_buffer=True))))
 
 
-def test_a_harvest_keeps_its_rows_only_where_the_setting_and_free_memory_allow(monkeypatch):
+def test_a_harvest_keeps_its_rows_only_where_the_setting_free_memory_and_one_process_allow(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 80_000)
     assert HarvestedRows.for_fit("auto", 1000, 10, torch.float32, cpu) is not None  # 40,000 bytes: at most half
     assert HarvestedRows.for_fit(True, 1000, 10, torch.float32, cpu) is not None
     assert HarvestedRows.for_fit(False, 1000, 10, torch.float32, cpu) is None
     assert HarvestedRows.for_fit("auto", 1001, 10, torch.float32, cpu) is None
+    # a job keeps them when it runs in one process; under DDP each rank reads its own shards
+    cfg = OmegaConf.create({"n_tokens": 1000, "store": {"device_buffer": "auto", "dtype": "float32"}, "trainer": {"devices": 1}})
+    assert kept_rows(cfg, 10, cpu) is not None
+    for trainer in ({"devices": 2}, {"devices": 1, "num_nodes": 2}, {"devices": "auto"}):
+        assert kept_rows(OmegaConf.merge(cfg, {"trainer": trainer}), 10, cpu) is None
 
 
 def _huge_page_kib(tensor: torch.Tensor) -> int:

@@ -110,7 +110,10 @@ def synthetic_training_data(cfgs: Sequence[DictConfig], device: torch.device) ->
 
 def kept_rows(cfg: DictConfig, d_in: int, device: torch.device) -> HarvestedRows | None:
     """Where a harvest in this process keeps the rows it writes, for the fit that follows (None: the fit
-    reads the store back, as it does a store it finds complete)."""
+    reads the store back, as it does a store it finds complete). Not under DDP: a rank trains on its own
+    shards, and whichever rank harvests would hold the whole store on one device for nothing."""
+    if cfg.trainer.get("devices", 1) != 1 or cfg.trainer.get("num_nodes", 1) != 1:
+        return None
     return HarvestedRows.for_fit(cfg.store.device_buffer, cfg.n_tokens, d_in, STORE_DTYPES[cfg.store.dtype], device)
 
 
