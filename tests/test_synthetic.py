@@ -1,7 +1,9 @@
 """Synthetic activations with known features, and dictionaries judged against them."""
 
 import json
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -143,16 +145,19 @@ def test_a_synthetic_store_is_generated_once_with_its_truth_and_a_held_out_set_w
     assert math.isnan(metrics["ce_recovered"]) and math.isnan(metrics["ppl_delta"]) and metrics["fvu"] > 0
 
 
-def test_training_on_synthetic_activations_recovers_the_true_features(tmp_path):
+def test_training_on_synthetic_activations_recovers_the_true_features(tmp_path, caplog):
     """train() on data=synthetic: the run directory as for text, LM metrics NaN, and the dictionary finds
-    most true features (a 4× ReLU/L1 dictionary of 48 true features in 16 dimensions)."""
+    most true features (a 4× ReLU/L1 dictionary of 48 true features in 16 dimensions). It trains on the
+    rows the generator kept as it wrote the store, reading none back."""
     from saesweep.ground_truth import recovery
     from saesweep.rundir import load_sae
     from saesweep.train import train
 
     cfg = synthetic_cfg(tmp_path / "store", "n_tokens=60000", "l1_coef=1", "trainer.max_epochs=3",
                         "sae.recipe.lr_warmup_steps=20")
-    result = train(cfg, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="saesweep.store"):
+        result = train(cfg, tmp_path / "run")
+    assert re.search(r"training rows resident on cpu: 60000 rows \(.*\), \d+ shards kept from the harvest, 0 read", caplog.text)
     cfg_json = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert cfg_json["hook_point"] == "synthetic" and cfg_json["model_name"] is None
     assert cfg_json["dataset"]["n_features"] == 48
