@@ -279,9 +279,9 @@ class HarvestedRows:
         cls, setting: bool | str, n_rows: int, d_in: int, dtype: torch.dtype, device: torch.device
     ) -> HarvestedRows | None:
         """Where a harvest keeps its rows for the fit that follows: unless store.device_buffer=false, when
-        the whole store takes at most DEVICE_BUFFER_SHARE of `device`'s free memory (None: it is read back)."""
-        fits = n_rows * d_in * dtype.itemsize <= DEVICE_BUFFER_SHARE * free_memory(device)
-        return cls(n_rows, d_in, dtype, device) if setting is not False and fits else None
+        the whole store fits by auto's rule (resident_rows; None: it is read back)."""
+        fits = setting is not False and resident_rows("auto", n_rows * d_in * dtype.itemsize, device)
+        return cls(n_rows, d_in, dtype, device) if fits else None
 
     def __call__(self, file: str, first_row: int, shard: torch.Tensor) -> None:
         if self.rows is None:
