@@ -31,6 +31,7 @@ from saesweep.store import (
     model_fingerprint,
     write_store,
 )
+from saesweep.store.files import read_shard_pieces
 from saesweep.training_data import kept_rows
 
 HOOK = "blocks.1.hook_resid_post"
@@ -447,3 +448,54 @@ def test_device_buffer_decides_by_free_memory_and_true_that_cannot_fit_is_refuse
     with pytest.raises(ConfigError, match=r"store.device_buffer=true: the training activations take 0.03 MiB, more "
                                           r"than the 0.02 MiB free on cpu"):
         StoreStream(store, 100, 500, seed=0, device_buffer=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_shard_read_in_pieces_through_two_buffers_is_the_shard_and_its_damage_is_found(tmp_path, dtype):
+    """The GPU's read (files.read_shard_pieces): whole rows in each buffer in turn, the shard in order, and a
+    flipped byte found after the last piece, which forgets the shard as a whole read does."""
+    rows = torch.randn(1000, 24).to(STORE_DTYPES[dtype])
+    spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, len(rows), dtype, TokenFilter())
+    store = write_store(tmp_path, spec, rows, shard_tokens=500)
+    entry = store.manifest()["shards"][1]
+    row_bytes = 24 * rows.element_size()
+    buffers = [torch.empty(7 * row_bytes + 5, dtype=torch.uint8) for _ in range(2)]  # 7 rows and a part of one
+    handed_out = []
+
+    def in_turn():
+        while True:
+            for buffer in buffers:
+                handed_out.append(buffer)
+                yield buffer
+
+    pieces = [piece.clone() for piece in store.read_shard_pieces(entry, in_turn())]
+    assert [len(p) for p in pieces] == [7] * 71 + [3] and len(handed_out) == 72
+    assert torch.equal(torch.cat(pieces), rows[500:]) and torch.equal(torch.cat(pieces), store.read_shard(entry))
+    with pytest.raises(ValueError, match="staging buffer of 40 bytes, smaller than one row"):
+        next(store.read_shard_pieces(entry, iter([torch.empty(40, dtype=torch.uint8)])))
+
+    path = store.path / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    read = []
+    with pytest.raises(StoreCorruptError, match=f"{entry['file']} is corrupt"):
+        read.extend(store.read_shard_pieces(entry, in_turn()))
+    assert len(read) == 72, "the checksum's verdict comes after the last piece"
+    assert entry["file"] not in [s["file"] for s in store.manifest()["shards"]] and not store.is_complete()
+    path.write_bytes(bytes(data[:-100]))  # cut short: refused before a piece is read
+    with pytest.raises(StoreCorruptError, match="corrupt or truncated"):
+        next(read_shard_pieces(store.path, entry, in_turn()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resident_rows_reach_the_gpu_through_small_page_locked_buffers(tmp_path, monkeypatch):
+    """On a GPU each reader thread stages its shards through two small page-locked buffers (not one the size of
+    a shard): the rows on the GPU are the store's, bit for bit, float32 and bfloat16 alike."""
+    monkeypatch.setattr("saesweep.store.stream.STAGING_BYTES", 3 * 1024 + 100)  # many pieces a shard
+    for dtype in ("float32", "bfloat16"):
+        rows = torch.randn(5000, 64).to(STORE_DTYPES[dtype])
+        spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, len(rows), dtype, TokenFilter())
+        store = write_store(tmp_path / dtype, spec, rows, shard_tokens=700)
+        resident = StoreStream(store, 512, 2048, seed=0, device_buffer=True, device="cuda")._resident_rows()
+        assert resident.is_cuda and torch.equal(resident.cpu(), rows)

@@ -26,6 +26,7 @@ from saesweep.store.files import (
     bytes_text,
     read_shard,
     read_shard_into,
+    read_shard_pieces,
     read_verified,
     shard_file,
     write_file,
@@ -264,11 +265,20 @@ class ActivationStore:
         return intact
 
     # -- reading --------------------------------------------------------------------------------
-    def read_shard(self, entry: dict, staging: torch.Tensor | None = None) -> torch.Tensor:
-        """A shard's activations (read through `staging`, files.read_shard_into, when given: a view of
+    def read_shard(self, entry: dict, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A shard's activations (read straight into `into`, files.read_shard_into, when given: a view of
         it); a shard found corrupt is forgotten, so the next `ensure` re-harvests it."""
         try:
-            return read_shard(self.path, entry) if staging is None else read_shard_into(self.path, entry, staging)
+            return read_shard(self.path, entry) if into is None else read_shard_into(self.path, entry, into)
+        except StoreCorruptError:
+            self.invalidate(entry)
+            raise
+
+    def read_shard_pieces(self, entry: dict, buffers: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """A shard's activations in pieces read into `buffers` in turn (files.read_shard_pieces); a shard found
+        corrupt, after its last piece at the latest, is forgotten as by `read_shard`."""
+        try:
+            yield from read_shard_pieces(self.path, entry, buffers)
         except StoreCorruptError:
             self.invalidate(entry)
             raise

@@ -3,11 +3,14 @@ read, written atomically; the listing, checking and removal behind `saesweep-sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,35 +68,78 @@ def read_verified(store_path: Path, entry: dict, *names: str) -> dict[str, torch
 
 def read_shard_into(store_path: Path, entry: dict, into: torch.Tensor) -> torch.Tensor:
     """A shard's activations read straight into `into` (flat uint8, at least their bytes long: the
-    rows' place in a resident buffer, or a page-locked staging buffer on the way to a GPU) and checked
-    there, chunk by chunk while each is in the cache; returns them as a view of `into`. The host makes
-    no copy of its own. A store written with blake2b checksums is read by `read_shard`, and copied."""
+    rows' place in a resident buffer) and checked there, chunk by chunk while each is in the cache;
+    returns them as a view of `into`. The host makes no copy of its own. A store written with blake2b
+    checksums is read by `read_shard`, and copied."""
     if "crc32" not in entry:
         data = read_shard(store_path, entry)
         out = into[: data.numel() * data.element_size()].view(data.dtype).view(data.shape)
         return out.copy_(data)
     path = Path(store_path) / entry["file"]
-    try:
-        with open(path, "rb") as f:
+    with _checked_shard(path, entry) as (f, header, dtype, shape, end):
+        read, checksum = _read_checked(f, into, end, zlib.crc32(header))
+        _check_shard(path, entry, len(header) + read, f"{checksum:08x}" == entry["crc32"])
+    return into[:end].view(dtype).view(shape)
+
+
+def read_shard_pieces(store_path: Path, entry: dict, buffers: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """A shard's activations read in pieces of whole rows, each into the next buffer `buffers` gives (flat
+    uint8, each holding a row at least: page-locked staging on the way to a GPU), as views [rows, ...] of
+    them, in row order. Size and checksum are checked as they are read, the checksum's verdict after the
+    last piece (StoreCorruptError): only then do the pieces' copies hold the shard. `buffers` may hand out
+    a buffer again once the caller is done with its last piece (it is asked for the next buffer only after
+    the last piece was handed over). A store checksummed with blake2b gives one piece, not in a buffer."""
+    if "crc32" not in entry:  # a blake2b store: one piece, the whole shard, read and checked first
+        yield read_shard(store_path, entry)
+        return
+    path = Path(store_path) / entry["file"]
+    with _checked_shard(path, entry) as (f, header, dtype, shape, end):
+        row_bytes, read, checksum = dtype.itemsize * math.prod(shape[1:]), 0, zlib.crc32(header)
+        while read < end:
+            buffer = next(buffers)
+            if len(buffer) < row_bytes:
+                raise ValueError(f"a staging buffer of {len(buffer)} bytes, smaller than one row ({row_bytes} bytes)")
+            n = min(len(buffer) // row_bytes * row_bytes, end - read)
+            got, checksum = _read_checked(f, buffer, n, checksum)
+            read += got
+            if got < n:
+                break
+            yield buffer[:n].view(dtype).view(-1, *shape[1:])
+        _check_shard(path, entry, len(header) + read, f"{checksum:08x}" == entry["crc32"])
+
+
+@contextlib.contextmanager
+def _checked_shard(path: Path, entry: dict) -> Iterator[tuple]:
+    """A crc32 shard opened after its size is checked against `entry`, at its data: the open file, its
+    safetensors header (where the checksum starts), the activations' dtype and shape, and their bytes. A
+    shard missing, cut short or with a header that does not add up is a StoreCorruptError."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f = stack.enter_context(open(path, "rb"))
             on_disk = os.fstat(f.fileno()).st_size
             _check_shard(path, entry, on_disk, True)
             head = f.read(8)
             header = head + f.read(int.from_bytes(head, "little"))
             info = json.loads(header[8:])["activations"]
             start, end = info["data_offsets"]
-            if len(header) + end != on_disk or start != 0:
-                raise ValueError(f"data at {start}..{end} after a {len(header)}-byte header in {on_disk} bytes")
-            data = memoryview(into.numpy())[:end]
-            checksum, read = zlib.crc32(header), 0
-            while read < end and (n := f.readinto(data[read : min(read + _READ_CHUNK, end)])):
-                checksum = zlib.crc32(data[read : read + n], checksum)
-                read += n
-        _check_shard(path, entry, len(header) + read, f"{checksum:08x}" == entry["crc32"])
-        return into[:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
-    except FileNotFoundError:
-        raise StoreCorruptError(f"activation shard {path} is missing") from None
-    except (ValueError, KeyError, RuntimeError, UnicodeDecodeError) as e:
-        raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+            if len(header) + end != on_disk or start != 0 or math.prod(shape) * dtype.itemsize != end:
+                raise ValueError(f"data of shape {shape} at {start}..{end} after a {len(header)}-byte header in {on_disk} bytes")
+        except FileNotFoundError:
+            raise StoreCorruptError(f"activation shard {path} is missing") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise StoreCorruptError(f"activation shard {path} cannot be read: {e}") from None
+        yield f, header, dtype, shape, end  # outside the try: what the reader raises stays its own
+
+
+def _read_checked(f, into: torch.Tensor, n: int, checksum: int) -> tuple[int, int]:
+    """Up to `n` bytes of `f` read into the flat uint8 `into`, the crc32 `checksum` carried over them a
+    cache-sized chunk at a time while each is fresh: the bytes read and the checksum."""
+    data, read = memoryview(into.numpy())[:n], 0
+    while read < n and (got := f.readinto(data[read : min(read + _READ_CHUNK, n)])):
+        checksum = zlib.crc32(data[read : read + got], checksum)
+        read += got
+    return read, checksum
 
 
 def _check_shard(path: Path, entry: dict, size: int, intact: bool) -> None:

@@ -225,34 +225,67 @@ def read_resident(
 ) -> torch.Tensor:
     """The rows of `shards` in one tensor on `device`, in shard order: `harvested`'s tensor when given (see
     HarvestedRows.take), with the shards it lacks read into it. They are read by _READERS threads a shard at a
-    time: on the CPU straight into their rows; on a GPU into the thread's own page-locked staging buffer and
-    copied from there on the thread's own CUDA stream, so that reading, checking and copying overlap."""
+    time: on the CPU straight into their rows; on a GPU in pieces through the thread's own `PinnedStaging`,
+    copied on its own CUDA stream while the next piece is read."""
     starts = list(itertools.accumulate((s["rows"] for s in shards), initial=0))
     if harvested is None:
         rows, have = empty_rows(starts[-1], d_in, dtype, device), set()
     else:
         rows, have = harvested.rows, set(harvested.placed)
     to_read = [j for j, s in enumerate(shards) if s["file"] not in have]
-    on_gpu = device.type == "cuda"
 
     def read_every_nth(first: int) -> None:
         mine = to_read[first::_READERS]
-        if not on_gpu:
+        if device.type != "cuda":
             for j in mine:
                 store.read_shard(shards[j], rows[starts[j] : starts[j + 1]].view(-1).view(torch.uint8))
             return
-        staging = torch.empty(max(shards[j]["bytes"] for j in mine), dtype=torch.uint8, pin_memory=True)
         copies = torch.cuda.Stream(device)
         copies.wait_stream(torch.cuda.current_stream(device))  # `rows` was made on the current stream
+        staging = PinnedStaging(max(STAGING_BYTES, d_in * 4))  # a row of the widest stored dtype at least
         with torch.cuda.stream(copies):
             for j in mine:
-                copies.synchronize()  # the staging buffer's last copy has left it
-                rows[starts[j] : starts[j + 1]].copy_(store.read_shard(shards[j], staging), non_blocking=True)
+                at = starts[j]
+                for piece in store.read_shard_pieces(shards[j], staging):
+                    staging.copy(piece, rows[at : at + len(piece)])
+                    at += len(piece)
         copies.synchronize()
 
     with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="saesweep-resident") as pool:
         list(pool.map(read_every_nth, range(min(_READERS, len(to_read)))))
     return rows
+
+
+# The bytes of one page-locked staging buffer; a GPU reader thread has two. Page-locking cost 0.7 ms a MB on the
+# H200 (44 ms for 64 MB), paid at a process's first read: buffers of a whole shard each (four threads × 256 MiB
+# for 64 Ki rows at d_in 1024) would cost more than the read they serve.
+STAGING_BYTES = 4 << 20
+
+
+class PinnedStaging:
+    """Two page-locked buffers handed out in turn (an iterator, for ActivationStore.read_shard_pieces), each
+    only once the copy out of its last piece has left it; `copy` sends a piece to the device on the current
+    CUDA stream."""
+
+    def __init__(self, n_bytes: int):
+        self.buffers = [torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]  # after the last copy out of each buffer
+        self.turn = 0
+
+    def __iter__(self) -> PinnedStaging:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        self.turn = 1 - self.turn
+        if (copied := self.copied[self.turn]) is not None:
+            copied.synchronize()
+        return self.buffers[self.turn]
+
+    def copy(self, piece: torch.Tensor, into: torch.Tensor) -> None:
+        """`into` (on the device) gets `piece`, the last buffer's, without the host waiting for it."""
+        into.copy_(piece, non_blocking=True)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
 
 
 def empty_rows(n_rows: int, d_in: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
