@@ -34,7 +34,7 @@ from machine import describe_machine  # benchmarks/machine.py
 from saesweep.recipe import Recipe
 from saesweep.sae import ReluSae
 from saesweep.store import StoreSpec, TokenFilter, write_store
-from saesweep.store.stream import read_resident
+from saesweep.store.resident import read_resident
 from saesweep.training import SaeTrainingModule
 
 WARMUP = 20

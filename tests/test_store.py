@@ -358,7 +358,7 @@ def test_rows_kept_by_the_harvest_give_the_read_back_batches_without_reading_a_s
     read_shard = ActivationStore.read_shard
     monkeypatch.setattr(ActivationStore, "read_shard", lambda self, entry, *a: read.append(entry["file"]) or read_shard(self, entry, *a))
     # the kept rows are already in memory: counted as free, so auto keeps them where it would not read them in
-    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 3000 * 32 * STORE_DTYPES[dtype].itemsize)
+    monkeypatch.setattr("saesweep.store.resident.free_memory", lambda device: 3000 * 32 * STORE_DTYPES[dtype].itemsize)
     from_harvest = StoreStream(store, 128, 1000, seed=0, device_buffer="auto", scale=2.5, harvested=kept)
     assert from_harvest.resident and kept.rows is None  # handed over once
     epochs = [list(from_harvest), list(from_harvest)]
@@ -391,7 +391,7 @@ def test_rows_kept_by_the_harvest_give_the_read_back_batches_without_reading_a_s
 
 def test_a_harvest_keeps_its_rows_only_where_the_setting_free_memory_and_one_process_allow(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 80_000)
+    monkeypatch.setattr("saesweep.store.resident.free_memory", lambda device: 80_000)
     assert HarvestedRows.for_fit("auto", 1000, 10, torch.float32, cpu) is not None  # 40,000 bytes: at most half
     assert HarvestedRows.for_fit(True, 1000, 10, torch.float32, cpu) is not None
     assert HarvestedRows.for_fit(False, 1000, 10, torch.float32, cpu) is None
@@ -439,12 +439,12 @@ def test_resident_rows_on_the_cpu_lie_on_huge_pages(tmp_path):
 def test_device_buffer_decides_by_free_memory_and_true_that_cannot_fit_is_refused(tmp_path, monkeypatch):
     spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, 1000, "float32", TokenFilter())
     store = write_store(tmp_path, spec, torch.randn(1000, 8), shard_tokens=250)  # 32,000 bytes of rows
-    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 50_000)
+    monkeypatch.setattr("saesweep.store.resident.free_memory", lambda device: 50_000)
     assert not StoreStream(store, 100, 500, seed=0, device_buffer="auto").resident  # more than half of it
     assert StoreStream(store, 100, 500, seed=0, device_buffer=True).resident
-    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 70_000)
+    monkeypatch.setattr("saesweep.store.resident.free_memory", lambda device: 70_000)
     assert StoreStream(store, 100, 500, seed=0, device_buffer="auto").resident
-    monkeypatch.setattr("saesweep.store.stream.free_memory", lambda device: 20_000)
+    monkeypatch.setattr("saesweep.store.resident.free_memory", lambda device: 20_000)
     with pytest.raises(ConfigError, match=r"store.device_buffer=true: the training activations take 0.03 MiB, more "
                                           r"than the 0.02 MiB free on cpu"):
         StoreStream(store, 100, 500, seed=0, device_buffer=True)
@@ -492,7 +492,7 @@ def test_a_shard_read_in_pieces_through_two_buffers_is_the_shard_and_its_damage_
 def test_resident_rows_reach_the_gpu_through_small_page_locked_buffers(tmp_path, monkeypatch):
     """On a GPU each reader thread stages its shards through two small page-locked buffers (not one the size of
     a shard): the rows on the GPU are the store's, bit for bit, float32 and bfloat16 alike."""
-    monkeypatch.setattr("saesweep.store.stream.STAGING_BYTES", 3 * 1024 + 100)  # many pieces a shard
+    monkeypatch.setattr("saesweep.store.resident.STAGING_BYTES", 3 * 1024 + 100)  # many pieces a shard
     for dtype in ("float32", "bfloat16"):
         rows = torch.randn(5000, 64).to(STORE_DTYPES[dtype])
         spec = StoreSpec("synthetic", "0", "hook", {}, "train", 16, len(rows), dtype, TokenFilter())

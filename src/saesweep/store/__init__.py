@@ -12,8 +12,8 @@ any point leaves only complete, recorded shards; the rerun keeps them and harves
 always holds the activations of the same training contexts, so resuming needs no other state.
 
 Modules: `key` (what decides a store and names it), `files` (the checked, atomic files),
-`activation_store` (harvest under a lock, held-out sets), `stream` (training batches, and the rows a harvest
-keeps on the training device for them).
+`activation_store` (harvest under a lock, held-out sets), `stream` (training batches), `resident` (the
+training rows held on the training device: their read, and the rows a harvest keeps there for them).
 """
 
 from saesweep.store.activation_store import ActivationStore, ShardSink, write_store
@@ -26,7 +26,8 @@ from saesweep.store.files import (
     verify_store,
 )
 from saesweep.store.key import STORE_DTYPES, StoreSpec, TokenFilter, default_store_dir, model_fingerprint
-from saesweep.store.stream import HarvestedRows, ResumableLoader, StoreStream, free_memory, resident_rows
+from saesweep.store.resident import HarvestedRows, free_memory, resident_rows
+from saesweep.store.stream import ResumableLoader, StoreStream
 
 __all__ = [
     "MANIFEST", "STORE_DTYPES", "ActivationStore", "HarvestedRows", "ResumableLoader", "ShardSink", "StoreCorruptError",
