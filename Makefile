@@ -12,7 +12,7 @@ OFFLINE_ARGS = model.path=$(REFERENCE)/model data=jsonl data.path=$(REFERENCE)/c
 # Targets that read only the reference folder never ask the hub for anything.
 train-offline reproduce bench bench-gpu test test-slow test-interop test-browser: export HF_HUB_OFFLINE = 1
 
-.PHONY: install train train-offline sweep reproduce evaluate report test test-slow test-interop test-browser lint clean cache-info bench bench-gpu
+.PHONY: install train train-offline sweep reproduce evaluate report test test-slow test-interop test-browser lint clean cache-info bench bench-gpu device-wheels
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -85,6 +85,11 @@ bench:
 # against SAELens per dictionary and for a 4-ratio ensemble, FLOP/s against the measured matmul peak.
 bench-gpu:
 	$(PYTHON) benchmarks/gpu.py
+
+# .wheels-gpu/ for benchmarks/device/run.sh: #24's GPU checks in one call of the device tool, whose machine
+# reaches no package registry
+device-wheels:
+	PYTHON=$(PYTHON) bash benchmarks/device/wheels.sh
 
 test:
 	$(PYTHON) -m pytest -q -m "not browser and not slow and not interop" tests
