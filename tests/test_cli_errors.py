@@ -112,7 +112,6 @@ def test_full_error_and_bugs_keep_their_traceback(tmp_path, tiny_model_dir, corp
         "import saesweep.train\n"
         "def broken(*args, **kwargs):\n    raise RuntimeError('a bug in the training code')\n"
         "saesweep.train.train_ensemble = broken\n"
-        "import saesweep.job\nsaesweep.job.train_ensemble = broken\n"
     )
     env = {**_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     bug = run_train(*args[:-1], f"hydra.run.dir={tmp_path / 'bug'}", env=env)

@@ -48,6 +48,13 @@ def check_config(cfg: DictConfig) -> None:
     check_types(cfg)
 
 
+def check_jobs(cfgs: Sequence[DictConfig]) -> None:
+    """Every job's config alone, and the jobs as one ensemble: what can be checked without the model or data."""
+    for cfg in cfgs:
+        check_config(cfg)
+    check_ensemble(list(cfgs))
+
+
 def check_eval_sets(cfg: DictConfig) -> None:
     """eval.sets: name → a corpus never trained on. The names become metric prefixes and file names."""
     sets = cfg.eval.get("sets") or {}

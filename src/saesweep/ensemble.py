@@ -13,8 +13,6 @@ from lightning.pytorch.loggers.logger import Logger
 from saesweep.checkpoints import AtomicCheckpointIO
 from saesweep.target_l0 import TargetL0
 
-ENSEMBLE_DIR = ".ensemble"  # in the sweep directory: the shared checkpoint while the ensemble trains
-
 
 class RunLogger(Logger):
     """One dictionary's own logger (its W&B run): gets the metrics logged under its `prefix`, with the

@@ -20,12 +20,17 @@ from pathlib import Path
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from saesweep.config import check_distributed
-from saesweep.ensemble import ENSEMBLE_DIR
+from saesweep.config import check_distributed, check_jobs
 from saesweep.errors import JobStopped, SaesweepError
 from saesweep.metrics import EvalResult
-from saesweep.rundir import ERROR_FILE, RunDirBusyError, is_finished, locked_run_dirs, write_job_error
-from saesweep.train import train_ensemble
+from saesweep.rundir import (
+    ENSEMBLE_DIR,
+    ERROR_FILE,
+    RunDirBusyError,
+    is_finished,
+    locked_run_dirs,
+    write_job_error,
+)
 
 log = logging.getLogger("saesweep.train")
 failed_jobs: list[str] = []  # "<run dir>: <error>" of this process's failed jobs (Hydra runs them in-process)
@@ -87,6 +92,10 @@ def _run_locked(
     try:
         with _scheduler_signals_stop_the_job():
             check_distributed(cfgs[0], multirun=sweep_dir is not None)
+            check_jobs(cfgs)  # first: a bad value is reported in a second or two, not after the imports below
+            # Lightning and the LM stack: 4-5 s to import on 2 cores, so imported once the config is known good
+            from saesweep.train import train_ensemble
+
             outcomes = train_ensemble(cfgs, run_dirs, sweep_dir, ensemble_name)
     except JobStopped as stop:
         _stopped(stop, run_dirs)

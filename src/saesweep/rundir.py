@@ -40,6 +40,7 @@ FEATURE_STATS_FILE = "feature_stats.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 HYDRA_DIR = ".hydra"  # what Hydra writes into every job directory before the job runs
 MULTIRUN_FILE = "multirun.yaml"  # what Hydra writes into a sweep directory
+ENSEMBLE_DIR = ".ensemble"  # in the sweep directory: the shared checkpoint while an ensemble trains
 RUN_MARKERS = (CFG_FILE, SAE_FILE, LEGACY_SAE_FILE, HYDRA_DIR)
 PICKLE_SAE_FILES = ("sae.pt", "sae.pth", "sae.bin", "sae.ckpt")
 ERROR_FILE = "error.json"  # written by a job that failed; removed when a rerun of it starts

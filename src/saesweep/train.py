@@ -30,14 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from saesweep.checkpoints import AtomicCheckpointIO, StopOnSignal, readable_checkpoint
-from saesweep.config import check_config, check_ensemble, check_writable_dir
-from saesweep.ensemble import ENSEMBLE_DIR, RunLogger, write_member_checkpoints
+from saesweep.config import check_jobs, check_writable_dir
+from saesweep.ensemble import RunLogger, write_member_checkpoints
 from saesweep.errors import ConfigError, JobStopped, TrainingDivergedError
 from saesweep.lm import hook_point_for
 from saesweep.metrics import EvalResult
 from saesweep.recipe import Recipe
 from saesweep.run_description import describe_run, describe_sae, run_name, sae_hyperparameters
-from saesweep.rundir import CHECKPOINT_DIR, ERROR_FILE, wandb_group, write_run_dir
+from saesweep.rundir import CHECKPOINT_DIR, ENSEMBLE_DIR, ERROR_FILE, wandb_group, write_run_dir
 from saesweep.sae import ARCHITECTURES, Sae
 from saesweep.store import (
     ResumableLoader,
@@ -99,9 +99,7 @@ def prepare_run_dirs(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> li
     run_dirs = [Path(d) for d in run_dirs]
     if len(cfgs) != len(run_dirs):
         raise ValueError(f"{len(cfgs)} configs for {len(run_dirs)} run directories")
-    for cfg in cfgs:
-        check_config(cfg)
-    check_ensemble(list(cfgs))
+    check_jobs(cfgs)
     for run_dir in run_dirs:
         check_writable_dir("output directory (hydra.run.dir or hydra.sweep.dir)", run_dir)
     check_writable_dir("store.dir", store_root(cfgs[0]))  # every setting but the dictionary's own is the same in all

@@ -42,7 +42,7 @@ class EnsembleLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         # imported late: Hydra imports every plugin module at start-up
         from saesweep.config import ensemble_groups
-        from saesweep.ensemble import ENSEMBLE_DIR
+        from saesweep.rundir import ENSEMBLE_DIR
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -78,7 +78,7 @@ class EnsembleLauncher(Launcher):
         """Train one ensemble, its log in each of its jobs' train.log; set each job's status and result
         (a failure of the whole ensemble is every member's)."""
         from saesweep import job
-        from saesweep.ensemble import ENSEMBLE_DIR
+        from saesweep.rundir import ENSEMBLE_DIR
 
         assert self.config is not None
         run_dirs = [ret.return_value for ret in members]
